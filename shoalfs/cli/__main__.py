@@ -1,0 +1,3 @@
+from shoalfs.cli.main import main
+
+main()

@@ -1,0 +1,211 @@
+"""The embedded cluster: every role as a real process on 127.0.0.1, with
+configs, logs, pids and data under one directory. Used by `shoal cluster`,
+the demo, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from shoalfs.common.files import atomic_write
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ClusterError(Exception):
+    pass
+
+
+class EmbeddedCluster:
+    def __init__(self, data_dir: str) -> None:
+        self.dir = os.path.abspath(data_dir)
+        self.layout_path = os.path.join(self.dir, "cluster.json")
+        self.layout: dict[str, Any] = {}
+        if os.path.exists(self.layout_path):
+            with open(self.layout_path) as f:
+                self.layout = json.load(f)
+
+    # ----- layout -----------------------------------------------------------
+    @property
+    def master_addr(self) -> str:
+        return str(self.layout["master"])
+
+    @property
+    def token_file(self) -> str:
+        return os.path.join(self.dir, "data", "master", "admin.token")
+
+    @property
+    def token(self) -> str:
+        with open(self.token_file) as f:
+            return f.read().strip()
+
+    def names(self) -> list[str]:
+        return ["master"] + sorted(n for n in self.layout.get("nodes", {}))
+
+    def _conf(self, name: str) -> str:
+        return os.path.join(self.dir, "conf", f"{name}.json")
+
+    def _pidfile(self, name: str) -> str:
+        return os.path.join(self.dir, "run", f"{name}.pid")
+
+    def log_path(self, name: str) -> str:
+        return os.path.join(self.dir, "logs", f"{name}.log")
+
+    def create(self, metanodes: int = 3, datanodes: int = 3, extra: dict[str, Any] | None = None) -> None:
+        """Write configs for a new cluster (ports chosen once, kept across restarts)."""
+        for sub in ("conf", "run", "logs", "data"):
+            os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        master = f"127.0.0.1:{free_port()}"
+        nodes: dict[str, dict[str, str]] = {}
+        for role, count in (("metanode", metanodes), ("datanode", datanodes)):
+            for i in range(count):
+                nodes[f"{role}{i + 1}"] = {"role": role, "listen": f"127.0.0.1:{free_port()}"}
+        self.layout = {"master": master, "nodes": nodes}
+        master_cfg = {"listen": master, "data_dir": os.path.join(self.dir, "data", "master"),
+                      "token_file": self.token_file, **(extra or {}).get("master", {})}
+        self._write_conf("master", master_cfg)
+        for name, node in nodes.items():
+            self._write_conf(name, {"listen": node["listen"], "master": master,
+                                    "data_dir": os.path.join(self.dir, "data", name),
+                                    "token_file": self.token_file,
+                                    **(extra or {}).get(node["role"], {})})
+        atomic_write(self.layout_path, json.dumps(self.layout, indent=2).encode())
+
+    def _write_conf(self, name: str, cfg: dict[str, Any]) -> None:
+        atomic_write(self._conf(name), json.dumps(cfg, indent=2).encode(), mode=0o600)
+
+    def role(self, name: str) -> str:
+        return "master" if name == "master" else str(self.layout["nodes"][name]["role"])
+
+    # ----- processes ----------------------------------------------------------
+    def pid(self, name: str) -> int | None:
+        """The pid of a running role process, checked against /proc (pids get reused)."""
+        try:
+            with open(self._pidfile(name)) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError):
+            return None
+        if self._conf(name).encode() not in cmdline:
+            return None
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return None
+        except OSError:
+            return None
+        return pid
+
+    def start(self, name: str) -> None:
+        if self.pid(name) is not None:
+            return
+        if name == "master" and not os.path.exists(self.token_file):
+            os.makedirs(os.path.dirname(self.token_file), exist_ok=True)
+        log = open(self.log_path(name), "ab")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "shoalfs.cli", self.role(name), "--config", self._conf(name)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, close_fds=True)
+        finally:
+            log.close()
+        with open(self._pidfile(name), "w") as f:
+            f.write(str(proc.pid))
+
+    def signal(self, name: str, sig: int) -> None:
+        pid = self.pid(name)
+        if pid is not None:
+            os.kill(pid, sig)
+
+    def stop(self, name: str, timeout: float = 10.0) -> None:
+        pid = self.pid(name)
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGTERM)
+        end = time.monotonic() + timeout
+        while self.pid(name) is not None and time.monotonic() < end:
+            time.sleep(0.05)
+        if self.pid(name) is not None:
+            os.kill(pid, signal.SIGKILL)
+            while self.pid(name) is not None:
+                time.sleep(0.05)
+
+    def kill(self, name: str) -> None:
+        """kill -9, as a crash would."""
+        pid = self.pid(name)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            while self.pid(name) is not None:
+                time.sleep(0.02)
+
+    def up(self, metanodes: int = 3, datanodes: int = 3, timeout: float = 60.0,
+           extra: dict[str, Any] | None = None) -> None:
+        if not self.layout:
+            self.create(metanodes, datanodes, extra)
+        # the master first so it writes the token the nodes read
+        self.start("master")
+        self._wait(lambda: os.path.exists(self.token_file), timeout, "master to write its token")
+        for name in self.names()[1:]:
+            self.start(name)
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        want_meta = sum(1 for n in self.layout["nodes"].values() if n["role"] == "metanode")
+        want_data = len(self.layout["nodes"]) - want_meta
+
+        def ready() -> bool:
+            info = self.http_get("/cluster/info")
+            return bool(info) and len(info["metanodes"]) >= want_meta and len(info["datanodes"]) >= want_data
+        self._wait(ready, timeout, "all nodes to report to the master")
+
+    def _wait(self, cond: Any, timeout: float, what: str) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if cond():
+                return
+            for name in self.names():
+                if os.path.exists(self._pidfile(name)) and self.pid(name) is None:
+                    raise ClusterError(f"{name} exited; see {self.log_path(name)}")
+            time.sleep(0.1)
+        raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+    def http_get(self, path: str) -> Any:
+        try:
+            with urllib.request.urlopen(f"http://{self.master_addr}{path}", timeout=2) as r:
+                env = json.load(r)
+        except (OSError, ValueError, urllib.error.URLError):
+            return None
+        return env.get("data") if env.get("code") == 0 else None
+
+    def down(self) -> None:
+        if not self.layout:
+            return
+        for name in reversed(self.names()):
+            self.stop(name)
+            try:
+                os.unlink(self._pidfile(name))
+            except FileNotFoundError:
+                pass
+
+    def status(self) -> list[dict[str, Any]]:
+        rows = []
+        for name in self.names():
+            listen = self.master_addr if name == "master" else self.layout["nodes"][name]["listen"]
+            pid = self.pid(name)
+            rows.append({"name": name, "role": self.role(name), "addr": listen,
+                         "pid": pid, "running": pid is not None})
+        return rows

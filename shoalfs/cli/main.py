@@ -1,0 +1,201 @@
+"""`shoal`: one command for servers, the embedded cluster, volumes and mounts.
+
+Exit codes: 0 success, 1 a failure (one clear line on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any, NoReturn
+
+from rich.console import Console
+from rich.table import Table
+
+from shoalfs.cli.cluster import ClusterError, EmbeddedCluster
+from shoalfs.client.master import MasterClient
+from shoalfs.proto.errors import ShoalError
+
+DEFAULT_DATA = os.environ.get("SHOAL_DATA", "./shoal-data")
+console = Console()
+
+
+def fail(msg: str, code: int = 1) -> NoReturn:
+    print(f"shoal: error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def master_address(args: argparse.Namespace) -> str:
+    if getattr(args, "master", None):
+        return str(args.master)
+    if os.environ.get("SHOAL_MASTER"):
+        return os.environ["SHOAL_MASTER"]
+    cluster = EmbeddedCluster(args.data)
+    if cluster.layout:
+        return cluster.master_addr
+    fail("no master address: pass --master ADDR, set SHOAL_MASTER, or use --data DIR of an embedded cluster")
+
+
+def admin_token(args: argparse.Namespace) -> str | None:
+    path = getattr(args, "token_file", None) or os.environ.get("SHOAL_TOKEN_FILE")
+    if not path:
+        cluster = EmbeddedCluster(args.data)
+        path = cluster.token_file if cluster.layout else None
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as exc:
+        fail(f"cannot read admin token {path}: {exc.strerror}")
+
+
+def call_master(args: argparse.Namespace, method: str, path: str, params: dict[str, Any] | None = None,
+                body: dict[str, Any] | None = None) -> Any:
+    async def go() -> Any:
+        client = MasterClient(master_address(args), admin_token(args))
+        try:
+            return await client.request(method, path, params, body, deadline=5.0)
+        finally:
+            await client.close()
+    try:
+        return asyncio.run(go())
+    except ShoalError as exc:
+        fail(exc.msg)
+
+
+def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    console.print(table)
+
+
+def emit(args: argparse.Namespace, data: Any, title: str, columns: list[str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print_table(title, data if isinstance(data, list) else [data], columns)
+
+
+# ----- subcommands ---------------------------------------------------------------
+def cmd_server(args: argparse.Namespace) -> None:
+    if args.command == "master":
+        from shoalfs.master.server import main
+    elif args.command == "metanode":
+        from shoalfs.metanode.server import main
+    else:
+        from shoalfs.datanode.server import main
+    main(args.config)
+
+
+def cmd_cluster(args: argparse.Namespace) -> None:
+    cluster = EmbeddedCluster(args.data)
+    try:
+        if args.action == "up":
+            cluster.up(args.metanodes, args.datanodes)
+            print(cluster.master_addr)
+            print(f"export SHOAL_MASTER={cluster.master_addr}", file=sys.stderr)
+        elif args.action == "down":
+            cluster.down()
+        else:
+            if not cluster.layout:
+                fail(f"no embedded cluster in {cluster.dir}")
+            emit(args, cluster.status(), f"cluster {cluster.dir}", ["name", "role", "addr", "pid", "running"])
+            if not all(r["running"] for r in cluster.status()):
+                raise SystemExit(1)
+    except ClusterError as exc:
+        fail(str(exc))
+
+
+def cmd_volume(args: argparse.Namespace) -> None:
+    cols = ["name", "vol_id", "owner", "status", "capacity_gib", "created_at"]
+    if args.action == "create":
+        data = call_master(args, "POST", "/volume/create",
+                           body={"name": args.name, "owner": args.owner, "capacity_gib": args.capacity})
+        emit(args, data, "volume created", cols)
+    elif args.action == "list":
+        emit(args, call_master(args, "GET", "/volume/list"), "volumes", cols)
+    elif args.action == "info":
+        data = call_master(args, "GET", "/volume/info", {"name": args.name})
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            print_table(f"volume {args.name}", [data], cols)
+            parts = [{"kind": "meta", "pid": p["pid"], "range": f"[{p['start']}, {p['end']})",
+                      "replicas": ",".join(p["replicas"])} for p in data["meta_partitions"]]
+            parts += [{"kind": "data", "pid": p["pid"], "range": "", "replicas": ",".join(p["replicas"])}
+                      for p in data["data_partitions"]]
+            print_table("partitions", parts, ["kind", "pid", "range", "replicas"])
+    elif args.action == "delete":
+        data = call_master(args, "POST", "/volume/delete", body={"name": args.name})
+        emit(args, data, "volume deleted", ["name", "vol_id"])
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from shoalfs.cli.demo import run_demo
+
+    raise SystemExit(run_demo(args.data))
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        fail(message, 2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = Parser(add_help=False)
+    common.add_argument("--master", help="master address host:port (or SHOAL_MASTER)")
+    common.add_argument("--data", default=DEFAULT_DATA, help="embedded cluster directory")
+    common.add_argument("--token-file", help="admin token file (default: the embedded cluster's)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = Parser(prog="shoal", description="shoalfs: a distributed file system")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    for role in ("master", "metanode", "datanode"):
+        s = sub.add_parser(role, help=f"run a {role} process")
+        s.add_argument("--config", required=True, help="JSON config file")
+        s.set_defaults(func=cmd_server)
+
+    c = sub.add_parser("cluster", help="embedded cluster on 127.0.0.1")
+    c.add_argument("action", choices=["up", "down", "status"])
+    c.add_argument("--data", default=DEFAULT_DATA, help="directory for configs, logs, pids, data")
+    c.add_argument("--metanodes", type=int, default=3)
+    c.add_argument("--datanodes", type=int, default=3)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cluster)
+
+    v = sub.add_parser("volume", help="manage volumes")
+    vsub = v.add_subparsers(dest="action", required=True, parser_class=Parser)
+    vc = vsub.add_parser("create", parents=[common])
+    vc.add_argument("name")
+    vc.add_argument("--owner", required=True)
+    vc.add_argument("--capacity", type=float, default=100.0, help="GiB")
+    vsub.add_parser("list", parents=[common])
+    vsub.add_parser("info", parents=[common]).add_argument("name")
+    vd = vsub.add_parser("delete", parents=[common])
+    vd.add_argument("name")
+    vd.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    v.set_defaults(func=cmd_volume)
+
+    d = sub.add_parser("demo", help="the main job end to end on an embedded cluster")
+    d.add_argument("--data", default=None, help="directory for the demo cluster (default: a temp dir)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command in ("cluster", "volume") and getattr(args, "capacity", 1) <= 0:
+        fail("--capacity must be positive", 2)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,0 +1,354 @@
+"""The async client core shared by the SDK and the FUSE mount.
+
+Works on inodes: every metadata call is routed to the meta partition that
+owns the inode range, every data call to the data partition chosen for the
+(inode, chunk). Transient faults are retried inside the operation's deadline
+(proto.rpc.RpcPool); permanent ones surface as ShoalError.
+
+File data is cut into CHUNK-sized pieces; chunk k of inode i lives in extent
+(i << 20 | k) on data partition dps[(i + k) % len(dps)], recorded in the
+inode's extent map once written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from shoalfs.client.master import MasterClient
+from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.opcodes import Op
+from shoalfs.proto.rpc import EventCallback, RetryPolicy, RpcPool
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024 * 1024
+IO_PIECE = 4 * 1024 * 1024
+ROOT_INO = 1
+
+
+@dataclass
+class ClientOptions:
+    op_deadline: float = 60.0  # a transient fault is retried this long, then EIO
+    attempt_timeout: float = 10.0
+    backoff_first: float = 0.05
+    backoff_cap: float = 2.0
+
+
+def extent_id(ino: int, chunk: int) -> int:
+    return (ino << 20) | chunk
+
+
+class VolumeClient:
+    def __init__(self, master: str, volume: str, options: ClientOptions | None = None,
+                 on_event: EventCallback | None = None) -> None:
+        self.options = options or ClientOptions()
+        self.master = MasterClient(master)
+        self.volume_name = volume
+        self.pool = RpcPool(RetryPolicy(self.options.op_deadline, self.options.backoff_first,
+                                        self.options.backoff_cap, self.options.attempt_timeout),
+                            on_event=on_event)
+        self.vol: dict[str, Any] = {}
+        self._mp_starts: list[int] = []
+        self._mps: list[dict[str, Any]] = []
+        self._dps: list[dict[str, Any]] = []
+        self._rr = 0
+        self._refreshing: asyncio.Task[None] | None = None
+        self.open_counts: dict[int, int] = {}
+        self.pending_evict: set[int] = set()
+
+    # ----- volume and routing ------------------------------------------------
+    async def open(self) -> None:
+        self._install(await self.master.volume_info(self.volume_name, deadline=self.options.op_deadline))
+
+    def _install(self, vol: dict[str, Any]) -> None:
+        if self.vol and vol["vol_id"] != self.vol["vol_id"]:
+            # the name now means another volume; ours is gone. Keep our table.
+            log.warning("volume name %s now refers to another volume", self.volume_name)
+            return
+        self.vol = vol
+        self._mps = sorted(vol["meta_partitions"], key=lambda p: p["start"])
+        self._mp_starts = [p["start"] for p in self._mps]
+        self._dps = list(vol["data_partitions"])
+
+    @property
+    def vol_id(self) -> str:
+        return str(self.vol["vol_id"])
+
+    def meta_partition(self, ino: int) -> dict[str, Any]:
+        i = bisect.bisect_right(self._mp_starts, ino) - 1
+        if i < 0 or ino >= self._mps[i]["end"]:
+            raise ShoalError(Code.NOT_FOUND, f"inode {ino} is outside every meta partition")
+        return self._mps[i]
+
+    def data_partition(self, ino: int, chunk: int) -> dict[str, Any]:
+        return self._dps[(ino + chunk) % len(self._dps)]
+
+    def _dp_by_pid(self, pid: int) -> dict[str, Any]:
+        for p in self._dps:
+            if p["pid"] == pid:
+                return p
+        raise ShoalError(Code.PARTITION_NOT_EXIST, f"data partition {pid} is not in this volume")
+
+    async def refresh(self) -> None:
+        """Ask the master for placement again (at most one request at a time)."""
+        if self._refreshing is None or self._refreshing.done():
+            async def go() -> None:
+                try:
+                    self._install(await self.master.volume_info(self.volume_name, deadline=5.0))
+                except ShoalError as exc:
+                    log.info("placement refresh failed: %s", exc)
+            self._refreshing = asyncio.create_task(go())
+        await asyncio.shield(self._refreshing)
+
+    async def call(self, part: dict[str, Any], op: int, body: dict[str, Any]) -> Any:
+        """One RPC to a partition's leader; the single choke point for all node calls."""
+        pid = part["pid"]
+        end = time.monotonic() + self.options.op_deadline
+        while True:
+            try:
+                return await self.pool.call(lambda: part["replicas"][0], op, pid, body,
+                                            deadline=max(0.1, end - time.monotonic()))
+            except ShoalError as exc:
+                if exc.code != Code.PARTITION_NOT_EXIST or time.monotonic() >= end:
+                    raise
+                await self.refresh()
+                await asyncio.sleep(0.2)
+
+    async def meta(self, ino: int, op: int, body: dict[str, Any]) -> Any:
+        return await self.call(self.meta_partition(ino), op, body)
+
+    # ----- inode operations ---------------------------------------------------
+    async def getattr(self, ino: int) -> dict[str, Any]:
+        res: dict[str, Any] = await self.meta(ino, Op.META_GET_INODE, {"ino": ino})
+        return res
+
+    async def lookup(self, parent: int, name: str) -> dict[str, Any]:
+        res: dict[str, Any] = await self.meta(parent, Op.META_LOOKUP, {"parent": parent, "name": name})
+        return res
+
+    async def setattr(self, ino: int, **changes: Any) -> dict[str, Any]:
+        res: dict[str, Any] = await self.meta(ino, Op.META_SET_ATTR, dict(changes, ino=ino))
+        return res
+
+    async def _new_inode(self, mode: int, uid: int, gid: int, target: str | None = None,
+                         rdev: int = 0) -> dict[str, Any]:
+        self._rr = (self._rr + 1) % len(self._mps)
+        last: ShoalError | None = None
+        for i in range(len(self._mps)):
+            part = self._mps[(self._rr + i) % len(self._mps)]
+            try:
+                res: dict[str, Any] = await self.call(part, Op.META_CREATE_INODE,
+                                                      {"mode": mode, "uid": uid, "gid": gid,
+                                                       "target": target, "rdev": rdev})
+                return res
+            except ShoalError as exc:
+                if exc.code != Code.NO_SPACE:
+                    raise
+                last = exc
+        assert last is not None
+        raise last
+
+    async def create(self, parent: int, name: str, mode: int, uid: int = 0, gid: int = 0,
+                     target: str | None = None, rdev: int = 0) -> dict[str, Any]:
+        """Create an inode and link it under parent; undone if the name exists."""
+        attr = await self._new_inode(mode, uid, gid, target, rdev)
+        try:
+            await self.meta(parent, Op.META_CREATE_DENTRY,
+                            {"parent": parent, "name": name, "ino": attr["ino"], "mode": attr["mode"]})
+        except ShoalError:
+            await self.meta(attr["ino"], Op.META_UNLINK_INODE, {"ino": attr["ino"]})
+            await self.meta(attr["ino"], Op.META_EVICT_INODE, {"ino": attr["ino"]})
+            raise
+        return attr
+
+    async def link(self, ino: int, parent: int, name: str) -> dict[str, Any]:
+        attr = await self.meta(ino, Op.META_LINK_INODE, {"ino": ino})
+        try:
+            await self.meta(parent, Op.META_CREATE_DENTRY,
+                            {"parent": parent, "name": name, "ino": ino, "mode": attr["mode"]})
+        except ShoalError:
+            await self.meta(ino, Op.META_UNLINK_INODE, {"ino": ino})
+            raise
+        res: dict[str, Any] = attr
+        return res
+
+    async def readdir(self, ino: int, after: str | None = None, limit: int = 1000) -> dict[str, Any]:
+        res: dict[str, Any] = await self.meta(ino, Op.META_READDIR,
+                                              {"parent": ino, "after": after, "limit": limit})
+        return res
+
+    async def iterdir(self, ino: int, page: int = 1000) -> AsyncIterator[tuple[str, int, int]]:
+        after: str | None = None
+        while True:
+            res = await self.readdir(ino, after, page)
+            for name, child, mode in res["entries"]:
+                yield name, child, mode
+            if not res["more"] or not res["entries"]:
+                return
+            after = res["entries"][-1][0]
+
+    async def is_empty_dir(self, ino: int) -> bool:
+        return not (await self.readdir(ino, None, 1))["entries"]
+
+    async def unlink(self, parent: int, name: str, want_dir: bool) -> int:
+        """Remove a name; drops the inode when its last link and handle go."""
+        if want_dir:
+            found = await self.lookup(parent, name)
+            if stat.S_ISDIR(found["mode"]) and not await self.is_empty_dir(found["ino"]):
+                raise ShoalError(Code.NOT_EMPTY, f"directory {name!r} is not empty")
+        found = await self.meta(parent, Op.META_DELETE_DENTRY,
+                                {"parent": parent, "name": name, "dir": want_dir})
+        await self.drop_link(found["ino"])
+        return int(found["ino"])
+
+    async def drop_link(self, ino: int) -> None:
+        attr = await self.meta(ino, Op.META_UNLINK_INODE, {"ino": ino})
+        if attr["nlink"] == 0:
+            if self.open_counts.get(ino):
+                self.pending_evict.add(ino)
+            else:
+                await self.evict(ino)
+
+    async def evict(self, ino: int) -> None:
+        """Forget an unlinked inode and free its extents (best effort)."""
+        self.pending_evict.discard(ino)
+        res = await self.meta(ino, Op.META_EVICT_INODE, {"ino": ino})
+        jobs = [self.call(self._dp_by_pid(dp), Op.DATA_DELETE_EXTENT, {"ext": ext})
+                for dp, ext in res.get("extents", {}).values()]
+        for r in await asyncio.gather(*jobs, return_exceptions=True):
+            if isinstance(r, BaseException):
+                log.warning("could not free an extent of inode %d: %s", ino, r)
+
+    async def rename(self, sp: int, sn: str, dp: int, dn: str, noreplace: bool = False) -> None:
+        src_part = self.meta_partition(sp)
+        dst_part = self.meta_partition(dp)
+        try:
+            target = await self.lookup(dp, dn)
+        except ShoalError as exc:
+            if exc.code != Code.NOT_FOUND:
+                raise
+            target = None
+        if target is not None and stat.S_ISDIR(target["mode"]) and not noreplace:
+            moving = await self.lookup(sp, sn)
+            if moving["ino"] != target["ino"] and stat.S_ISDIR(moving["mode"]) \
+                    and not await self.is_empty_dir(target["ino"]):
+                raise ShoalError(Code.NOT_EMPTY, f"target directory {dn!r} is not empty")
+        res = await self.call(src_part, Op.META_RENAME, {
+            "src_parent": sp, "src_name": sn, "dst_parent": dp, "dst_name": dn,
+            "dst_pid": dst_part["pid"], "dst_addr": dst_part["replicas"][0], "noreplace": noreplace})
+        if res.get("replaced"):
+            await self.drop_link(res["replaced"][0])
+
+    # ----- xattrs --------------------------------------------------------------
+    async def setxattr(self, ino: int, name: str, value: bytes, flags: int = 0) -> None:
+        await self.meta(ino, Op.META_SET_XATTR, {"ino": ino, "name": name, "value": value, "flags": flags})
+
+    async def getxattr(self, ino: int, name: str) -> bytes:
+        return bytes((await self.meta(ino, Op.META_GET_XATTR, {"ino": ino, "name": name}))["value"])
+
+    async def listxattr(self, ino: int) -> list[str]:
+        return list((await self.meta(ino, Op.META_LIST_XATTR, {"ino": ino}))["names"])
+
+    async def removexattr(self, ino: int, name: str) -> None:
+        await self.meta(ino, Op.META_REMOVE_XATTR, {"ino": ino, "name": name})
+
+    # ----- data ----------------------------------------------------------------
+    async def extents(self, ino: int) -> dict[int, list[int]]:
+        res = await self.meta(ino, Op.META_EXTENT_LIST, {"ino": ino})
+        return {int(k): v for k, v in res["extents"].items()}
+
+    async def write_data(self, ino: int, offset: int, data: bytes, known: dict[int, list[int]]) -> set[int]:
+        """Write bytes at offset; returns the chunks touched. `known` is the
+        caller's extent map, extended with newly recorded extents."""
+        jobs = []
+        touched: set[int] = set()
+        pos = 0
+        while pos < len(data):
+            off = offset + pos
+            chunk, within = divmod(off, CHUNK)
+            n = min(len(data) - pos, CHUNK - within, IO_PIECE)
+            jobs.append(self._write_piece(ino, chunk, within, data[pos:pos + n], known))
+            touched.add(chunk)
+            pos += n
+        await asyncio.gather(*jobs)
+        return touched
+
+    async def _write_piece(self, ino: int, chunk: int, within: int, piece: bytes,
+                           known: dict[int, list[int]]) -> None:
+        entry = known.get(chunk)
+        if entry is None:
+            part = self.data_partition(ino, chunk)
+            entry = [part["pid"], extent_id(ino, chunk)]
+        await self.call(self._dp_by_pid(entry[0]), Op.DATA_WRITE,
+                        {"ext": entry[1], "offset": within, "data": piece})
+        if chunk not in known:
+            await self.meta(ino, Op.META_EXTENT_SET, {"ino": ino, "chunk": chunk, "dp": entry[0], "ext": entry[1]})
+            known[chunk] = entry
+
+    async def read_data(self, ino: int, offset: int, size: int, file_size: int,
+                        known: dict[int, list[int]]) -> bytes:
+        end = min(offset + size, file_size)
+        if end <= offset:
+            return b""
+        pieces = []
+        pos = offset
+        while pos < end:
+            chunk, within = divmod(pos, CHUNK)
+            n = min(end - pos, CHUNK - within, IO_PIECE)
+            pieces.append((chunk, within, n))
+            pos += n
+
+        async def one(chunk: int, within: int, n: int) -> bytes:
+            entry = known.get(chunk)
+            if entry is None:
+                return bytes(n)
+            res = await self.call(self._dp_by_pid(entry[0]), Op.DATA_READ,
+                                  {"ext": entry[1], "offset": within, "size": n})
+            data: bytes = res["data"]
+            return data + bytes(n - len(data)) if len(data) < n else data
+
+        return b"".join(await asyncio.gather(*(one(*p) for p in pieces)))
+
+    async def sync_chunks(self, ino: int, chunks: set[int], known: dict[int, list[int]]) -> None:
+        jobs = [self.call(self._dp_by_pid(known[c][0]), Op.DATA_SYNC, {"ext": known[c][1]})
+                for c in chunks if c in known]
+        await asyncio.gather(*jobs)
+
+    async def truncate(self, ino: int, size: int) -> dict[str, Any]:
+        """Set the size; data past it is freed so a later extension reads zeros."""
+        if size < 0:
+            raise ShoalError(Code.INVALID, "negative size")
+        known = await self.extents(ino)
+        keep_chunk, within = divmod(size, CHUNK)
+        drop = [c for c in known if c > keep_chunk or (c == keep_chunk and within == 0)]
+        jobs = [self.call(self._dp_by_pid(known[c][0]), Op.DATA_DELETE_EXTENT, {"ext": known[c][1]})
+                for c in drop]
+        if within and keep_chunk in known:
+            dp, ext = known[keep_chunk]
+            jobs.append(self.call(self._dp_by_pid(dp), Op.DATA_TRUNCATE, {"ext": ext, "size": within}))
+        await asyncio.gather(*jobs)
+        if drop:
+            await self.meta(ino, Op.META_EXTENT_DROP, {"ino": ino, "chunks": drop})
+        t = time.time_ns()
+        return await self.setattr(ino, size=size, mtime=t)
+
+    async def statfs(self) -> dict[str, Any]:
+        res: dict[str, Any] = await self.master.request("GET", "/volume/stat", {"name": self.volume_name})
+        return res
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await self.master.close()
+
+
+def split_path(path: str) -> list[str]:
+    parts = [p for p in os.path.normpath("/" + path).split("/") if p]
+    return parts

@@ -1,0 +1,118 @@
+"""What every node process shares: config, the RPC server, registration with
+the master, and an explicit start/stop life cycle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from typing import Any
+
+import aiohttp
+
+from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.opcodes import Op
+from shoalfs.proto.rpc import RpcServer, split_addr
+
+log = logging.getLogger(__name__)
+
+
+def load_config(path: str, required: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"shoal: cannot read config {path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"shoal: config {path} must be a JSON object")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise SystemExit(f"shoal: config {path} lacks {', '.join(missing)}")
+    return cfg
+
+
+def read_secret(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def install_loop_policy() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at runtime
+        pass
+
+
+class NodeService:
+    """Base of metanode and datanode."""
+
+    role = "node"
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.listen: str = cfg["listen"]
+        self.data_dir: str = cfg["data_dir"]
+        self.master: str = cfg["master"]
+        self.token = read_secret(cfg["token_file"])
+        self.rpc = RpcServer(f"{self.role}@{self.listen}")
+        self.rpc.route(Op.PING, self._ping)
+        self._stop = asyncio.Event()
+        os.makedirs(self.data_dir, exist_ok=True)
+
+    async def _ping(self, pid: int, body: Any, conn: Any) -> Any:
+        return {"role": self.role, "addr": self.listen}
+
+    def check_master(self, body: Any) -> None:
+        """Partition placement commands come only from the master."""
+        if not isinstance(body, dict) or body.get("token") != self.token:
+            raise ShoalError(Code.UNAUTHORIZED, "placement commands need the cluster token")
+
+    async def open(self) -> None:
+        """Load local state (subclasses)."""
+
+    async def close(self) -> None:
+        """Flush and release local state (subclasses)."""
+
+    async def register(self) -> None:
+        """Tell the master we exist; retried until it answers (it may start later)."""
+        url = f"http://{self.master}/node/register"
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                async with aiohttp.ClientSession() as s:
+                    async with s.post(url, json={"role": self.role, "addr": self.listen},
+                                      headers={"Authorization": f"Bearer {self.token}"},
+                                      timeout=aiohttp.ClientTimeout(total=5)) as r:
+                        env = await r.json()
+                if env.get("code") == 0:
+                    log.info("registered with master %s", self.master)
+                    return
+                log.error("master refused registration: %s", env.get("msg"))
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                log.info("master %s not reachable yet (%r)", self.master, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def run(self) -> None:
+        await self.open()
+        host, port = split_addr(self.listen)
+        await self.rpc.start(host, port)
+        log.info("%s serving on %s", self.role, self.listen)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        reg = asyncio.create_task(self.register())
+        await self._stop.wait()
+        log.info("%s stopping", self.role)
+        reg.cancel()
+        await self.rpc.stop()
+        await self.close()

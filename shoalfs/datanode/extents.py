@@ -1,0 +1,146 @@
+"""Extents as plain files with a CRC per 4 KiB block.
+
+Each extent `e_<id>` has a sidecar `e_<id>.crc` holding one u64 per block:
+0 means "never written, must read as zeros", otherwise (1 << 32) | crc32 of
+the block with bytes past the end of the extent taken as zeros. Every read
+verifies every block it touches; a mismatch is CORRUPTED, never wrong bytes.
+These functions block; the datanode calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import zlib
+
+from shoalfs.proto.errors import Code, ShoalError
+
+BLOCK = 4096
+ENTRY = struct.Struct("!Q")
+ZERO_BLOCK = bytes(BLOCK)
+
+
+def _crc_entry(block: bytes) -> int:
+    return (1 << 32) | zlib.crc32(block.ljust(BLOCK, b"\0"))
+
+
+class Extent:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.crc_path = path + ".crc"
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def size(self) -> int:
+        try:
+            return os.stat(self.path).st_size
+        except FileNotFoundError:
+            return 0
+
+    def _entries(self, fd: int, first: int, count: int) -> list[int]:
+        raw = os.pread(fd, count * ENTRY.size, first * ENTRY.size)
+        raw = raw.ljust(count * ENTRY.size, b"\0")
+        return [ENTRY.unpack_from(raw, i * ENTRY.size)[0] for i in range(count)]
+
+    @staticmethod
+    def _verify(block: bytes, entry: int, index: int) -> None:
+        if entry == 0:
+            if block.strip(b"\0"):
+                raise ShoalError(Code.CORRUPTED, f"block {index} should be empty but holds data")
+        elif _crc_entry(block) != entry:
+            raise ShoalError(Code.CORRUPTED, f"checksum mismatch in block {index}")
+
+    def read(self, offset: int, size: int) -> bytes:
+        if not self.exists():
+            return b""
+        with open(self.path, "rb") as df, open(self.crc_path, "a+b") as cf:
+            end = min(offset + size, os.fstat(df.fileno()).st_size)
+            if end <= offset:
+                return b""
+            first, last = offset // BLOCK, (end - 1) // BLOCK
+            data = os.pread(df.fileno(), (last - first + 1) * BLOCK, first * BLOCK)
+            entries = self._entries(cf.fileno(), first, last - first + 1)
+            for i, entry in enumerate(entries):
+                self._verify(data[i * BLOCK : (i + 1) * BLOCK], entry, first + i)
+            start = offset - first * BLOCK
+            return data[start : start + (end - offset)]
+
+    def write(self, offset: int, payload: bytes, sync: bool) -> None:
+        if not payload:
+            return
+        try:
+            self._write(offset, payload, sync)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ShoalError(Code.NO_SPACE, "datanode disk is full") from None
+            raise
+
+    def _write(self, offset: int, payload: bytes, sync: bool) -> None:
+        dfd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        cfd = os.open(self.crc_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            old_size = os.fstat(dfd).st_size
+            end = offset + len(payload)
+            first, last = offset // BLOCK, (end - 1) // BLOCK
+            region_start = first * BLOCK
+            region = bytearray(os.pread(dfd, (last - first + 1) * BLOCK, region_start))
+            entries = self._entries(cfd, first, last - first + 1)
+            # blocks only partly overwritten must be sound before we merge into them
+            for i in {0, last - first}:
+                b_start = (first + i) * BLOCK
+                fully_covered = offset <= b_start and end >= b_start + BLOCK
+                if not fully_covered and b_start < old_size:
+                    self._verify(bytes(region[i * BLOCK : (i + 1) * BLOCK]), entries[i], first + i)
+            region = region.ljust((last - first + 1) * BLOCK, b"\0")
+            region[offset - region_start : end - region_start] = payload
+            new_size = max(old_size, end)
+            new_entries = b"".join(
+                ENTRY.pack(_crc_entry(bytes(region[i * BLOCK : min((i + 1) * BLOCK, new_size - region_start)])))
+                for i in range(last - first + 1)
+            )
+            os.pwrite(dfd, payload, offset)
+            os.pwrite(cfd, new_entries, first * ENTRY.size)
+            if sync:
+                os.fdatasync(dfd)
+                os.fdatasync(cfd)
+        finally:
+            os.close(dfd)
+            os.close(cfd)
+
+    def truncate(self, size: int) -> None:
+        if not self.exists():
+            return
+        with open(self.path, "r+b") as df, open(self.crc_path, "r+b") as cf:
+            old = os.fstat(df.fileno()).st_size
+            if size >= old:
+                os.ftruncate(df.fileno(), size)
+                return
+            blocks = (size + BLOCK - 1) // BLOCK
+            if size % BLOCK:
+                last = blocks - 1
+                block = os.pread(df.fileno(), BLOCK, last * BLOCK)
+                self._verify(block, self._entries(cf.fileno(), last, 1)[0], last)
+                tail = block[: size % BLOCK]
+                os.pwrite(cf.fileno(), ENTRY.pack(_crc_entry(tail)), last * ENTRY.size)
+            os.ftruncate(df.fileno(), size)
+            os.ftruncate(cf.fileno(), blocks * ENTRY.size)
+
+    def sync(self) -> None:
+        for path in (self.path, self.crc_path):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+    def delete(self) -> None:
+        for path in (self.path, self.crc_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,156 @@
+"""The datanode process: hosts data partitions, each a directory of extents."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+from collections import defaultdict
+from typing import Any
+
+from shoalfs.common.files import atomic_write
+from shoalfs.common.service import NodeService
+from shoalfs.datanode.extents import Extent
+from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.opcodes import Op
+
+log = logging.getLogger(__name__)
+
+MAX_IO = 16 * 1024 * 1024
+
+
+class DataPartition:
+    def __init__(self, pid: int, info: dict[str, Any], directory: str) -> None:
+        self.pid = pid
+        self.info = info
+        self.dir = directory
+        self.locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def extent(self, ext: int) -> Extent:
+        return Extent(os.path.join(self.dir, f"e_{int(ext)}"))
+
+    def used_bytes(self) -> int:
+        total = 0
+        with os.scandir(self.dir) as it:
+            for entry in it:
+                if entry.name.startswith("e_") and not entry.name.endswith(".crc"):
+                    total += entry.stat().st_blocks * 512
+        return total
+
+
+class DataNode(NodeService):
+    role = "datanode"
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        self.reserve = int(cfg.get("reserve_bytes", 32 * 1024 * 1024))
+        self.partitions: dict[int, DataPartition] = {}
+        r = self.rpc.route
+        r(Op.HEARTBEAT, self.heartbeat)
+        r(Op.CREATE_PARTITION, self.create_partition)
+        r(Op.DELETE_PARTITION, self.delete_partition)
+        r(Op.DATA_WRITE, self.write)
+        r(Op.DATA_READ, self.read)
+        r(Op.DATA_TRUNCATE, self.truncate)
+        r(Op.DATA_DELETE_EXTENT, self.delete_extent)
+        r(Op.DATA_SYNC, self.sync)
+
+    def _pdir(self, pid: int) -> str:
+        return os.path.join(self.data_dir, f"dp_{pid}")
+
+    async def open(self) -> None:
+        for entry in sorted(os.listdir(self.data_dir)):
+            path = os.path.join(self.data_dir, entry, "partition.json")
+            if entry.startswith("dp_") and os.path.exists(path):
+                with open(path) as f:
+                    info = json.load(f)
+                self.partitions[info["pid"]] = DataPartition(info["pid"], info, os.path.dirname(path))
+        log.info("loaded %d data partitions", len(self.partitions))
+
+    def part(self, pid: int) -> DataPartition:
+        part = self.partitions.get(pid)
+        if part is None:
+            raise ShoalError(Code.PARTITION_NOT_EXIST, f"data partition {pid} is not on {self.listen}")
+        return part
+
+    async def heartbeat(self, pid: int, body: Any, conn: Any) -> Any:
+        self.check_master(body)
+        usage = shutil.disk_usage(self.data_dir)
+        used = await asyncio.to_thread(
+            lambda: {p: dp.used_bytes() for p, dp in list(self.partitions.items())})
+        return {"partitions": {p: {"vol_id": dp.info["vol_id"], "used": used.get(p, 0)}
+                               for p, dp in self.partitions.items()},
+                "disk_total": usage.total, "disk_free": usage.free}
+
+    async def create_partition(self, pid: int, body: Any, conn: Any) -> Any:
+        self.check_master(body)
+        if pid in self.partitions:
+            return {"created": False}
+        info = {"pid": pid, "vol_id": body["vol_id"], "replicas": body.get("replicas", [])}
+        pdir = self._pdir(pid)
+        os.makedirs(pdir, exist_ok=True)
+        atomic_write(os.path.join(pdir, "partition.json"), json.dumps(info).encode())
+        self.partitions[pid] = DataPartition(pid, info, pdir)
+        log.info("created data partition %d", pid)
+        return {"created": True}
+
+    async def delete_partition(self, pid: int, body: Any, conn: Any) -> Any:
+        self.check_master(body)
+        part = self.partitions.pop(pid, None)
+        await asyncio.to_thread(shutil.rmtree, self._pdir(pid), True)
+        return {"deleted": part is not None}
+
+    async def write(self, pid: int, body: Any, conn: Any) -> Any:
+        part = self.part(pid)
+        data = body["data"]
+        offset = int(body["offset"])
+        if not isinstance(data, bytes) or offset < 0 or len(data) > MAX_IO:
+            raise ShoalError(Code.BAD_REQUEST, "write needs bytes of at most 16 MiB at offset >= 0")
+        if shutil.disk_usage(part.dir).free < len(data) + self.reserve:
+            raise ShoalError(Code.NO_SPACE, f"datanode {self.listen} is out of space")
+        ext = part.extent(body["ext"])
+        async with part.locks[body["ext"]]:
+            await asyncio.to_thread(ext.write, offset, data, bool(body.get("sync")))
+        return {"written": len(data)}
+
+    async def read(self, pid: int, body: Any, conn: Any) -> Any:
+        part = self.part(pid)
+        size, offset = int(body["size"]), int(body["offset"])
+        if size < 0 or size > MAX_IO or offset < 0:
+            raise ShoalError(Code.BAD_REQUEST, "read size must be 0..16 MiB at offset >= 0")
+        ext = part.extent(body["ext"])
+        async with part.locks[body["ext"]]:
+            data = await asyncio.to_thread(ext.read, offset, size)
+        return {"data": data}
+
+    async def truncate(self, pid: int, body: Any, conn: Any) -> Any:
+        part = self.part(pid)
+        size = int(body["size"])
+        if size < 0:
+            raise ShoalError(Code.BAD_REQUEST, "size must be >= 0")
+        async with part.locks[body["ext"]]:
+            await asyncio.to_thread(part.extent(body["ext"]).truncate, size)
+        return {}
+
+    async def delete_extent(self, pid: int, body: Any, conn: Any) -> Any:
+        part = self.part(pid)
+        async with part.locks[body["ext"]]:
+            await asyncio.to_thread(part.extent(body["ext"]).delete)
+        part.locks.pop(body["ext"], None)
+        return {}
+
+    async def sync(self, pid: int, body: Any, conn: Any) -> Any:
+        part = self.part(pid)
+        await asyncio.to_thread(part.extent(body["ext"]).sync)
+        return {}
+
+
+def main(config_path: str) -> None:
+    from shoalfs.common.service import install_loop_policy, load_config, setup_logging
+
+    cfg = load_config(config_path, ("listen", "data_dir", "master", "token_file"))
+    setup_logging(cfg.get("log_level", "INFO"))
+    install_loop_policy()
+    asyncio.run(DataNode(cfg).run())

@@ -1,0 +1,117 @@
+"""Node liveness and placement reconciliation.
+
+The master heartbeats every registered node over RPC. A node that has not
+answered for `node_timeout` seconds is down. Each answer lists the
+partitions the node holds: missing ones that placement says it should hold
+are created, and ones that belong to no live volume are dropped — so a node
+that was down during a create or delete converges when it comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from shoalfs.master.state import MasterState
+from shoalfs.proto.errors import ShoalError
+from shoalfs.proto.opcodes import Op
+from shoalfs.proto.rpc import RetryPolicy, RpcPool
+
+log = logging.getLogger(__name__)
+
+
+class NodeMonitor:
+    def __init__(self, state: MasterState, token: str, interval: float = 1.0,
+                 node_timeout: float = 5.0) -> None:
+        self.state = state
+        self.token = token
+        self.interval = interval
+        self.node_timeout = node_timeout
+        self.pool = RpcPool(RetryPolicy(deadline=5.0, attempt_timeout=3.0))
+        self.last_ok: dict[str, float] = {}
+        self.reports: dict[str, dict[str, Any]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.started = time.monotonic()
+
+    def is_up(self, addr: str) -> bool:
+        return time.monotonic() - self.last_ok.get(addr, -1e9) < self.node_timeout
+
+    def live(self, role: str) -> list[str]:
+        return sorted(a for a, n in self.state.nodes.items() if n["role"] == role and self.is_up(a))
+
+    def node_table(self) -> list[dict[str, Any]]:
+        rows = []
+        for addr, node in sorted(self.state.nodes.items()):
+            report = self.reports.get(addr, {})
+            rows.append({"addr": addr, "role": node["role"],
+                         "status": "up" if self.is_up(addr) else "down",
+                         "partitions": len(report.get("partitions", {})),
+                         "disk_free": report.get("disk_free")})
+        return rows
+
+    def mark_seen(self, addr: str) -> None:
+        self.last_ok[addr] = time.monotonic()
+
+    async def command(self, addr: str, op: Op, pid: int, body: dict[str, Any]) -> Any:
+        return await self.pool.call(addr, op, pid, dict(body, token=self.token), deadline=5.0)
+
+    async def create_partition(self, addr: str, kind: str, part: dict[str, Any], vol: dict[str, Any]) -> None:
+        body: dict[str, Any] = {"vol_id": vol["vol_id"], "replicas": part["replicas"], "kind": kind}
+        if kind == "meta":
+            body.update(start=part["start"], end=part["end"])
+        await self.command(addr, Op.CREATE_PARTITION, part["pid"], body)
+
+    async def delete_partition(self, addr: str, pid: int, extra: dict[str, Any] | None = None) -> None:
+        await self.command(addr, Op.DELETE_PARTITION, pid, extra or {})
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.pool.close()
+
+    async def _loop(self) -> None:
+        while True:
+            nodes = list(self.state.nodes)
+            await asyncio.gather(*(self._beat(a) for a in nodes), return_exceptions=True)
+            await asyncio.sleep(self.interval)
+
+    async def _beat(self, addr: str) -> None:
+        try:
+            report = await self.pool.call_once(addr, Op.HEARTBEAT, 0, {"token": self.token}, timeout=3.0)
+        except ShoalError as exc:
+            if self.is_up(addr) or addr not in self.last_ok:
+                log.debug("heartbeat to %s failed: %s", addr, exc)
+            return
+        was_up = self.is_up(addr)
+        self.mark_seen(addr)
+        self.reports[addr] = report
+        if not was_up:
+            log.info("node %s is up", addr)
+        await self._reconcile(addr, report)
+
+    async def _reconcile(self, addr: str, report: dict[str, Any]) -> None:
+        want = self.state.placements().get(addr, {})
+        have = {int(p) for p in report.get("partitions", {})}
+        for pid, (kind, part, vol) in want.items():
+            if pid not in have:
+                log.info("re-creating %s partition %d on %s", kind, pid, addr)
+                try:
+                    await self.create_partition(addr, kind, part, vol)
+                except ShoalError as exc:
+                    log.warning("re-create of partition %d on %s failed: %s", pid, addr, exc)
+        for pid in have - set(want):
+            log.info("dropping orphan partition %d on %s", pid, addr)
+            try:
+                await self.delete_partition(addr, pid, self.orphan_context(pid, report))
+            except ShoalError as exc:
+                log.warning("drop of partition %d on %s failed: %s", pid, addr, exc)
+
+    def orphan_context(self, pid: int, report: dict[str, Any]) -> dict[str, Any]:
+        """Extra fields sent when dropping a partition of a volume that is gone."""
+        return {}

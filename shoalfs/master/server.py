@@ -1,0 +1,221 @@
+"""The master process: HTTP/JSON admin API over the durable state."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import secrets
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from shoalfs.common.files import atomic_write
+from shoalfs.master.nodes import NodeMonitor
+from shoalfs.master.state import DELETED, MasterState
+from shoalfs.proto.errors import Code, ShoalError, info
+from shoalfs.proto.rpc import split_addr
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[Any]]
+VERSION = "0.1.0"
+
+
+def envelope(code: int, msg: str, data: Any = None, status: int = 200) -> web.Response:
+    return web.json_response({"code": int(code), "msg": msg, "data": data}, status=status)
+
+
+def http_status(code: int) -> int:
+    if code in (Code.UNAUTHORIZED, Code.FORBIDDEN):
+        return 401
+    if code in (Code.VOLUME_NOT_EXIST, Code.NOT_FOUND):
+        return 404
+    if code == Code.INTERNAL:
+        return 500
+    return 503 if info(code).transient else 400
+
+
+def ensure_token(path: str) -> str:
+    """The admin token: generated once, kept in a 0600 file."""
+    if not os.path.exists(path):
+        atomic_write(path, (secrets.token_hex(32) + "\n").encode(), mode=0o600)
+    os.chmod(path, 0o600)
+    with open(path) as f:
+        return f.read().strip()
+
+
+class Master:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.listen: str = cfg["listen"]
+        self.data_dir: str = cfg["data_dir"]
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.token = ensure_token(cfg.get("token_file") or os.path.join(self.data_dir, "admin.token"))
+        self.state = MasterState(os.path.join(self.data_dir, "master.json"))
+        self.nodes = NodeMonitor(self.state, self.token, float(cfg.get("heartbeat_interval", 1.0)),
+                                 float(cfg.get("node_timeout", 5.0)))
+        self.lock = asyncio.Lock()
+        self.app = web.Application(middlewares=[self._envelope_mw], client_max_size=1 << 20)
+        self.routes: dict[tuple[str, str], tuple[Handler, bool]] = {}
+        self.add("GET", "/cluster/info", self.cluster_info)
+        self.add("GET", "/cluster/nodes", self.cluster_nodes)
+        self.add("POST", "/node/register", self.node_register, auth=True)
+        self.add("POST", "/volume/create", self.volume_create, auth=True)
+        self.add("POST", "/volume/delete", self.volume_delete, auth=True)
+        self.add("GET", "/volume/list", self.volume_list)
+        self.add("GET", "/volume/info", self.volume_info)
+        self.add("GET", "/volume/stat", self.volume_stat)
+
+    def add(self, method: str, path: str, handler: Handler, auth: bool = False) -> None:
+        self.routes[(method, path)] = (handler, auth)
+        self.app.router.add_route(method, path, self._wrap(handler, auth))
+
+    def _wrap(self, handler: Handler, auth: bool) -> Handler:
+        async def wrapped(request: web.Request) -> web.Response:
+            if auth:
+                given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+                if not hmac.compare_digest(given.encode(), self.token.encode()):
+                    raise ShoalError(Code.UNAUTHORIZED, "this call needs the admin token")
+            data = await handler(request)
+            return envelope(0, "ok", data)
+        return wrapped
+
+    @web.middleware
+    async def _envelope_mw(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            resp: web.StreamResponse = await handler(request)
+            return resp
+        except ShoalError as exc:
+            return envelope(exc.code, exc.msg, exc.data, http_status(exc.code))
+        except web.HTTPException as exc:
+            code = Code.NOT_FOUND if exc.status == 404 else Code.BAD_REQUEST
+            return envelope(code, exc.reason, None, exc.status)
+        except Exception as exc:
+            log.exception("request %s %s failed", request.method, request.path)
+            return envelope(Code.INTERNAL, f"internal error: {exc!r}", None, 500)
+
+    # ----- request helpers -----------------------------------------------
+    @staticmethod
+    async def body(request: web.Request) -> dict[str, Any]:
+        try:
+            data = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise ShoalError(Code.BAD_REQUEST, "request body must be a JSON object") from None
+        if not isinstance(data, dict):
+            raise ShoalError(Code.BAD_REQUEST, "request body must be a JSON object")
+        return data
+
+    @staticmethod
+    def arg(request: web.Request, name: str) -> str:
+        value = request.query.get(name)
+        if not value:
+            raise ShoalError(Code.BAD_REQUEST, f"missing query parameter {name!r}")
+        return value
+
+    # ----- handlers ----------------------------------------------------------
+    async def cluster_info(self, request: web.Request) -> Any:
+        return {"version": VERSION, "metanodes": self.nodes.live("metanode"),
+                "datanodes": self.nodes.live("datanode"),
+                "volumes": sum(1 for v in self.state.volumes.values() if v["status"] != DELETED)}
+
+    async def cluster_nodes(self, request: web.Request) -> Any:
+        return self.nodes.node_table()
+
+    async def node_register(self, request: web.Request) -> Any:
+        body = await self.body(request)
+        async with self.lock:
+            new = self.state.register_node(body.get("role"), body.get("addr"))  # type: ignore[arg-type]
+        self.nodes.reports.pop(body["addr"], None)
+        return {"new": new}
+
+    async def volume_create(self, request: web.Request) -> Any:
+        body = await self.body(request)
+        async with self.lock:
+            vol = self.state.plan_volume(body.get("name"), body.get("owner"),  # type: ignore[arg-type]
+                                         body.get("capacity_gib", 100),
+                                         self.nodes.live("metanode"), self.nodes.live("datanode"))
+            jobs = [self.nodes.create_partition(addr, "meta", p, vol)
+                    for p in vol["meta_partitions"] for addr in p["replicas"]]
+            jobs += [self.nodes.create_partition(addr, "data", p, vol)
+                     for p in vol["data_partitions"] for addr in p["replicas"]]
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                await self._drop_partitions(vol)
+                raise ShoalError(Code.UNAVAILABLE, f"could not place volume: {failed[0]}")
+            self.state.add_volume(vol)
+        log.info("created volume %s (%s)", vol["name"], vol["vol_id"])
+        return self.describe(vol)
+
+    async def _drop_partitions(self, vol: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Best effort; nodes that miss it drop orphans at their next heartbeat."""
+        jobs = [self.nodes.delete_partition(addr, p["pid"], extra)
+                for key in ("meta_partitions", "data_partitions")
+                for p in vol[key] for addr in p["replicas"]]
+        await asyncio.gather(*jobs, return_exceptions=True)
+
+    async def volume_delete(self, request: web.Request) -> Any:
+        body = await self.body(request)
+        async with self.lock:
+            vol = self.state.by_name(body.get("name"))  # type: ignore[arg-type]
+            self.state.remove_volume(vol["vol_id"])
+        await self._drop_partitions(vol)
+        log.info("deleted volume %s (%s)", vol["name"], vol["vol_id"])
+        return {"name": vol["name"], "vol_id": vol["vol_id"]}
+
+    def describe(self, vol: dict[str, Any]) -> dict[str, Any]:
+        return dict(vol)
+
+    async def volume_list(self, request: web.Request) -> Any:
+        return [{k: v for k, v in vol.items() if k not in ("meta_partitions", "data_partitions")}
+                for vol in sorted(self.state.volumes.values(), key=lambda v: v["name"])
+                if vol["status"] != DELETED]
+
+    async def volume_info(self, request: web.Request) -> Any:
+        return self.describe(self.state.by_name(self.arg(request, "name")))
+
+    async def volume_stat(self, request: web.Request) -> Any:
+        vol = self.state.by_name(self.arg(request, "name"))
+        used = 0
+        for part in vol["data_partitions"]:
+            for addr in part["replicas"][:1]:
+                report = self.nodes.reports.get(addr, {}).get("partitions", {})
+                used += int(report.get(part["pid"], report.get(str(part["pid"]), {})).get("used", 0))
+        inodes = 0
+        for part in vol["meta_partitions"]:
+            report = self.nodes.reports.get(part["replicas"][0], {}).get("partitions", {})
+            inodes += int(report.get(part["pid"], {}).get("inodes", 0))
+        return {"capacity_bytes": int(vol["capacity_gib"] * (1 << 30)), "used_bytes": used,
+                "inodes": inodes}
+
+    # ----- life cycle --------------------------------------------------------
+    async def run(self) -> None:
+        await self.nodes.start()
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        host, port = split_addr(self.listen)
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        log.info("master serving on http://%s", self.listen)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("master stopping")
+        await runner.cleanup()
+        await self.nodes.stop()
+
+
+def main(config_path: str) -> None:
+    from shoalfs.common.service import install_loop_policy, load_config, setup_logging
+
+    cfg = load_config(config_path, ("listen", "data_dir"))
+    setup_logging(cfg.get("log_level", "INFO"))
+    install_loop_policy()
+    asyncio.run(Master(cfg).run())
+

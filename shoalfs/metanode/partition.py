@@ -1,0 +1,340 @@
+"""One meta partition: the inodes of an inode range, the dentries of the
+directories whose inodes it holds, their xattrs and extent maps.
+
+State lives in memory; every change is a list of idempotent effects that is
+applied to memory and then made durable in the partition's journal before
+the caller is answered.
+"""
+
+from __future__ import annotations
+
+import stat
+import time
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from shoalfs.metanode.journal import Journal
+from shoalfs.proto.errors import Code, ShoalError
+
+ROOT_INO = 1
+MAX_NAME = 255
+MAX_LINKS = 65000
+INODE_FIELDS = ("mode", "uid", "gid", "size", "atime", "mtime", "ctime")
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def public_attr(inode: dict[str, Any]) -> dict[str, Any]:
+    """The attributes a client sees (no extent map, no xattrs)."""
+    return {k: v for k, v in inode.items() if k not in ("xattrs", "extents")}
+
+
+class MetaPartition:
+    def __init__(self, pid: int, info: dict[str, Any], directory: str) -> None:
+        self.pid = pid
+        self.info = info  # vol_id, start, end, replicas
+        self.start: int = info["start"]
+        self.end: int = info["end"]
+        self.journal = Journal(directory)
+        self.inodes: dict[int, dict[str, Any]] = {}
+        self.dentries: dict[int, SortedDict] = {}
+        self.cursor = self.start
+        self.txs: dict[str, dict[str, Any]] = {}  # rename intents this partition coordinates
+        self.applied_txs: dict[str, Any] = {}  # rename links this partition applied
+
+    # ----- persistence -------------------------------------------------
+    def load(self) -> None:
+        snapshot, records = self.journal.load()
+        if snapshot is not None:
+            self.cursor = snapshot["cursor"]
+            self.inodes = {int(k): v for k, v in snapshot["inodes"].items()}
+            for parent, entries in snapshot["dentries"].items():
+                self.dentries[int(parent)] = SortedDict({n: tuple(e) for n, e in entries.items()})
+            self.txs = snapshot.get("txs", {})
+            self.applied_txs = snapshot.get("applied", {})
+        for effects in records:
+            self._apply(effects)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "cursor": self.cursor,
+            "inodes": self.inodes,
+            "dentries": {p: dict(d) for p, d in self.dentries.items()},
+            "txs": self.txs,
+            "applied": self.applied_txs,
+        }
+
+    def _apply(self, effects: list[Any]) -> None:
+        for eff in effects:
+            kind = eff[0]
+            if kind == "I":
+                self.inodes[eff[1]] = eff[2]
+            elif kind == "i":
+                self.inodes.pop(eff[1], None)
+                self.dentries.pop(eff[1], None)
+            elif kind == "D":
+                self.dentries.setdefault(eff[1], SortedDict())[eff[2]] = (eff[3], eff[4])
+            elif kind == "d":
+                d = self.dentries.get(eff[1])
+                if d is not None:
+                    d.pop(eff[2], None)
+            elif kind == "C":
+                self.cursor = max(self.cursor, eff[1])
+            elif kind == "T":
+                self.txs[eff[1]] = eff[2]
+            elif kind == "t":
+                self.txs.pop(eff[1], None)
+            elif kind == "A":
+                self.applied_txs[eff[1]] = eff[2]
+                if len(self.applied_txs) > 10_000:  # bounded memory of applied txids
+                    self.applied_txs.pop(next(iter(self.applied_txs)))
+
+    async def commit(self, effects: list[Any]) -> None:
+        """Apply to memory, then wait until durable."""
+        self._apply(effects)
+        await self.journal.append(effects)
+        if self.journal.wants_snapshot():
+            await self.journal.snapshot(self._state)
+
+    async def close(self) -> None:
+        await self.journal.close()
+
+    # ----- helpers -----------------------------------------------------
+    def owns(self, ino: int) -> bool:
+        return self.start <= ino < self.end
+
+    def inode(self, ino: int) -> dict[str, Any]:
+        node = self.inodes.get(ino)
+        if node is None:
+            raise ShoalError(Code.NOT_FOUND, f"inode {ino} not found")
+        return node
+
+    def directory(self, ino: int) -> dict[str, Any]:
+        node = self.inode(ino)
+        if not stat.S_ISDIR(node["mode"]):
+            raise ShoalError(Code.NOT_DIR, f"inode {ino} is not a directory")
+        return node
+
+    @staticmethod
+    def check_name(name: str) -> None:
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            raise ShoalError(Code.INVALID, f"invalid name {name!r}")
+        if len(name.encode()) > MAX_NAME:
+            raise ShoalError(Code.NAME_TOO_LONG)
+
+    def _touched(self, ino: int, **changes: Any) -> dict[str, Any]:
+        node = dict(self.inode(ino))
+        node.update(changes)
+        return node
+
+    def _dir_changed(self, parent: int) -> tuple[Any, ...]:
+        t = now_ns()
+        return ("I", parent, self._touched(parent, mtime=t, ctime=t))
+
+    # ----- inode operations --------------------------------------------
+    def new_root(self, uid: int = 0, gid: int = 0) -> list[Any]:
+        t = now_ns()
+        root = {"ino": ROOT_INO, "mode": stat.S_IFDIR | 0o755, "uid": uid, "gid": gid, "size": 0,
+                "nlink": 2, "atime": t, "mtime": t, "ctime": t, "target": None, "rdev": 0,
+                "xattrs": {}, "extents": {}}
+        return [("I", ROOT_INO, root), ("C", ROOT_INO + 1)]
+
+    async def create_inode(self, mode: int, uid: int, gid: int, target: str | None = None,
+                           rdev: int = 0) -> dict[str, Any]:
+        if self.cursor >= self.end:
+            raise ShoalError(Code.NO_SPACE, f"meta partition {self.pid} has no free inodes")
+        ino = self.cursor
+        t = now_ns()
+        node = {"ino": ino, "mode": int(mode), "uid": int(uid), "gid": int(gid),
+                "size": len(target.encode()) if target else 0,
+                "nlink": 2 if stat.S_ISDIR(mode) else 1, "atime": t, "mtime": t, "ctime": t,
+                "target": target, "rdev": int(rdev), "xattrs": {}, "extents": {}}
+        await self.commit([("C", ino + 1), ("I", ino, node)])
+        return public_attr(node)
+
+    async def set_attr(self, ino: int, changes: dict[str, Any]) -> dict[str, Any]:
+        node = dict(self.inode(ino))
+        for key in INODE_FIELDS:
+            if changes.get(key) is not None:
+                node[key] = int(changes[key])
+        if changes.get("grow") is not None:  # writers only ever extend the size
+            node["size"] = max(node["size"], int(changes["grow"]))
+        if "mode" in changes and changes["mode"] is not None:
+            # the file type bits never change through setattr
+            node["mode"] = (self.inodes[ino]["mode"] & ~0o7777) | (int(changes["mode"]) & 0o7777)
+        if "ctime" not in changes or changes["ctime"] is None:
+            node["ctime"] = now_ns()
+        await self.commit([("I", ino, node)])
+        return public_attr(node)
+
+    async def link_inode(self, ino: int) -> dict[str, Any]:
+        node = self.inode(ino)
+        if stat.S_ISDIR(node["mode"]):
+            raise ShoalError(Code.NOT_PERMITTED, "hard links to directories are not allowed")
+        if node["nlink"] >= MAX_LINKS:
+            raise ShoalError(Code.TOO_MANY_LINKS)
+        node = self._touched(ino, nlink=node["nlink"] + 1, ctime=now_ns())
+        await self.commit([("I", ino, node)])
+        return public_attr(node)
+
+    async def unlink_inode(self, ino: int) -> dict[str, Any]:
+        node = self.inode(ino)
+        nlink = 0 if stat.S_ISDIR(node["mode"]) else max(0, node["nlink"] - 1)
+        node = self._touched(ino, nlink=nlink, ctime=now_ns())
+        await self.commit([("I", ino, node)])
+        return public_attr(node)
+
+    async def evict_inode(self, ino: int) -> dict[str, Any]:
+        """Drop an inode with no links left; returns its extents to free."""
+        node = self.inodes.get(ino)
+        if node is None:
+            return {"extents": {}}
+        if node["nlink"] > 0:
+            return {"extents": {}, "kept": True}
+        await self.commit([("i", ino)])
+        return {"extents": node["extents"]}
+
+    # ----- dentries ----------------------------------------------------
+    async def create_dentry(self, parent: int, name: str, ino: int, mode: int) -> None:
+        self.check_name(name)
+        self.directory(parent)
+        entries = self.dentries.get(parent)
+        if entries is not None and name in entries:
+            raise ShoalError(Code.EXISTS, f"{name!r} exists")
+        await self.commit([("D", parent, name, ino, mode), self._dir_changed(parent)])
+
+    def lookup(self, parent: int, name: str) -> dict[str, Any]:
+        self.directory(parent)
+        entry = self.dentries.get(parent, {}).get(name)
+        if entry is None:
+            raise ShoalError(Code.NOT_FOUND, f"{name!r} not found")
+        return {"ino": entry[0], "mode": entry[1]}
+
+    async def delete_dentry(self, parent: int, name: str, want_dir: bool | None) -> dict[str, Any]:
+        found = self.lookup(parent, name)
+        if want_dir is True and not stat.S_ISDIR(found["mode"]):
+            raise ShoalError(Code.NOT_DIR, f"{name!r} is not a directory")
+        if want_dir is False and stat.S_ISDIR(found["mode"]):
+            raise ShoalError(Code.IS_DIR, f"{name!r} is a directory")
+        await self.commit([("d", parent, name), self._dir_changed(parent)])
+        return found
+
+    def readdir(self, parent: int, after: str | None, limit: int) -> dict[str, Any]:
+        self.directory(parent)
+        entries = self.dentries.get(parent)
+        if not entries:
+            return {"entries": [], "more": False}
+        limit = max(1, min(int(limit), 10_000))
+        start = entries.bisect_right(after) if after is not None else 0
+        keys = entries.keys()[start : start + limit]
+        out = [[k, *entries[k]] for k in keys]
+        return {"entries": out, "more": start + limit < len(entries)}
+
+    # ----- rename ------------------------------------------------------
+    def _check_replace(self, moving_mode: int, existing: tuple[int, int] | None, noreplace: bool) -> None:
+        if existing is None:
+            return
+        if noreplace:
+            raise ShoalError(Code.EXISTS, "target exists")
+        if stat.S_ISDIR(moving_mode) and not stat.S_ISDIR(existing[1]):
+            raise ShoalError(Code.NOT_DIR, "cannot replace a non-directory with a directory")
+        if not stat.S_ISDIR(moving_mode) and stat.S_ISDIR(existing[1]):
+            raise ShoalError(Code.IS_DIR, "cannot replace a directory with a non-directory")
+
+    async def rename_local(self, sp: int, sn: str, dp: int, dn: str, noreplace: bool) -> dict[str, Any]:
+        """Both parents in this partition: one journal record, atomic."""
+        self.check_name(dn)
+        moving = self.lookup(sp, sn)
+        self.directory(dp)
+        existing = self.dentries.get(dp, {}).get(dn)
+        if sp == dp and sn == dn:
+            return {"ino": moving["ino"], "replaced": None}
+        if existing is not None and existing[0] == moving["ino"]:
+            # rename onto another link of the same inode: POSIX says do nothing
+            return {"ino": moving["ino"], "replaced": None}
+        self._check_replace(moving["mode"], existing, noreplace)
+        effects: list[Any] = [("d", sp, sn), ("D", dp, dn, moving["ino"], moving["mode"]),
+                              self._dir_changed(sp)]
+        if dp != sp:
+            effects.append(self._dir_changed(dp))
+        await self.commit(effects)
+        return {"ino": moving["ino"], "replaced": list(existing) if existing else None}
+
+    async def begin_rename_tx(self, txid: str, sp: int, sn: str, tx: dict[str, Any]) -> dict[str, Any]:
+        moving = self.lookup(sp, sn)
+        if any(t["sp"] == sp and t["sn"] == sn for t in self.txs.values()):
+            raise ShoalError(Code.TRY_AGAIN, f"{sn!r} is being renamed")
+        tx = dict(tx, sp=sp, sn=sn, ino=moving["ino"], mode=moving["mode"])
+        await self.commit([("T", txid, tx)])
+        return tx
+
+    async def finish_rename_tx(self, txid: str) -> None:
+        tx = self.txs.get(txid)
+        if tx is None:
+            return
+        effects: list[Any] = [("t", txid)]
+        current = self.dentries.get(tx["sp"], {}).get(tx["sn"])
+        if current is not None and current[0] == tx["ino"]:
+            effects += [("d", tx["sp"], tx["sn"]), self._dir_changed(tx["sp"])]
+        await self.commit(effects)
+
+    async def abort_rename_tx(self, txid: str) -> None:
+        if txid in self.txs:
+            await self.commit([("t", txid)])
+
+    async def rename_link_tx(self, txid: str, dp: int, dn: str, ino: int, mode: int,
+                             noreplace: bool) -> dict[str, Any]:
+        """Destination half of a cross-partition rename; idempotent per txid."""
+        if txid in self.applied_txs:
+            return {"replaced": self.applied_txs[txid]}
+        self.check_name(dn)
+        self.directory(dp)
+        existing = self.dentries.get(dp, {}).get(dn)
+        if existing is not None and existing[0] == ino:
+            existing = None
+        self._check_replace(mode, existing, noreplace)
+        replaced = list(existing) if existing else None
+        await self.commit([("D", dp, dn, ino, mode), self._dir_changed(dp), ("A", txid, replaced)])
+        return {"replaced": replaced}
+
+    # ----- extents and xattrs -------------------------------------------
+    async def extent_set(self, ino: int, chunk: int, dp: int, ext: int) -> None:
+        node = self.inode(ino)
+        if node["extents"].get(chunk) == [dp, ext]:
+            return
+        extents = dict(node["extents"])
+        extents[int(chunk)] = [int(dp), int(ext)]
+        await self.commit([("I", ino, self._touched(ino, extents=extents))])
+
+    async def extent_drop(self, ino: int, chunks: list[int]) -> None:
+        node = self.inode(ino)
+        drop = {int(c) for c in chunks}
+        extents = {c: e for c, e in node["extents"].items() if c not in drop}
+        await self.commit([("I", ino, self._touched(ino, extents=extents))])
+
+    async def set_xattr(self, ino: int, name: str, value: bytes, flags: int) -> None:
+        node = self.inode(ino)
+        exists = name in node["xattrs"]
+        if flags == 1 and exists:  # XATTR_CREATE
+            raise ShoalError(Code.EXISTS, f"xattr {name!r} exists")
+        if flags == 2 and not exists:  # XATTR_REPLACE
+            raise ShoalError(Code.NO_DATA, f"xattr {name!r} not set")
+        xattrs = dict(node["xattrs"])
+        xattrs[name] = bytes(value)
+        await self.commit([("I", ino, self._touched(ino, xattrs=xattrs, ctime=now_ns()))])
+
+    def get_xattr(self, ino: int, name: str) -> bytes:
+        value = self.inode(ino)["xattrs"].get(name)
+        if value is None:
+            raise ShoalError(Code.NO_DATA, f"xattr {name!r} not set")
+        return bytes(value)
+
+    async def remove_xattr(self, ino: int, name: str) -> None:
+        node = self.inode(ino)
+        if name not in node["xattrs"]:
+            raise ShoalError(Code.NO_DATA, f"xattr {name!r} not set")
+        xattrs = {k: v for k, v in node["xattrs"].items() if k != name}
+        await self.commit([("I", ino, self._touched(ino, xattrs=xattrs, ctime=now_ns()))])

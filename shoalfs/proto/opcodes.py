@@ -1,0 +1,42 @@
+"""RPC opcodes. Values live in 1..999 so they never collide with result codes
+(0 and 100000+, see errors.py)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Op(IntEnum):
+    # common
+    PING = 1
+    HEARTBEAT = 2
+    CREATE_PARTITION = 3
+    DELETE_PARTITION = 4
+    # metanode
+    META_CREATE_INODE = 100
+    META_GET_INODE = 101
+    META_BATCH_GET_INODE = 102
+    META_SET_ATTR = 103
+    META_LINK_INODE = 104
+    META_UNLINK_INODE = 105
+    META_EVICT_INODE = 106
+    META_CREATE_DENTRY = 107
+    META_LOOKUP = 108
+    META_DELETE_DENTRY = 109
+    META_READDIR = 110
+    META_RENAME = 111
+    META_RENAME_LINK_TX = 112
+    META_EXTENT_SET = 113
+    META_EXTENT_LIST = 114
+    META_SET_XATTR = 115
+    META_GET_XATTR = 116
+    META_LIST_XATTR = 117
+    META_REMOVE_XATTR = 118
+    META_STATS = 119
+    META_EXTENT_DROP = 120
+    # datanode
+    DATA_WRITE = 200
+    DATA_READ = 201
+    DATA_TRUNCATE = 202
+    DATA_DELETE_EXTENT = 203
+    DATA_SYNC = 204

@@ -1,0 +1,93 @@
+"""Frame format shared by every role.
+
+A frame is a fixed 34-byte header followed by a msgpack body:
+
+    body_len u32 | magic u16 | version u8 | flags u8 | opcode u16 |
+    result u32 | request_id u64 | partition_id u64 | body_crc32 u32
+
+The length comes first so a reader always knows how much to take; the CRC
+covers the body so a flipped bit is an error, not a wrong answer.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from shoalfs.proto.errors import Code, ShoalError
+
+HEADER = struct.Struct("!IHBBHIQQI")
+HEADER_SIZE = HEADER.size
+MAGIC = 0x5348  # "SH"
+VERSION = 1
+MAX_BODY = 64 * 1024 * 1024 + 4096
+
+FLAG_RESPONSE = 0x01
+FLAG_EVENT = 0x02  # server-initiated push (lifecycle events)
+
+
+@dataclass
+class Frame:
+    opcode: int
+    request_id: int
+    partition_id: int = 0
+    result: int = 0
+    flags: int = 0
+    body: Any = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        payload = msgpack.packb(self.body, use_bin_type=True)
+        return (
+            HEADER.pack(
+                len(payload),
+                MAGIC,
+                VERSION,
+                self.flags,
+                self.opcode,
+                self.result,
+                self.request_id,
+                self.partition_id,
+                zlib.crc32(payload),
+            )
+            + payload
+        )
+
+
+class FrameError(Exception):
+    """The stream is not speaking our protocol; the connection must close."""
+
+
+@dataclass
+class Header:
+    body_len: int
+    flags: int
+    opcode: int
+    result: int
+    request_id: int
+    partition_id: int
+    crc: int
+
+
+def parse_header(raw: bytes) -> Header:
+    body_len, magic, version, flags, opcode, result, rid, pid, crc = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise FrameError(f"bad magic {magic:#x}")
+    if version != VERSION:
+        raise FrameError(f"unsupported version {version}")
+    if body_len > MAX_BODY:
+        raise FrameError(f"frame body of {body_len} bytes exceeds {MAX_BODY}")
+    return Header(body_len, flags, opcode, result, rid, pid, crc)
+
+
+def decode_body(header: Header, payload: bytes) -> Any:
+    """Decode a body; a checksum or msgpack failure is a per-request error."""
+    if zlib.crc32(payload) != header.crc:
+        raise ShoalError(Code.BAD_REQUEST, "frame checksum mismatch")
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ShoalError(Code.BAD_REQUEST, f"undecodable body: {exc}") from None
