@@ -90,22 +90,25 @@ class EmbeddedCluster:
         return "master" if name == "master" else str(self.layout["nodes"][name]["role"])
 
     # ----- processes ----------------------------------------------------------
-    def pid(self, name: str) -> int | None:
-        """The pid of a running role process, checked against /proc (pids get reused)."""
-        try:
-            with open(self._pidfile(name)) as f:
-                pid = int(f.read().strip())
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, ValueError):
-            return None
-        if self._conf(name).encode() not in cmdline:
-            return None
+    @staticmethod
+    def _proc_stat(pid: int) -> list[str] | None:
         try:
             with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return None
+                return f.read().rsplit(")", 1)[1].split()
         except OSError:
+            return None
+
+    def pid(self, name: str) -> int | None:
+        """The pid of a running role process. The pid file also holds the
+        process start time, so a reused pid is never mistaken for ours."""
+        try:
+            with open(self._pidfile(name)) as f:
+                pid_s, started = f.read().split()
+            pid = int(pid_s)
+        except (OSError, ValueError):
+            return None
+        fields = self._proc_stat(pid)
+        if fields is None or fields[0] in ("Z", "X") or fields[19] != started:
             return None
         return pid
 
@@ -122,8 +125,9 @@ class EmbeddedCluster:
                 start_new_session=True, close_fds=True)
         finally:
             log.close()
+        fields = self._proc_stat(proc.pid)
         with open(self._pidfile(name), "w") as f:
-            f.write(str(proc.pid))
+            f.write(f"{proc.pid} {fields[19] if fields else 0}")
 
     def signal(self, name: str, sig: int) -> None:
         pid = self.pid(name)
@@ -190,6 +194,26 @@ class EmbeddedCluster:
         except (OSError, ValueError, urllib.error.URLError):
             return None
         return env.get("data") if env.get("code") == 0 else None
+
+    def admin(self, path: str, body: dict[str, Any]) -> Any:
+        """An authenticated admin call; raises ShoalError on an error envelope."""
+        from shoalfs.proto.errors import ShoalError
+
+        req = urllib.request.Request(f"http://{self.master_addr}{path}", method="POST",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {self.token}",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                env = json.load(r)
+        except urllib.error.HTTPError as exc:
+            env = json.load(exc)
+        if env["code"] != 0:
+            raise ShoalError(env["code"], env["msg"], env.get("data"))
+        return env["data"]
+
+    def create_volume(self, name: str, owner: str = "test", capacity_gib: float = 10) -> dict[str, Any]:
+        return dict(self.admin("/volume/create", {"name": name, "owner": owner, "capacity_gib": capacity_gib}))
 
     def down(self) -> None:
         if not self.layout:

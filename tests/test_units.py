@@ -1,0 +1,86 @@
+"""Unit tests of the shared pieces: registry, frames, journal, extents."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+
+import pytest
+
+from shoalfs.datanode.extents import BLOCK, Extent
+from shoalfs.metanode.journal import Journal
+from shoalfs.proto.errors import REGISTRY, Code, ShoalError, check_registry, info
+from shoalfs.proto.opcodes import Op
+from shoalfs.proto.wire import HEADER_SIZE, MAX_BODY, Frame, FrameError, decode_body, parse_header
+
+
+def test_registry_is_complete_and_disjoint_from_opcodes() -> None:
+    check_registry()
+    assert Code.VOLUME_NOT_EXIST == 100404
+    assert info(Code.VOLUME_NOT_EXIST).errno == errno.ESTALE
+    assert not info(Code.VOLUME_NOT_EXIST).transient
+    assert {int(c) for c in Code}.isdisjoint({int(o) for o in Op})
+    for code in (Code.TIMEOUT, Code.NO_LEADER, Code.TRY_AGAIN, Code.NODE_UNREACHABLE):
+        assert REGISTRY[code].transient
+    assert ShoalError(Code.NOT_FOUND).to_oserror("/x").errno == errno.ENOENT
+    assert info(999999).errno == errno.EIO  # unknown codes are errors, never success
+
+
+def test_frame_roundtrip_and_rejections() -> None:
+    raw = Frame(opcode=Op.PING, request_id=7, partition_id=3, body={"a": b"x" * 10}).encode()
+    header = parse_header(raw[:HEADER_SIZE])
+    assert (header.opcode, header.request_id, header.partition_id) == (Op.PING, 7, 3)
+    assert decode_body(header, raw[HEADER_SIZE:]) == {"a": b"x" * 10}
+    flipped = bytearray(raw)
+    flipped[-1] ^= 0xFF
+    with pytest.raises(ShoalError) as err:
+        decode_body(header, bytes(flipped[HEADER_SIZE:]))
+    assert err.value.code == Code.BAD_REQUEST
+    with pytest.raises(FrameError):
+        parse_header(b"\x00" * HEADER_SIZE)
+    big = bytearray(raw[:HEADER_SIZE])
+    big[0:4] = (MAX_BODY + 1).to_bytes(4, "big")
+    with pytest.raises(FrameError):
+        parse_header(bytes(big))
+
+
+def test_journal_replays_and_drops_torn_tail(tmp_path) -> None:
+    async def write() -> None:
+        j = Journal(str(tmp_path))
+        j.load()
+        await asyncio.gather(*(j.append([("I", i, {"v": i})]) for i in range(100)))
+        await j.snapshot(lambda: {"upto": 50})
+        await j.append([("I", 100, {"v": 100})])
+        await j.close()
+
+    asyncio.run(write())
+    with open(tmp_path / "journal.log", "ab") as f:
+        f.write(b"\x00\x00\x00\x10garbage")  # a torn record
+    j = Journal(str(tmp_path))
+    snap, records = j.load()
+    assert snap == {"upto": 50}
+    assert records == [[["I", 100, {"v": 100}]]]
+    assert os.path.getsize(tmp_path / "journal.log") < 40  # tail truncated
+
+
+def test_extent_checksums_sparse_and_truncate(tmp_path) -> None:
+    ext = Extent(str(tmp_path / "e_1"))
+    ext.write(BLOCK * 3 + 5, b"hello", sync=True)
+    assert ext.read(0, BLOCK) == bytes(BLOCK)  # hole reads zeros
+    assert ext.read(BLOCK * 3, 10) == bytes(5) + b"hello"
+    ext.write(2, b"ab", sync=False)
+    assert ext.read(0, 4) == b"\0\0ab"
+    ext.truncate(BLOCK * 3 + 7)
+    assert ext.read(BLOCK * 3, 100) == bytes(5) + b"he"
+    ext.write(BLOCK * 3 + 20, b"z", sync=False)
+    assert ext.read(BLOCK * 3, 21) == bytes(5) + b"he" + bytes(13) + b"z"
+    with open(tmp_path / "e_1", "r+b") as f:  # corrupt one byte on disk
+        f.seek(3)
+        f.write(b"X")
+    with pytest.raises(ShoalError) as err:
+        ext.read(0, 10)
+    assert err.value.code == Code.CORRUPTED
+    with pytest.raises(ShoalError):
+        ext.write(1, b"q", sync=False)  # never merges into a corrupted block
+    assert ext.read(BLOCK * 3, 7) == bytes(5) + b"he"  # other blocks unaffected
