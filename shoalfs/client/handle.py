@@ -61,8 +61,12 @@ class FileHandle:
             return b""
         end = min(offset + size, self.size)
         if not (self._ra_off <= offset and end <= self._ra_off + len(self._ra)):
-            want = max(end - offset, READ_AHEAD)
-            self._ra = await self.client.read_data(self.ino, offset, want, self.size, self.known)
+            try:
+                self._ra = await self.client.read_data(self.ino, offset, max(end - offset, READ_AHEAD),
+                                                       self.size, self.known)
+            except ShoalError:
+                # read-ahead must not fail a read whose own bytes are fine
+                self._ra = await self.client.read_data(self.ino, offset, end - offset, self.size, self.known)
             self._ra_off = offset
         start = offset - self._ra_off
         return self._ra[start : start + (end - offset)]

@@ -35,7 +35,8 @@ class MasterClient:
                 try:
                     env = await resp.json(content_type=None)
                 except ValueError:
-                    raise ShoalError(Code.UNAVAILABLE, f"master answered HTTP {resp.status} without an envelope") from None
+                    raise ShoalError(Code.UNAVAILABLE,
+                                     f"master answered HTTP {resp.status} without an envelope") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ShoalError(Code.NODE_UNREACHABLE, f"master {self.addr} unreachable: {exc}") from None
         except TimeoutError:

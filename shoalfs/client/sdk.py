@@ -92,7 +92,12 @@ class Volume:
         except ShoalError as exc:
             raise _oserror(exc, path) from None
 
+    closed = False
+
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self._loop.run(self.client.close())
         self._loop.stop()
 
@@ -238,7 +243,8 @@ class Volume:
         await self.client.setattr(attr["ino"], **changes)
 
     def walk(self, top: str = "/") -> Iterator[tuple[str, list[str], list[str]]]:
-        dirs, files = [], []
+        dirs: list[str] = []
+        files: list[str] = []
         for name in self.listdir(top):
             full = top.rstrip("/") + "/" + name
             (dirs if stat_mod.S_ISDIR(self.lstat(full).st_mode) else files).append(name)
@@ -320,7 +326,7 @@ class ShoalFile(io.RawIOBase):
         return n
 
     def readall(self) -> bytes:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             data = self.read(8 * 1024 * 1024)
             if not data:
@@ -369,6 +375,9 @@ class ShoalFile(io.RawIOBase):
 
     def close(self) -> None:
         if self.closed:
+            return
+        if self._vol.closed:  # the volume went first: nothing left to flush to
+            super().close()
             return
         try:
             self._vol._run(self._handle.release(), self.name)

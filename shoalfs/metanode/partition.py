@@ -107,6 +107,8 @@ class MetaPartition:
         return self.start <= ino < self.end
 
     def inode(self, ino: int) -> dict[str, Any]:
+        if not isinstance(ino, int) or isinstance(ino, bool):
+            raise ShoalError(Code.BAD_REQUEST, f"inode number must be an integer, not {ino!r}")
         node = self.inodes.get(ino)
         if node is None:
             raise ShoalError(Code.NOT_FOUND, f"inode {ino} not found")
@@ -120,6 +122,8 @@ class MetaPartition:
 
     @staticmethod
     def check_name(name: str) -> None:
+        if not isinstance(name, str):
+            raise ShoalError(Code.BAD_REQUEST, "name must be a string")
         if not name or name in (".", "..") or "/" in name or "\0" in name:
             raise ShoalError(Code.INVALID, f"invalid name {name!r}")
         if len(name.encode()) > MAX_NAME:
@@ -137,7 +141,7 @@ class MetaPartition:
     # ----- inode operations --------------------------------------------
     def new_root(self, uid: int = 0, gid: int = 0) -> list[Any]:
         t = now_ns()
-        root = {"ino": ROOT_INO, "mode": stat.S_IFDIR | 0o755, "uid": uid, "gid": gid, "size": 0,
+        root: dict[str, Any] = {"ino": ROOT_INO, "mode": stat.S_IFDIR | 0o755, "uid": uid, "gid": gid, "size": 0,
                 "nlink": 2, "atime": t, "mtime": t, "ctime": t, "target": None, "rdev": 0,
                 "xattrs": {}, "extents": {}}
         return [("I", ROOT_INO, root), ("C", ROOT_INO + 1)]

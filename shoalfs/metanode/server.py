@@ -134,6 +134,8 @@ class MetaNode(NodeService):
             part = self.partitions.get(pid)
             if part is None:
                 raise ShoalError(Code.PARTITION_NOT_EXIST, f"meta partition {pid} is not on {self.listen}")
+            if not isinstance(body, dict):
+                raise ShoalError(Code.BAD_REQUEST, "request body must be a map")
             result = fn(part, body)
             if asyncio.iscoroutine(result):
                 result = await result
