@@ -158,7 +158,18 @@ class VolumeClient:
 
     async def create(self, parent: int, name: str, mode: int, uid: int = 0, gid: int = 0,
                      target: str | None = None, rdev: int = 0) -> dict[str, Any]:
-        """Create an inode and link it under parent; undone if the name exists."""
+        """Create an inode and link it under parent. Files go into the parent's
+        partition in one atomic step; directories are spread over partitions
+        (inode first, then the name; the inode is dropped if the name exists)."""
+        if not stat.S_ISDIR(mode):
+            try:
+                res: dict[str, Any] = await self.meta(parent, Op.META_CREATE, {
+                    "parent": parent, "name": name, "mode": mode, "uid": uid, "gid": gid,
+                    "target": target, "rdev": rdev})
+                return res
+            except ShoalError as exc:
+                if exc.code != Code.NO_SPACE:
+                    raise
         attr = await self._new_inode(mode, uid, gid, target, rdev)
         try:
             await self.meta(parent, Op.META_CREATE_DENTRY,

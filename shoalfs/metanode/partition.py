@@ -146,17 +146,35 @@ class MetaPartition:
                 "xattrs": {}, "extents": {}}
         return [("I", ROOT_INO, root), ("C", ROOT_INO + 1)]
 
-    async def create_inode(self, mode: int, uid: int, gid: int, target: str | None = None,
-                           rdev: int = 0) -> dict[str, Any]:
+    def _new_inode(self, mode: int, uid: int, gid: int, target: str | None, rdev: int) -> dict[str, Any]:
         if self.cursor >= self.end:
             raise ShoalError(Code.NO_SPACE, f"meta partition {self.pid} has no free inodes")
+        if not isinstance(mode, int) or (target is not None and not isinstance(target, str)):
+            raise ShoalError(Code.BAD_REQUEST, "mode must be an integer and target a string")
         ino = self.cursor
         t = now_ns()
-        node = {"ino": ino, "mode": int(mode), "uid": int(uid), "gid": int(gid),
+        return {"ino": ino, "mode": int(mode), "uid": int(uid), "gid": int(gid),
                 "size": len(target.encode()) if target else 0,
                 "nlink": 2 if stat.S_ISDIR(mode) else 1, "atime": t, "mtime": t, "ctime": t,
                 "target": target, "rdev": int(rdev), "xattrs": {}, "extents": {}}
-        await self.commit([("C", ino + 1), ("I", ino, node)])
+
+    async def create_inode(self, mode: int, uid: int, gid: int, target: str | None = None,
+                           rdev: int = 0) -> dict[str, Any]:
+        node = self._new_inode(mode, uid, gid, target, rdev)
+        await self.commit([("C", node["ino"] + 1), ("I", node["ino"], node)])
+        return public_attr(node)
+
+    async def create(self, parent: int, name: str, mode: int, uid: int, gid: int,
+                     target: str | None = None, rdev: int = 0) -> dict[str, Any]:
+        """Inode and dentry together: one journal record, so a create is atomic."""
+        self.check_name(name)
+        self.directory(parent)
+        if name in self.dentries.get(parent, {}):
+            raise ShoalError(Code.EXISTS, f"{name!r} exists")
+        node = self._new_inode(mode, uid, gid, target, rdev)
+        ino = node["ino"]
+        await self.commit([("C", ino + 1), ("I", ino, node), ("D", parent, name, ino, node["mode"]),
+                           self._dir_changed(parent)])
         return public_attr(node)
 
     async def set_attr(self, ino: int, changes: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,9 @@ class MetaNode(NodeService):
         r(Op.DELETE_PARTITION, self.delete_partition)
         r(Op.META_CREATE_INODE, self._on(lambda p, b: p.create_inode(
             b["mode"], b.get("uid", 0), b.get("gid", 0), b.get("target"), b.get("rdev", 0))))
+        r(Op.META_CREATE, self._on(lambda p, b: p.create(
+            b["parent"], b["name"], b["mode"], b.get("uid", 0), b.get("gid", 0), b.get("target"),
+            b.get("rdev", 0))))
         r(Op.META_GET_INODE, self._on(self._get_inode))
         r(Op.META_BATCH_GET_INODE, self._on(self._batch_get))
         r(Op.META_SET_ATTR, self._on(lambda p, b: p.set_attr(b["ino"], b)))

@@ -34,6 +34,7 @@ class Op(IntEnum):
     META_REMOVE_XATTR = 118
     META_STATS = 119
     META_EXTENT_DROP = 120
+    META_CREATE = 121  # inode + dentry in the parent's partition, one record
     # datanode
     DATA_WRITE = 200
     DATA_READ = 201
