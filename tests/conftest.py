@@ -53,3 +53,76 @@ def shoal_env(c: EmbeddedCluster) -> dict[str, str]:
     env["SHOAL_MASTER"] = c.master_addr
     env["SHOAL_TOKEN_FILE"] = c.token_file
     return env
+
+
+# ----- FUSE mounts ---------------------------------------------------------------
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from shoalfs.client.mount import is_mounted, lazy_unmount  # noqa: E402
+
+
+def fuse_available() -> bool:
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.exists("/dev/fuse")
+
+
+class Mount:
+    """A `shoal mount --foreground` process, so tests see its exit code."""
+
+    def __init__(self, cluster: EmbeddedCluster, volume: str, path: str, options: list[str] | None = None) -> None:
+        self.cluster = cluster
+        self.volume = volume
+        self.path = path
+        self.options = options or []
+        self.proc: subprocess.Popen | None = None
+        self.log_path = f"{path}.log"
+
+    def start(self) -> Mount:
+        os.makedirs(self.path, exist_ok=True)
+        args = [sys.executable, "-m", "shoalfs.cli", "mount", self.volume, self.path,
+                "--master", self.cluster.master_addr, "--foreground"]
+        for o in self.options:
+            args += ["-o", o]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for(lambda: is_mounted(self.path) or self.proc.poll() is not None, 30, "the mount")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"mount exited {self.proc.returncode}: {open(self.log_path).read()[-2000:]}")
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if is_mounted(self.path):
+            lazy_unmount(self.path)
+        return self.proc.returncode if self.proc is not None else None
+
+
+@pytest.fixture
+def mount_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Mount]]:
+    if not fuse_available():
+        pytest.fail("FUSE is required: /dev/fuse and pyfuse3 (./scripts/test installs them)")
+    mounts: list[Mount] = []
+
+    def make(cluster: EmbeddedCluster, volume: str, options: list[str] | None = None) -> Mount:
+        m = Mount(cluster, volume, str(tmp_path_factory.mktemp("mnt") / "m"), options)
+        mounts.append(m)
+        return m.start()
+
+    yield make
+    for m in mounts:
+        m.stop()

@@ -137,6 +137,28 @@ def cmd_volume(args: argparse.Namespace) -> None:
         emit(args, data, "volume deleted", ["name", "vol_id"])
 
 
+def cmd_mount(args: argparse.Namespace) -> None:
+    from shoalfs.client.mount import MountError, MountOptions, run_foreground, spawn_daemon
+    from shoalfs.common.service import setup_logging
+
+    opts = MountOptions(volume=args.volume, mountpoint=os.path.abspath(args.mountpoint))
+    try:
+        for spec in args.o or []:
+            opts.apply(spec)
+    except MountError as exc:
+        fail(str(exc), 2)
+    opts.master = args.master or opts.master or master_address(args)
+    if args.foreground:
+        setup_logging("DEBUG" if opts.debug else "INFO")
+        raise SystemExit(run_foreground(opts, args.ready_fd))
+    log_file = args.log_file or os.path.join(
+        os.path.expanduser("~/.cache/shoalfs"), f"mount-{args.volume}.log")
+    argv = ["mount", args.volume, opts.mountpoint, "--master", opts.master]
+    for spec in args.o or []:
+        argv += ["-o", spec]
+    raise SystemExit(spawn_daemon(argv, log_file))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from shoalfs.cli.demo import run_demo
 
@@ -184,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     vd.add_argument("name")
     vd.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     v.set_defaults(func=cmd_volume)
+
+    m = sub.add_parser("mount", help="mount a volume through FUSE")
+    m.add_argument("volume")
+    m.add_argument("mountpoint")
+    m.add_argument("--master", help="master address host:port (or SHOAL_MASTER)")
+    m.add_argument("--data", default=DEFAULT_DATA, help=argparse.SUPPRESS)
+    m.add_argument("--foreground", "-f", action="store_true", help="stay attached, log to stderr")
+    m.add_argument("-o", action="append", metavar="OPTIONS", help="comma-separated mount options")
+    m.add_argument("--log-file", help="log of the background mount process")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.set_defaults(func=cmd_mount)
 
     d = sub.add_parser("demo", help="the main job end to end on an embedded cluster")
     d.add_argument("--data", default=None, help="directory for the demo cluster (default: a temp dir)")

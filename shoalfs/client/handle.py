@@ -34,6 +34,7 @@ class FileHandle:
         self._size_dirty = False
         self.error: ShoalError | None = None
         self.closed = False
+        self.wrote = False
         client.open_counts[self.ino] = client.open_counts.get(self.ino, 0) + 1
 
     async def write(self, offset: int, data: bytes) -> int:
@@ -48,6 +49,7 @@ class FileHandle:
         self._buf += data
         self.size = max(self.size, offset + len(data))
         self._size_dirty = True
+        self.wrote = True
         self._ra = b""
         if len(self._buf) >= WRITE_BUFFER:
             await self._write_back()

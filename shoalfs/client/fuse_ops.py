@@ -1,0 +1,355 @@
+"""The FUSE adapter: pyfuse3 operations (asyncio mode) over the async core.
+
+Kernel inode numbers are shoalfs inode numbers (the root is 1 in both).
+Attributes and entries are cached by the kernel for ATTR_TIMEOUT seconds, so
+another mount's changes show within that time; page cache is kept on open
+only if the file did not change since the previous open (close-to-open).
+Every handler maps ShoalError to its errno and anything unexpected to EIO,
+logged; nothing escapes to the event loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from shoalfs.client.core import VolumeClient
+from shoalfs.client.handle import FileHandle
+from shoalfs.proto.errors import Code, ShoalError
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 1.0
+ENTRY_TIMEOUT = 1.0
+BLOCK = 4096
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def guarded(fn: F) -> F:
+    """Errors become errnos; the lifecycle fence is checked first."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: ShoalOperations, *args: Any) -> Any:
+        self.check_fence()
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except ShoalError as exc:
+            if exc.code == Code.VOLUME_NOT_EXIST:
+                self.on_volume_error(exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("FUSE handler %s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
+    supports_dot_lookup = False
+
+    def __init__(self, client: VolumeClient, writeback_cache: bool = False) -> None:
+        super().__init__()
+        self.client = client
+        self.enable_writeback_cache = writeback_cache
+        self.handles: dict[int, FileHandle] = {}
+        self.dir_cursors: dict[int, tuple[int, dict[int, str]]] = {}
+        self._fh = itertools.count(1)
+        self._seen: dict[int, tuple[int, int]] = {}  # ino -> (mtime, size) at last open
+        self.fenced: int | None = None  # errno every op fails with once fenced
+
+    # ----- hooks for the lifecycle guard --------------------------------------
+    def check_fence(self) -> None:
+        if self.fenced is not None:
+            raise pyfuse3.FUSEError(self.fenced)
+
+    def on_volume_error(self, exc: ShoalError) -> None:
+        """Called when a node answers VOLUME_NOT_EXIST (wired by the mount)."""
+
+    # ----- helpers ------------------------------------------------------------------
+    def entry(self, attr: dict[str, Any]) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr["ino"]
+        e.generation = 0
+        e.entry_timeout = ENTRY_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT
+        e.st_mode = attr["mode"]
+        e.st_nlink = attr["nlink"]
+        e.st_uid = attr["uid"]
+        e.st_gid = attr["gid"]
+        e.st_rdev = attr.get("rdev", 0)
+        size = attr["size"]
+        for h in self.handles.values():  # our own unflushed writes count
+            if h.ino == attr["ino"] and not h.closed:
+                size = max(size, h.size)
+        e.st_size = size
+        e.st_blksize = BLOCK
+        e.st_blocks = (size + 511) // 512
+        e.st_atime_ns = attr["atime"]
+        e.st_mtime_ns = attr["mtime"]
+        e.st_ctime_ns = attr["ctime"]
+        return e
+
+    @staticmethod
+    def name(raw: bytes) -> str:
+        return os.fsdecode(raw)
+
+    def _new_handle(self, attr: dict[str, Any], extents: dict[int, list[int]], flags: int) -> int:
+        fh = next(self._fh)
+        self.handles[fh] = FileHandle(self.client, attr, extents, append=bool(flags & os.O_APPEND))
+        self._seen[attr["ino"]] = (attr["mtime"], attr["size"])
+        return fh
+
+    def handle(self, fh: int) -> FileHandle:
+        h = self.handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return h
+
+    # ----- lookups and attributes ------------------------------------------------
+    @guarded
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        found = await self.client.lookup(parent_inode, self.name(name))
+        return self.entry(await self.client.getattr(found["ino"]))
+
+    @guarded
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self.entry(await self.client.getattr(inode))
+
+    @guarded
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
+        changes: dict[str, Any] = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        now = time.time_ns()
+        if fields.update_atime:
+            changes["atime"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime"] = attr.st_mtime_ns
+        if fields.update_size:
+            result = await self._truncate(inode, attr.st_size)
+            if not changes:
+                return self.entry(result)
+            changes.setdefault("mtime", now)
+        return self.entry(await self.client.setattr(inode, **changes))
+
+    async def _truncate(self, inode: int, size: int) -> dict[str, Any]:
+        open_handles = [h for h in self.handles.values() if h.ino == inode and not h.closed]
+        for h in open_handles:
+            await h.flush()
+        result = await self.client.truncate(inode, size)
+        for h in open_handles:
+            await h.refresh()
+        return result
+
+    # ----- creation ---------------------------------------------------------------
+    async def _make(self, parent: int, name: bytes, mode: int, ctx: Any, target: str | None = None,
+                    rdev: int = 0) -> dict[str, Any]:
+        return await self.client.create(parent, self.name(name), mode, ctx.uid, ctx.gid, target, rdev)
+
+    @guarded
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        return self.entry(await self._make(parent_inode, name, mode & ~ctx.umask, ctx, rdev=rdev))
+
+    @guarded
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        mode = stat.S_IFDIR | (mode & ~ctx.umask & 0o7777)
+        return self.entry(await self._make(parent_inode, name, mode, ctx))
+
+    @guarded
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        attr = await self._make(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=os.fsdecode(target))
+        return self.entry(attr)
+
+    @guarded
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        mode = stat.S_IFREG | (mode & ~ctx.umask & 0o7777)
+        attr = await self._make(parent_inode, name, mode, ctx)
+        fh = self._new_handle(attr, {}, flags)
+        return pyfuse3.FileInfo(fh=fh), self.entry(attr)
+
+    @guarded
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        return self.entry(await self.client.link(inode, new_parent_inode, self.name(new_name)))
+
+    @guarded
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        attr = await self.client.getattr(inode)
+        if not stat.S_ISLNK(attr["mode"]):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(attr["target"])
+
+    # ----- removal and rename --------------------------------------------------------
+    @guarded
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.client.unlink(parent_inode, self.name(name), want_dir=False)
+
+    @guarded
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.client.unlink(parent_inode, self.name(name), want_dir=True)
+
+    @guarded
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        await self.client.rename(parent_inode_old, self.name(name_old), parent_inode_new,
+                                 self.name(name_new), noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+
+    # ----- files ------------------------------------------------------------------------
+    @guarded
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        attr = await self.client.getattr(inode)
+        if stat.S_ISDIR(attr["mode"]):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_TRUNC and attr["size"]:  # libfuse asks for atomic O_TRUNC
+            attr = await self._truncate(inode, 0)
+        unchanged = self._seen.get(inode) == (attr["mtime"], attr["size"])
+        fh = self._new_handle(attr, await self.client.extents(inode), flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=unchanged)
+
+    @guarded
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.handle(fh).read(off, size)
+
+    @guarded
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.handle(fh).write(off, buf)
+
+    @guarded
+    async def flush(self, fh: int) -> None:
+        await self.handle(fh).flush()
+
+    @guarded
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.handle(fh).fsync()
+
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        try:
+            await h.release()
+        except Exception as exc:  # the kernel ignores release errors; close(2) got flush's
+            log.warning("release of inode %d: %s", h.ino, exc)
+        if h.wrote:
+            self._seen.pop(h.ino, None)  # our own writes changed it: re-read on next open
+
+    # ----- directories ----------------------------------------------------------------
+    @guarded
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        attr = await self.client.getattr(inode)
+        if not stat.S_ISDIR(attr["mode"]):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = next(self._fh)
+        self.dir_cursors[fh] = (inode, {})
+        return fh
+
+    @guarded
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        inode, cookies = self.dir_cursors[fh]
+        after = cookies.get(start_id) if start_id else None
+        if start_id and after is None:
+            return
+        while True:
+            page = await self.client.readdir(inode, after, 256)
+            entries = page["entries"]
+            if not entries:
+                return
+            attrs = await self._batch_attrs([e[1] for e in entries])
+            for name, ino, _mode in entries:
+                attr = attrs.get(ino)
+                if attr is None:  # removed meanwhile
+                    after = name
+                    continue
+                cookie = len(cookies) + 1
+                cookies[cookie] = name
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), self.entry(attr), cookie):
+                    return
+                after = name
+            if not page["more"]:
+                return
+
+    async def _batch_attrs(self, inos: list[int]) -> dict[int, dict[str, Any]]:
+        from shoalfs.proto.opcodes import Op
+
+        by_part: dict[int, tuple[dict[str, Any], list[int]]] = {}
+        for ino in inos:
+            part = self.client.meta_partition(ino)
+            by_part.setdefault(part["pid"], (part, []))[1].append(ino)
+        out: dict[int, dict[str, Any]] = {}
+        for part, group in by_part.values():
+            res = await self.client.call(part, Op.META_BATCH_GET_INODE, {"inos": group})
+            for attr in res["inodes"]:
+                out[attr["ino"]] = attr
+        return out
+
+    async def releasedir(self, fh: int) -> None:
+        self.dir_cursors.pop(fh, None)
+
+    # ----- xattrs, statfs, forget -----------------------------------------------------
+    @guarded
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        await self.client.setxattr(inode, os.fsdecode(name), value)
+
+    @guarded
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        try:
+            return await self.client.getxattr(inode, os.fsdecode(name))
+        except ShoalError as exc:
+            if exc.code == Code.NO_DATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @guarded
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return [os.fsencode(n) for n in await self.client.listxattr(inode)]
+
+    @guarded
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        try:
+            await self.client.removexattr(inode, os.fsdecode(name))
+        except ShoalError as exc:
+            if exc.code == Code.NO_DATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @guarded
+    async def statfs(self, ctx: Any) -> Any:
+        st = await self.client.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = BLOCK
+        s.f_blocks = st["capacity_bytes"] // BLOCK
+        s.f_bfree = s.f_bavail = max(0, st["capacity_bytes"] - st["used_bytes"]) // BLOCK
+        s.f_files = 1 << 40
+        s.f_ffree = s.f_favail = (1 << 40) - st["inodes"]
+        s.f_namemax = 255
+        return s
+
+    async def forget(self, inode_list: Any) -> None:
+        return None
+
+    async def flush_all(self) -> None:
+        """Push every open file's buffered data (used on a clean shutdown)."""
+        for h in list(self.handles.values()):
+            try:
+                await h.flush()
+            except Exception as exc:
+                log.warning("could not flush inode %d at shutdown: %s", h.ino, exc)

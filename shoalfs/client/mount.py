@@ -1,0 +1,270 @@
+"""`shoal mount`: one FUSE mount of one volume, as a process.
+
+The mount process has an explicit life cycle:
+  start: open the volume (clear error, exit 1, if it cannot), mount, report
+         ready (to the parent that daemonized it, and to systemd);
+  stop:  SIGTERM/SIGINT or `umount` -> flush what can be flushed, unmount,
+         exit 0.
+The lifecycle guard (volume deletion) adds one more way to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoalfs.client.core import ClientOptions, VolumeClient
+from shoalfs.proto.errors import ShoalError
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+
+# options mount(8) passes along that mean nothing to us
+GENERIC_OPTIONS = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
+                   "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync", "atime",
+                   "noatime", "relatime", "norelatime", "strictatime", "diratime", "nodiratime",
+                   "x-systemd.automount", "loop"}
+
+
+class MountError(Exception):
+    """Cannot mount: a clear one-line reason."""
+
+
+@dataclass
+class MountOptions:
+    master: str = ""
+    volume: str = ""
+    mountpoint: str = ""
+    writeback_cache: bool = False
+    allow_other: bool = True
+    read_only: bool = False
+    debug: bool = False
+    extra: dict[str, str] = field(default_factory=dict)  # options for the lifecycle guard
+
+    def apply(self, spec: str) -> None:
+        """Apply a comma-separated -o list."""
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            key, _, value = item.partition("=")
+            if key == "master":
+                self.master = value
+            elif key == "writeback_cache":
+                self.writeback_cache = True
+            elif key == "allow_other":
+                self.allow_other = True
+            elif key == "no_allow_other":
+                self.allow_other = False
+            elif key == "ro":
+                self.read_only = True
+            elif key == "debug":
+                self.debug = True
+            elif key in GENERIC_OPTIONS or key.startswith("x-") or key.startswith("comment="):
+                continue
+            elif key in ("heartbeat", "deleted_exit_code", "watchdog", "audit_log", "syslog",
+                         "push", "detect", "op_deadline"):
+                self.extra[key] = value
+            else:
+                raise MountError(f"unknown mount option {key!r}")
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.exists(path):
+        raise MountError(f"mountpoint {path} does not exist")
+    if not os.path.isdir(path):
+        raise MountError(f"mountpoint {path} is not a directory")
+    if os.path.ismount(path):
+        raise MountError(f"mountpoint {path} is busy (something is already mounted there)")
+
+
+def is_mounted(path: str) -> bool:
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == target for line in f)
+    except OSError:
+        return False
+
+
+def lazy_unmount(path: str) -> None:
+    """Last resort: detach a mount the kernel still holds."""
+    for cmd in (["fusermount3", "-u", "-z", path], ["umount", "-l", path]):
+        try:
+            if subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0:
+                return
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+
+
+class MountSession:
+    def __init__(self, opts: MountOptions, ready_fd: int | None = None) -> None:
+        self.opts = opts
+        self.ready_fd = ready_fd
+        self.client: VolumeClient | None = None
+        self.ops: Any = None
+        self.exit_code = EXIT_OK
+        self._stop = asyncio.Event()
+        self.mounted_at = 0.0
+        self.stop_reason = ""
+
+    def client_options(self) -> ClientOptions:
+        deadline = self.opts.extra.get("op_deadline")
+        return ClientOptions(op_deadline=float(deadline)) if deadline else ClientOptions()
+
+    def request_stop(self, reason: str, code: int = EXIT_OK) -> None:
+        if not self._stop.is_set():
+            log.info("stopping: %s", reason)
+            self.stop_reason = reason
+            self.exit_code = code
+            self._stop.set()
+
+    def report(self, line: str) -> None:
+        if self.ready_fd is not None:
+            try:
+                os.write(self.ready_fd, (line + "\n").encode())
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
+
+    async def open_volume(self) -> VolumeClient:
+        client = VolumeClient(self.opts.master, self.opts.volume, self.client_options())
+        try:
+            await client.open()
+        except ShoalError as exc:
+            await client.close()
+            raise MountError(f"cannot open volume {self.opts.volume!r}: {exc.msg}") from None
+        return client
+
+    def make_ops(self, client: VolumeClient) -> Any:
+        from shoalfs.client.fuse_ops import ShoalOperations
+
+        return ShoalOperations(client, writeback_cache=self.opts.writeback_cache)
+
+    def fuse_options(self) -> set[str]:
+        import pyfuse3
+
+        opts = set(pyfuse3.default_options)  # default_permissions
+        opts |= {f"fsname=shoal:{self.opts.volume}", "subtype=shoal"}
+        if self.opts.allow_other and os.getuid() == 0:
+            opts.add("allow_other")
+        if self.opts.read_only:
+            opts.add("ro")
+        if self.opts.debug:
+            opts.add("debug")
+        return opts
+
+    async def on_mounted(self) -> None:
+        """Start background work (the lifecycle guard overrides this)."""
+
+    async def before_unmount(self) -> None:
+        """Flush what can be flushed."""
+        if self.ops is not None:
+            await self.ops.flush_all()
+
+    async def run(self) -> int:
+        import pyfuse3
+        import pyfuse3.asyncio
+
+        pyfuse3.asyncio.enable()
+        check_mountpoint(self.opts.mountpoint)
+        self.client = await self.open_volume()
+        self.ops = self.make_ops(self.client)
+        try:
+            pyfuse3.init(self.ops, self.opts.mountpoint, self.fuse_options())
+        except RuntimeError as exc:
+            await self.client.close()
+            raise MountError(f"cannot mount on {self.opts.mountpoint}: {exc}") from None
+        self.mounted_at = time.time()
+        loop = asyncio.get_running_loop()
+        for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT"), (signal.SIGHUP, "SIGHUP")):
+            loop.add_signal_handler(sig, self.request_stop, name)
+        fuse_main = asyncio.ensure_future(pyfuse3.main())
+        fuse_main.add_done_callback(lambda _: self.request_stop("unmounted"))
+        self.report("READY")
+        log.info("mounted volume %s on %s", self.opts.volume, self.opts.mountpoint)
+        await self.on_mounted()
+        await self._stop.wait()
+        await self.shutdown(fuse_main)
+        return self.exit_code
+
+    async def shutdown(self, fuse_main: asyncio.Future[Any]) -> None:
+        import pyfuse3
+
+        if not fuse_main.done():
+            try:
+                await asyncio.wait_for(self.before_unmount(), 5)
+            except TimeoutError:
+                log.warning("flush at shutdown did not finish in 5 s")
+            pyfuse3.terminate()
+            try:
+                await asyncio.wait_for(fuse_main, 5)
+            except TimeoutError:
+                log.warning("FUSE loop did not stop in 5 s")
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception as exc:  # already unmounted by the user, or the session is gone
+            log.debug("close: %r", exc)
+        if is_mounted(self.opts.mountpoint):
+            lazy_unmount(self.opts.mountpoint)
+        if self.client is not None:
+            await self.client.close()
+        log.info("unmounted %s (%s)", self.opts.mountpoint, self.stop_reason)
+
+
+def run_foreground(opts: MountOptions, ready_fd: int | None, session_cls: type[MountSession] = MountSession) -> int:
+    from shoalfs.common.service import install_loop_policy
+
+    install_loop_policy()
+    session = session_cls(opts, ready_fd)
+    try:
+        return asyncio.run(session.run())
+    except MountError as exc:
+        session.report(f"ERROR {exc}")
+        print(f"shoal: error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+
+
+def spawn_daemon(argv: list[str], log_file: str, timeout: float = 60.0) -> int:
+    """Start the mount in the background; return once it is live (or failed)."""
+    os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
+    r, w = os.pipe()
+    with open(log_file, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "shoalfs.cli", *argv, "--foreground",
+                                 "--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
+                                stdout=logf, stderr=logf, start_new_session=True)
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    buf = b""
+    with os.fdopen(r, "rb", buffering=0) as reader:
+        os.set_blocking(reader.fileno(), False)
+        while time.monotonic() < deadline and b"\n" not in buf:
+            try:
+                chunk = reader.read(4096)
+            except BlockingIOError:
+                chunk = None
+            if chunk:
+                buf += chunk
+            elif chunk == b"" or proc.poll() is not None:
+                if proc.poll() is not None:
+                    break
+            time.sleep(0.02)
+    line = buf.decode(errors="replace").strip()
+    if line == "READY":
+        print(f"mounted (pid {proc.pid}, log {log_file})")
+        return EXIT_OK
+    if line.startswith("ERROR "):
+        print(f"shoal: error: {line[6:]}", file=sys.stderr)
+    else:
+        print(f"shoal: error: the mount process did not become ready; see {log_file}", file=sys.stderr)
+        if proc.poll() is None:
+            proc.terminate()
+    return EXIT_FATAL
