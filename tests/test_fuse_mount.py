@@ -1,0 +1,206 @@
+"""Mount life cycle, multi-mount coherence, fio, dbench, shutdown."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import Mount, wait_for
+
+from shoalfs.cli.cluster import EmbeddedCluster, free_port
+from shoalfs.client.mount import is_mounted
+
+pytestmark = pytest.mark.fuse
+
+
+def shoal(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shoalfs.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_two_mounts_see_each_other(cluster: EmbeddedCluster, mount_factory) -> None:
+    cluster.create_volume("shared")
+    a = mount_factory(cluster, "shared").path
+    b = mount_factory(cluster, "shared").path
+    # close-to-open: a write+close in A is read exactly by an open after it in B
+    for i in range(5):
+        payload = os.urandom(100_000 + i * 4097)
+        with open(f"{a}/doc", "wb") as f:
+            f.write(payload)
+        with open(f"{b}/doc", "rb") as f:
+            assert f.read() == payload
+    # and back the other way, appending
+    with open(f"{b}/doc", "ab") as f:
+        f.write(b"tail")
+    with open(f"{a}/doc", "rb") as f:
+        assert f.read().endswith(b"tail")
+    # rename and unlink in one are seen by the other within 1 s
+    os.listdir(b)
+    os.stat(f"{b}/doc")
+    os.rename(f"{a}/doc", f"{a}/renamed")
+    t0 = time.monotonic()
+    wait_for(lambda: not os.path.exists(f"{b}/doc") and os.path.exists(f"{b}/renamed"), 5, "rename in B")
+    assert time.monotonic() - t0 <= 1.5
+    os.unlink(f"{b}/renamed")
+    t0 = time.monotonic()
+    wait_for(lambda: not os.path.exists(f"{a}/renamed"), 5, "unlink in A")
+    assert time.monotonic() - t0 <= 1.5
+    # attributes at most 1 s stale
+    open(f"{a}/attr", "w").close()
+    os.stat(f"{b}/attr")
+    os.chmod(f"{a}/attr", 0o600)
+    t0 = time.monotonic()
+    wait_for(lambda: os.stat(f"{b}/attr").st_mode & 0o777 == 0o600, 5, "chmod in B")
+    assert time.monotonic() - t0 <= 1.5
+
+
+def test_mounts_of_different_volumes_at_once(cluster: EmbeddedCluster, mount_factory) -> None:
+    for name in ("multi-a", "multi-b", "multi-c"):
+        cluster.create_volume(name)
+    mounts = {name: mount_factory(cluster, name).path for name in ("multi-a", "multi-b", "multi-c")}
+    for name, path in mounts.items():
+        open(f"{path}/who", "w").write(name)
+    for name, path in mounts.items():
+        assert open(f"{path}/who").read() == name
+        assert os.listdir(path) == ["who"]
+
+
+def fio(directory: str, rw: str, size: str) -> None:
+    proc = subprocess.run(
+        ["fio", "--name=verify", f"--directory={directory}", f"--rw={rw}", "--bs=4k", f"--size={size}",
+         "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--ioengine=psync", "--numjobs=1",
+         "--output-format=terse", "--end_fsync=1"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "verify:" not in proc.stderr, proc.stderr
+
+
+def test_fio_verify(cluster: EmbeddedCluster, mount_factory) -> None:
+    if not shutil.which("fio"):
+        pytest.fail("fio is required (./scripts/test installs it)")
+    cluster.create_volume("fio")
+    path = mount_factory(cluster, "fio").path
+    fio(path, "write", "32m")
+    fio(path, "randwrite", "16m")
+    fio(path, "read", "32m")
+    fio(path, "randrw", "16m")
+
+
+def test_dbench_60s(cluster: EmbeddedCluster, mount_factory) -> None:
+    if not shutil.which("dbench"):
+        pytest.fail("dbench is required (./scripts/test installs it)")
+    cluster.create_volume("dbench")
+    path = mount_factory(cluster, "dbench").path
+    loadfile = next((p for p in ("/usr/share/dbench/client.txt", "/usr/share/doc/dbench/client.txt")
+                     if os.path.exists(p)), None)
+    args = ["dbench", "-D", path, "-t", "60", "2"]
+    if loadfile:
+        args[1:1] = ["-c", loadfile]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Throughput" in out, out[-3000:]
+    # dbench reports a failed file operation as a line with ERROR or "failed";
+    # its barrier-semaphore notice is about SysV IPC, not the file system
+    bad = [line for line in out.splitlines()
+           if ("ERROR" in line or "failed" in line.lower()) and "barrier semaphore" not in line]
+    assert not bad, "\n".join(bad[:20])
+
+
+def test_sigterm_during_large_write(cluster: EmbeddedCluster, mount_factory, tmp_path) -> None:
+    cluster.create_volume("sigterm")
+    m: Mount = mount_factory(cluster, "sigterm")
+    durable = os.urandom(8 * 1024 * 1024)
+    with open(f"{m.path}/durable", "wb") as f:
+        f.write(durable)
+        f.flush()
+        os.fsync(f.fileno())
+    writer = subprocess.Popen(["dd", "if=/dev/zero", f"of={m.path}/big", "bs=1M", "count=100000"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: os.path.exists(f"{m.path}/big") and os.stat(f"{m.path}/big").st_size > 8 << 20, 30,
+             "the writer to get going")
+    t0 = time.monotonic()
+    code = m.stop(signal.SIGTERM, timeout=30)
+    assert code == 0, m.log()[-3000:]
+    assert time.monotonic() - t0 < 10
+    assert not is_mounted(m.path)
+    writer.kill()
+    writer.wait()
+    again = Mount(cluster, "sigterm", m.path).start()
+    try:
+        with open(f"{again.path}/durable", "rb") as f:
+            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(durable).digest()
+    finally:
+        assert again.stop() == 0
+
+
+def test_umount_stops_the_process(cluster: EmbeddedCluster, mount_factory) -> None:
+    cluster.create_volume("umount")
+    m: Mount = mount_factory(cluster, "umount")
+    open(f"{m.path}/f", "w").write("x")
+    assert subprocess.run(["fusermount3", "-u", m.path]).returncode == 0
+    assert m.proc is not None
+    assert m.proc.wait(10) == 0
+    assert not is_mounted(m.path)
+
+
+def test_daemon_mount_and_errors(cluster: EmbeddedCluster, tmp_path) -> None:
+    cluster.create_volume("daemon")
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    addr = cluster.master_addr
+    proc = shoal("mount", "daemon", str(mp), "--master", addr, "--log-file", str(tmp_path / "log"))
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert is_mounted(str(mp))  # live when the command returns
+        open(f"{mp}/hello", "w").write("hi")
+        busy = shoal("mount", "daemon", str(mp), "--master", addr)
+        assert busy.returncode == 1 and "busy" in busy.stderr
+    finally:
+        subprocess.run(["umount", str(mp)])
+    wait_for(lambda: "unmounted" in (tmp_path / "log").read_text(), 10, "the daemon to log its exit")
+    missing = shoal("mount", "nope-volume", str(mp), "--master", addr)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr, missing.stderr
+    nodir = shoal("mount", "daemon", str(tmp_path / "absent"), "--master", addr)
+    assert nodir.returncode == 1 and "does not exist" in nodir.stderr
+    unreachable = shoal("mount", "daemon", str(mp), "--master", f"127.0.0.1:{free_port()}",
+                        "-o", "op_deadline=3")
+    assert unreachable.returncode == 1 and "unreachable" in unreachable.stderr, unreachable.stderr
+    badopt = shoal("mount", "daemon", str(mp), "--master", addr, "-o", "frobnicate")
+    assert badopt.returncode == 2 and "unknown mount option" in badopt.stderr
+    for p in (missing, nodir, unreachable, badopt):
+        assert "Traceback" not in p.stderr
+    assert not is_mounted(str(mp))
+
+
+def test_mount_helper_for_fstab(cluster: EmbeddedCluster, tmp_path) -> None:
+    cluster.create_volume("fstab")
+    mp = tmp_path / "fs"
+    mp.mkdir()
+    helper = shutil.which("mount.fuse.shoal")
+    assert helper, "pip install puts mount.fuse.shoal on PATH"
+    # what mount(8) runs for `mount -t fuse.shoal fstab MP -o master=ADDR,_netdev`
+    proc = subprocess.run([helper, "fstab", str(mp), "-o", f"rw,_netdev,master={cluster.master_addr}"],
+                          capture_output=True, text=True, timeout=60)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert is_mounted(str(mp))
+    finally:
+        subprocess.run(["umount", str(mp)])
+    # mount(8) looks for /sbin/mount.fuse.shoal (README: the install step links it)
+    if not os.path.exists("/sbin/mount.fuse.shoal"):
+        os.symlink(helper, "/sbin/mount.fuse.shoal")
+    proc = subprocess.run(["mount", "-t", "fuse.shoal", "fstab", str(mp), "-o",
+                           f"master={cluster.master_addr},_netdev"], capture_output=True, text=True, timeout=60)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert is_mounted(str(mp))
+        assert open(f"{mp}/hello-fstab", "w").write("ok") == 2
+    finally:
+        subprocess.run(["umount", str(mp)])
