@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 
+from shoalfs.common.tombstones import TombstoneStore
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import RpcServer, split_addr
@@ -67,6 +68,18 @@ class NodeService:
         self.rpc.route(Op.PING, self._ping)
         self._stop = asyncio.Event()
         os.makedirs(self.data_dir, exist_ok=True)
+        self.tombstones = TombstoneStore(os.path.join(self.data_dir, "tombstones.json"))
+        self.read_only: set[str] = set()  # vol_ids pending deletion: mutations refused
+
+    def apply_master_state(self, body: dict[str, Any]) -> None:
+        """Volume states the master sends with each heartbeat."""
+        ro = body.get("read_only")
+        if isinstance(ro, list):
+            self.read_only = {v for v in ro if isinstance(v, str)}
+
+    def check_writable(self, vol_id: str) -> None:
+        if vol_id in self.read_only:
+            raise ShoalError(Code.READ_ONLY, "volume is pending deletion: read-only")
 
     async def _ping(self, pid: int, body: Any, conn: Any) -> Any:
         return {"role": self.role, "addr": self.listen}

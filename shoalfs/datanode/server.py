@@ -69,14 +69,17 @@ class DataNode(NodeService):
                 self.partitions[info["pid"]] = DataPartition(info["pid"], info, os.path.dirname(path))
         log.info("loaded %d data partitions", len(self.partitions))
 
-    def part(self, pid: int) -> DataPartition:
+    def part(self, pid: int, writing: bool = False) -> DataPartition:
         part = self.partitions.get(pid)
         if part is None:
-            raise ShoalError(Code.PARTITION_NOT_EXIST, f"data partition {pid} is not on {self.listen}")
+            raise self.tombstones.missing_partition(pid, self.listen)
+        if writing:
+            self.check_writable(part.info["vol_id"])
         return part
 
     async def heartbeat(self, pid: int, body: Any, conn: Any) -> Any:
         self.check_master(body)
+        self.apply_master_state(body)
         usage = shutil.disk_usage(self.data_dir)
         used = await asyncio.to_thread(
             lambda: {p: dp.used_bytes() for p, dp in list(self.partitions.items())})
@@ -98,12 +101,14 @@ class DataNode(NodeService):
 
     async def delete_partition(self, pid: int, body: Any, conn: Any) -> Any:
         self.check_master(body)
+        if body.get("tombstone") is not None:
+            self.tombstones.add(pid, body["tombstone"])
         part = self.partitions.pop(pid, None)
         await asyncio.to_thread(shutil.rmtree, self._pdir(pid), True)
         return {"deleted": part is not None}
 
     async def write(self, pid: int, body: Any, conn: Any) -> Any:
-        part = self.part(pid)
+        part = self.part(pid, writing=True)
         data = body["data"]
         offset = int(body["offset"])
         if not isinstance(data, bytes) or offset < 0 or len(data) > MAX_IO:
@@ -126,7 +131,7 @@ class DataNode(NodeService):
         return {"data": data}
 
     async def truncate(self, pid: int, body: Any, conn: Any) -> Any:
-        part = self.part(pid)
+        part = self.part(pid, writing=True)
         size = int(body["size"])
         if size < 0:
             raise ShoalError(Code.BAD_REQUEST, "size must be >= 0")
@@ -135,7 +140,7 @@ class DataNode(NodeService):
         return {}
 
     async def delete_extent(self, pid: int, body: Any, conn: Any) -> Any:
-        part = self.part(pid)
+        part = self.part(pid, writing=True)
         async with part.locks[body["ext"]]:
             await asyncio.to_thread(part.extent(body["ext"]).delete)
         part.locks.pop(body["ext"], None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shoalfs.master.state import MasterState
@@ -34,6 +35,9 @@ class NodeMonitor:
         self.reports: dict[str, dict[str, Any]] = {}
         self._task: asyncio.Task[None] | None = None
         self.started = time.monotonic()
+        self.read_only_volumes: Callable[[], list[str]] = lambda: []
+        # extra fields sent when dropping a partition of a volume that is gone
+        self.orphan_context: Callable[[int, dict[str, Any]], dict[str, Any]] = lambda pid, report: {}
 
     def is_up(self, addr: str) -> bool:
         return time.monotonic() - self.last_ok.get(addr, -1e9) < self.node_timeout
@@ -77,13 +81,18 @@ class NodeMonitor:
 
     async def _loop(self) -> None:
         while True:
-            nodes = list(self.state.nodes)
-            await asyncio.gather(*(self._beat(a) for a in nodes), return_exceptions=True)
+            await self.beat_all()
             await asyncio.sleep(self.interval)
 
+    async def beat_all(self) -> None:
+        """One heartbeat round; also carries volume states (read-only while pending delete)."""
+        nodes = list(self.state.nodes)
+        await asyncio.gather(*(self._beat(a) for a in nodes), return_exceptions=True)
+
     async def _beat(self, addr: str) -> None:
+        body = {"token": self.token, "read_only": self.read_only_volumes()}
         try:
-            report = await self.pool.call_once(addr, Op.HEARTBEAT, 0, {"token": self.token}, timeout=3.0)
+            report = await self.pool.call_once(addr, Op.HEARTBEAT, 0, body, timeout=3.0)
         except ShoalError as exc:
             if self.is_up(addr) or addr not in self.last_ok:
                 log.debug("heartbeat to %s failed: %s", addr, exc)
@@ -111,7 +120,3 @@ class NodeMonitor:
                 await self.delete_partition(addr, pid, self.orphan_context(pid, report))
             except ShoalError as exc:
                 log.warning("drop of partition %d on %s failed: %s", pid, addr, exc)
-
-    def orphan_context(self, pid: int, report: dict[str, Any]) -> dict[str, Any]:
-        """Extra fields sent when dropping a partition of a volume that is gone."""
-        return {}

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from shoalfs.common.files import atomic_write
+from shoalfs.master.lifecycle import VolumeLifecycle
 from shoalfs.master.nodes import NodeMonitor
 from shoalfs.master.state import DELETED, MasterState
 from shoalfs.proto.errors import Code, ShoalError, info
@@ -65,10 +66,12 @@ class Master:
         self.add("GET", "/cluster/nodes", self.cluster_nodes)
         self.add("POST", "/node/register", self.node_register, auth=True)
         self.add("POST", "/volume/create", self.volume_create, auth=True)
-        self.add("POST", "/volume/delete", self.volume_delete, auth=True)
         self.add("GET", "/volume/list", self.volume_list)
         self.add("GET", "/volume/info", self.volume_info)
         self.add("GET", "/volume/stat", self.volume_stat)
+        self.lifecycle = VolumeLifecycle(self)
+        self.nodes.read_only_volumes = self.state.read_only_volumes
+        self.nodes.orphan_context = self._orphan_context
 
     def add(self, method: str, path: str, handler: Handler, auth: bool = False) -> None:
         self.routes[(method, path)] = (handler, auth)
@@ -118,8 +121,8 @@ class Master:
 
     # ----- handlers ----------------------------------------------------------
     async def cluster_info(self, request: web.Request) -> Any:
-        return {"version": VERSION, "metanodes": self.nodes.live("metanode"),
-                "datanodes": self.nodes.live("datanode"),
+        return {"version": VERSION, "master_pubkey": self.lifecycle.public_key,
+                "metanodes": self.nodes.live("metanode"), "datanodes": self.nodes.live("datanode"),
                 "volumes": sum(1 for v in self.state.volumes.values() if v["status"] != DELETED)}
 
     async def cluster_nodes(self, request: web.Request) -> Any:
@@ -145,33 +148,28 @@ class Master:
             results = await asyncio.gather(*jobs, return_exceptions=True)
             failed = [r for r in results if isinstance(r, BaseException)]
             if failed:
-                await self._drop_partitions(vol)
+                await self.drop_partitions(vol)
                 raise ShoalError(Code.UNAVAILABLE, f"could not place volume: {failed[0]}")
             self.state.add_volume(vol)
         log.info("created volume %s (%s)", vol["name"], vol["vol_id"])
         return self.describe(vol)
 
-    async def _drop_partitions(self, vol: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    async def drop_partitions(self, vol: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
         """Best effort; nodes that miss it drop orphans at their next heartbeat."""
         jobs = [self.nodes.delete_partition(addr, p["pid"], extra)
                 for key in ("meta_partitions", "data_partitions")
                 for p in vol[key] for addr in p["replicas"]]
         await asyncio.gather(*jobs, return_exceptions=True)
 
-    async def volume_delete(self, request: web.Request) -> Any:
-        body = await self.body(request)
-        async with self.lock:
-            vol = self.state.by_name(body.get("name"))  # type: ignore[arg-type]
-            self.state.remove_volume(vol["vol_id"])
-        await self._drop_partitions(vol)
-        log.info("deleted volume %s (%s)", vol["name"], vol["vol_id"])
-        return {"name": vol["name"], "vol_id": vol["vol_id"]}
+    def _orphan_context(self, pid: int, report: dict[str, Any]) -> dict[str, Any]:
+        tomb = self.state.tombstone_of_partition(pid)
+        return {"tombstone": tomb} if tomb else {}
 
     def describe(self, vol: dict[str, Any]) -> dict[str, Any]:
-        return dict(vol)
+        return dict(vol, master_pubkey=self.lifecycle.public_key)
 
     async def volume_list(self, request: web.Request) -> Any:
-        return [{k: v for k, v in vol.items() if k not in ("meta_partitions", "data_partitions")}
+        return [{k: v for k, v in vol.items() if k not in ("meta_partitions", "data_partitions", "tombstone")}
                 for vol in sorted(self.state.volumes.values(), key=lambda v: v["name"])
                 if vol["status"] != DELETED]
 
@@ -195,6 +193,7 @@ class Master:
     # ----- life cycle --------------------------------------------------------
     async def run(self) -> None:
         await self.nodes.start()
+        await self.lifecycle.start()
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
         host, port = split_addr(self.listen)
@@ -208,6 +207,7 @@ class Master:
         await stop.wait()
         log.info("master stopping")
         await runner.cleanup()
+        await self.lifecycle.stop()
         await self.nodes.stop()
 
 

@@ -67,6 +67,24 @@ class MasterState:
     def volumes(self) -> dict[str, dict[str, Any]]:
         return self.doc["volumes"]  # type: ignore[no-any-return]
 
+    def by_id(self, vol_id: str) -> dict[str, Any] | None:
+        return self.volumes.get(vol_id) if isinstance(vol_id, str) else None
+
+    def next_epoch(self) -> int:
+        epoch = int(self.doc.get("epoch", 0)) + 1
+        self.doc["epoch"] = epoch
+        return epoch
+
+    def read_only_volumes(self) -> list[str]:
+        return sorted(v["vol_id"] for v in self.volumes.values() if v["status"] == PENDING_DELETE)
+
+    def tombstone_of_partition(self, pid: int) -> dict[str, Any] | None:
+        for vol in self.volumes.values():
+            if vol["status"] == DELETED and any(
+                    p["pid"] == pid for p in vol["meta_partitions"] + vol["data_partitions"]):
+                return vol.get("tombstone")  # type: ignore[no-any-return]
+        return None
+
     def by_name(self, name: str) -> dict[str, Any]:
         for vol in self.volumes.values():
             if vol["name"] == name and vol["status"] != DELETED:

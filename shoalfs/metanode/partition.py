@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sortedcontainers import SortedDict
@@ -44,6 +45,7 @@ class MetaPartition:
         self.cursor = self.start
         self.txs: dict[str, dict[str, Any]] = {}  # rename intents this partition coordinates
         self.applied_txs: dict[str, Any] = {}  # rename links this partition applied
+        self.before_commit: Callable[[], None] | None = None  # refuses writes while pending delete
 
     # ----- persistence -------------------------------------------------
     def load(self) -> None:
@@ -94,6 +96,8 @@ class MetaPartition:
 
     async def commit(self, effects: list[Any]) -> None:
         """Apply to memory, then wait until durable."""
+        if self.before_commit is not None:
+            self.before_commit()
         self._apply(effects)
         await self.journal.append(effects)
         if self.journal.wants_snapshot():

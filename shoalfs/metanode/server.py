@@ -24,7 +24,7 @@ from shoalfs.common.service import NodeService
 from shoalfs.metanode.partition import MetaPartition, public_attr
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
-from shoalfs.proto.rpc import RetryPolicy, RpcPool
+from shoalfs.proto.rpc import RetryPolicy, RpcPool, ServerConnection
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,12 @@ class MetaNode(NodeService):
         self.partitions: dict[int, MetaPartition] = {}
         self.peers = RpcPool(RetryPolicy(deadline=30.0, attempt_timeout=5.0))
         self._tasks: set[asyncio.Task[None]] = set()
+        self.subscribers: dict[str, set[ServerConnection]] = {}
         r = self.rpc.route
         r(Op.HEARTBEAT, self.heartbeat)
         r(Op.CREATE_PARTITION, self.create_partition)
         r(Op.DELETE_PARTITION, self.delete_partition)
+        r(Op.SUBSCRIBE, self.subscribe)
         r(Op.META_CREATE_INODE, self._on(lambda p, b: p.create_inode(
             b["mode"], b.get("uid", 0), b.get("gid", 0), b.get("target"), b.get("rdev", 0))))
         r(Op.META_CREATE, self._on(lambda p, b: p.create(
@@ -83,12 +85,18 @@ class MetaNode(NodeService):
                 continue  # a creation that never finished
             with open(path) as f:
                 info = json.load(f)
-            part = MetaPartition(info["pid"], info, os.path.join(self.data_dir, entry))
-            part.load()
+            part = self._partition(info, os.path.join(self.data_dir, entry))
             self.partitions[part.pid] = part
             for txid in list(part.txs):
                 self._spawn(self._resolve_tx(part, txid))
         log.info("loaded %d meta partitions", len(self.partitions))
+
+    def _partition(self, info: dict[str, Any], pdir: str) -> MetaPartition:
+        part = MetaPartition(info["pid"], info, pdir)
+        part.load()
+        vol_id = info["vol_id"]
+        part.before_commit = lambda: self.check_writable(vol_id)
+        return part
 
     async def close(self) -> None:
         for t in list(self._tasks):
@@ -104,6 +112,7 @@ class MetaNode(NodeService):
 
     async def heartbeat(self, pid: int, body: Any, conn: Any) -> Any:
         self.check_master(body)
+        self.apply_master_state(body)
         return {"partitions": {p: {"vol_id": mp.info["vol_id"], "inodes": len(mp.inodes)}
                                for p, mp in self.partitions.items()}}
 
@@ -115,8 +124,7 @@ class MetaNode(NodeService):
                 "end": int(body["end"]), "replicas": body.get("replicas", [])}
         pdir = self._pdir(pid)
         os.makedirs(pdir, exist_ok=True)
-        part = MetaPartition(pid, info, pdir)
-        part.load()
+        part = self._partition(info, pdir)
         if part.start <= 1 < part.end and 1 not in part.inodes:
             await part.commit(part.new_root())
         atomic_write(os.path.join(pdir, "partition.json"), json.dumps(info).encode())
@@ -126,17 +134,42 @@ class MetaNode(NodeService):
 
     async def delete_partition(self, pid: int, body: Any, conn: Any) -> Any:
         self.check_master(body)
+        tomb = body.get("tombstone")
+        if tomb is not None and self.tombstones.add(pid, tomb):
+            self.push_deleted(tomb)
         part = self.partitions.pop(pid, None)
         if part is not None:
             await part.close()
         await asyncio.to_thread(shutil.rmtree, self._pdir(pid), True)
         return {"deleted": part is not None}
 
+    # ----- lifecycle events -------------------------------------------------
+    async def subscribe(self, pid: int, body: Any, conn: ServerConnection) -> Any:
+        vol_id = body.get("vol_id") if isinstance(body, dict) else None
+        if not isinstance(vol_id, str):
+            raise ShoalError(Code.BAD_REQUEST, "subscribe needs a vol_id")
+        tomb = self.tombstones.for_volume(vol_id)
+        if tomb is not None:
+            raise ShoalError(Code.VOLUME_NOT_EXIST, "volume was deleted", {"tombstone": tomb})
+        subs = self.subscribers.setdefault(vol_id, set())
+        if conn not in subs:
+            subs.add(conn)
+            conn.on_close.append(lambda c: subs.discard(c))
+        return {"subscribed": vol_id}
+
+    def push_deleted(self, tomb: dict[str, Any]) -> None:
+        """Push the tombstone to every subscriber of the volume, at once."""
+        subs = self.subscribers.pop(tomb["vol_id"], set())
+        for conn in subs:
+            conn.push_event(Op.EVENT_VOLUME_DELETED, {"tombstone": tomb})
+        if subs:
+            log.info("pushed deletion of %s to %d clients", tomb["vol_id"], len(subs))
+
     def _on(self, fn: Any) -> Any:
         async def handler(pid: int, body: Any, conn: Any) -> Any:
             part = self.partitions.get(pid)
             if part is None:
-                raise ShoalError(Code.PARTITION_NOT_EXIST, f"meta partition {pid} is not on {self.listen}")
+                raise self.tombstones.missing_partition(pid, self.listen)
             if not isinstance(body, dict):
                 raise ShoalError(Code.BAD_REQUEST, "request body must be a map")
             result = fn(part, body)

@@ -12,6 +12,8 @@ class Op(IntEnum):
     HEARTBEAT = 2
     CREATE_PARTITION = 3
     DELETE_PARTITION = 4
+    SUBSCRIBE = 5  # client -> metanode: push me lifecycle events of a volume
+    EVENT_VOLUME_DELETED = 6  # metanode -> client push, body {tombstone}
     # metanode
     META_CREATE_INODE = 100
     META_GET_INODE = 101

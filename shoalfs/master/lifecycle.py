@@ -1,0 +1,156 @@
+"""Volume deletion lifecycle on the master (DESIGN.md §3).
+
+ACTIVE -> PENDING_DELETE (optional delay; writes refused, undeletable)
+       -> DELETED: a signed tombstone is issued, pushed to the volume's nodes
+          (which push it on to subscribed clients) and served by vol_id for
+          the retention period; the partitions are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from shoalfs.master.sessions import SessionTable
+from shoalfs.master.state import ACTIVE, DELETED, PENDING_DELETE
+from shoalfs.proto import tombstone
+from shoalfs.proto.errors import Code, ShoalError
+
+if TYPE_CHECKING:
+    from shoalfs.master.server import Master
+
+log = logging.getLogger(__name__)
+
+MAX_DELAY = 90 * 24 * 3600.0
+
+
+class VolumeLifecycle:
+    def __init__(self, master: Master) -> None:
+        self.m = master
+        cfg = master.cfg
+        self.key = tombstone.load_or_create_key(cfg.get("key_file") or f"{master.data_dir}/master.key")
+        self.public_key = tombstone.public_hex(self.key)
+        self.retention = float(cfg.get("tombstone_retention", 7 * 24 * 3600))
+        self.sessions = SessionTable(float(cfg.get("session_ttl", 20.0)))
+        self._task: asyncio.Task[None] | None = None
+        m = master
+        m.add("POST", "/volume/delete", self.delete, auth=True)
+        m.add("POST", "/volume/undelete", self.undelete, auth=True)
+        m.add("GET", "/volume/clients", self.clients)
+        m.add("GET", "/volume/tombstone", self.get_tombstone)
+        m.add("POST", "/client/heartbeat", self.heartbeat)
+        m.add("POST", "/client/goodbye", self.goodbye)
+
+    # ----- admin calls -------------------------------------------------------
+    async def delete(self, request: web.Request) -> Any:
+        body = await self.m.body(request)
+        delay = body.get("delay_s", 0)
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay <= MAX_DELAY:
+            raise ShoalError(Code.BAD_REQUEST, f"delay_s must be 0..{MAX_DELAY:.0f} seconds")
+        async with self.m.lock:
+            vol = self.m.state.by_name(body.get("name"))  # type: ignore[arg-type]
+            if delay > 0:
+                if vol["status"] == PENDING_DELETE:
+                    raise ShoalError(Code.INVALID, f"volume {vol['name']} is already pending deletion")
+                vol["status"] = PENDING_DELETE
+                vol["purge_at"] = time.time() + delay
+                self.m.state.save()
+                log.info("volume %s pending deletion, purge in %.0fs", vol["name"], delay)
+        if delay > 0:
+            await self.m.nodes.beat_all()  # nodes refuse writes from now on
+            return self.m.describe(vol)
+        tomb = await self.purge(vol)
+        return dict(self.m.describe(vol), tombstone=tomb)
+
+    async def undelete(self, request: web.Request) -> Any:
+        body = await self.m.body(request)
+        async with self.m.lock:
+            vol = self.m.state.by_name(body.get("name"))  # type: ignore[arg-type]
+            if vol["status"] != PENDING_DELETE:
+                raise ShoalError(Code.INVALID, f"volume {vol['name']} is not pending deletion")
+            vol["status"] = ACTIVE
+            vol.pop("purge_at", None)
+            self.m.state.save()
+        await self.m.nodes.beat_all()
+        log.info("volume %s restored", vol["name"])
+        return self.m.describe(vol)
+
+    async def purge(self, vol: dict[str, Any]) -> dict[str, Any]:
+        """Issue the tombstone, persist it, then tell every node."""
+        async with self.m.lock:
+            if vol["status"] == DELETED:
+                return vol["tombstone"]  # type: ignore[no-any-return]
+            tomb = tombstone.sign(self.key, {"vol_id": vol["vol_id"], "name": vol["name"],
+                                             "deleted_at": time.time(), "epoch": self.m.state.next_epoch()})
+            vol["status"] = DELETED
+            vol["tombstone"] = tomb
+            vol["retain_until"] = time.time() + self.retention
+            vol.pop("purge_at", None)
+            self.m.state.save()
+        log.info("volume %s (%s) deleted, epoch %d", vol["name"], vol["vol_id"], tomb["epoch"])
+        await self.m.drop_partitions(vol, {"tombstone": tomb})
+        return tomb
+
+    async def clients(self, request: web.Request) -> Any:
+        vol = self.m.state.by_name(self.m.arg(request, "name"))
+        return self.sessions.for_volume(vol["vol_id"])
+
+    async def get_tombstone(self, request: web.Request) -> Any:
+        vol = self.m.state.by_id(self.m.arg(request, "vol_id"))
+        if vol is None:
+            raise ShoalError(Code.VOLUME_NOT_EXIST, "no such volume and no tombstone for it")
+        if vol["status"] == DELETED:
+            raise self.deleted_error(vol)
+        return {"status": vol["status"]}
+
+    @staticmethod
+    def deleted_error(vol: dict[str, Any]) -> ShoalError:
+        return ShoalError(Code.VOLUME_NOT_EXIST, f"volume {vol['name']} was deleted",
+                          {"tombstone": vol["tombstone"]})
+
+    # ----- client heartbeats ---------------------------------------------------
+    async def heartbeat(self, request: web.Request) -> Any:
+        """Kept cheap: thousands of mounts call this every few seconds."""
+        body = await self.m.body(request)
+        vol = self.m.state.by_id(body.get("vol_id"))  # type: ignore[arg-type]
+        if vol is None:
+            raise ShoalError(Code.VOLUME_NOT_EXIST, "unknown volume id")
+        if vol["status"] == DELETED:
+            self.sessions.drop(str(body.get("session")))
+            raise self.deleted_error(vol)
+        self.sessions.touch(body)
+        return {"status": vol["status"], "purge_at": vol.get("purge_at")}
+
+    async def goodbye(self, request: web.Request) -> Any:
+        body = await self.m.body(request)
+        self.sessions.drop(str(body.get("session")))
+        return {}
+
+    # ----- background ------------------------------------------------------------
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        """Purge pending deletes when due (also after a restart); forget old tombstones."""
+        while True:
+            now = time.time()
+            for vol in list(self.m.state.volumes.values()):
+                if vol["status"] == PENDING_DELETE and vol.get("purge_at", 0) <= now:
+                    try:
+                        await self.purge(vol)
+                    except Exception:
+                        log.exception("purge of %s failed; will retry", vol["name"])
+                elif vol["status"] == DELETED and vol.get("retain_until", 0) <= now:
+                    async with self.m.lock:
+                        self.m.state.remove_volume(vol["vol_id"])
+            self.sessions.expire()
+            await asyncio.sleep(0.2)
