@@ -138,6 +138,7 @@ def cmd_volume(args: argparse.Namespace) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> None:
+    from shoalfs.client.deletion import DeletionAwareMount
     from shoalfs.client.mount import MountError, MountOptions, run_foreground, spawn_daemon
     from shoalfs.common.service import setup_logging
 
@@ -147,13 +148,21 @@ def cmd_mount(args: argparse.Namespace) -> None:
             opts.apply(spec)
     except MountError as exc:
         fail(str(exc), 2)
+    if args.deleted_exit_code is not None:
+        opts.extra["deleted_exit_code"] = str(args.deleted_exit_code)
     opts.master = args.master or opts.master or master_address(args)
+    try:
+        DeletionAwareMount(opts)  # validates the lifecycle options before mounting
+    except MountError as exc:
+        fail(str(exc), 2)
     if args.foreground:
         setup_logging("DEBUG" if opts.debug else "INFO")
-        raise SystemExit(run_foreground(opts, args.ready_fd))
+        raise SystemExit(run_foreground(opts, args.ready_fd, DeletionAwareMount))
     log_file = args.log_file or os.path.join(
         os.path.expanduser("~/.cache/shoalfs"), f"mount-{args.volume}.log")
     argv = ["mount", args.volume, opts.mountpoint, "--master", opts.master]
+    if args.deleted_exit_code is not None:
+        argv += ["--deleted-exit-code", str(args.deleted_exit_code)]
     for spec in args.o or []:
         argv += ["-o", spec]
     raise SystemExit(spawn_daemon(argv, log_file))
@@ -216,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", action="append", metavar="OPTIONS", help="comma-separated mount options")
     m.add_argument("--log-file", help="log of the background mount process")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--deleted-exit-code", type=int, help="exit code when the volume is deleted (143)")
     m.set_defaults(func=cmd_mount)
 
     d = sub.add_parser("demo", help="the main job end to end on an embedded cluster")

@@ -18,7 +18,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,10 @@ class VolumeClient:
         self._refreshing: asyncio.Task[None] | None = None
         self.open_counts: dict[int, int] = {}
         self.pending_evict: set[int] = set()
+        # lifecycle: set by the guard (client/lifecycle.py)
+        self.fenced = False  # the volume is deleted: every call fails at once
+        self.read_only = False  # the volume is pending deletion
+        self.on_volume_error: Callable[[ShoalError], None] | None = None
 
     # ----- volume and routing ------------------------------------------------
     async def open(self) -> None:
@@ -113,14 +117,25 @@ class VolumeClient:
         pid = part["pid"]
         end = time.monotonic() + self.options.op_deadline
         while True:
+            self.check_fence()
             try:
                 return await self.pool.call(lambda: part["replicas"][0], op, pid, body,
                                             deadline=max(0.1, end - time.monotonic()))
             except ShoalError as exc:
+                self.check_fence()
+                if exc.code == Code.VOLUME_NOT_EXIST and self.on_volume_error is not None:
+                    self.on_volume_error(exc)
+                    self.check_fence()
+                elif exc.code == Code.READ_ONLY:
+                    self.read_only = True
                 if exc.code != Code.PARTITION_NOT_EXIST or time.monotonic() >= end:
                     raise
                 await self.refresh()
                 await asyncio.sleep(0.2)
+
+    def check_fence(self) -> None:
+        if self.fenced:
+            raise ShoalError(Code.VOLUME_NOT_EXIST, f"volume {self.volume_name} was deleted")
 
     async def meta(self, ino: int, op: int, body: dict[str, Any]) -> Any:
         return await self.call(self.meta_partition(ino), op, body)

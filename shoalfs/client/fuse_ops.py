@@ -46,8 +46,7 @@ def guarded(fn: F) -> F:
         except pyfuse3.FUSEError:
             raise
         except ShoalError as exc:
-            if exc.code == Code.VOLUME_NOT_EXIST:
-                self.on_volume_error(exc)
+            self.check_fence()  # fenced while we waited: ESTALE, whatever the cause
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
@@ -76,8 +75,15 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         if self.fenced is not None:
             raise pyfuse3.FUSEError(self.fenced)
 
-    def on_volume_error(self, exc: ShoalError) -> None:
-        """Called when a node answers VOLUME_NOT_EXIST (wired by the mount)."""
+    def check_writable(self) -> None:
+        """Pending deletion: writes fail at once with EROFS, reads go on."""
+        if self.client.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    def drop_caches(self) -> None:
+        self.handles.clear()
+        self.dir_cursors.clear()
+        self._seen.clear()
 
     # ----- helpers ------------------------------------------------------------------
     def entry(self, attr: dict[str, Any]) -> pyfuse3.EntryAttributes:
@@ -131,6 +137,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @guarded
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
+        self.check_writable()
         changes: dict[str, Any] = {}
         if fields.update_mode:
             changes["mode"] = attr.st_mode
@@ -166,20 +173,24 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @guarded
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        self.check_writable()
         return self.entry(await self._make(parent_inode, name, mode & ~ctx.umask, ctx, rdev=rdev))
 
     @guarded
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        self.check_writable()
         mode = stat.S_IFDIR | (mode & ~ctx.umask & 0o7777)
         return self.entry(await self._make(parent_inode, name, mode, ctx))
 
     @guarded
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        self.check_writable()
         attr = await self._make(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=os.fsdecode(target))
         return self.entry(attr)
 
     @guarded
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        self.check_writable()
         mode = stat.S_IFREG | (mode & ~ctx.umask & 0o7777)
         attr = await self._make(parent_inode, name, mode, ctx)
         fh = self._new_handle(attr, {}, flags)
@@ -187,6 +198,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @guarded
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        self.check_writable()
         return self.entry(await self.client.link(inode, new_parent_inode, self.name(new_name)))
 
     @guarded
@@ -199,15 +211,18 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     # ----- removal and rename --------------------------------------------------------
     @guarded
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.check_writable()
         await self.client.unlink(parent_inode, self.name(name), want_dir=False)
 
     @guarded
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.check_writable()
         await self.client.unlink(parent_inode, self.name(name), want_dir=True)
 
     @guarded
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
+        self.check_writable()
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
         await self.client.rename(parent_inode_old, self.name(name_old), parent_inode_new,
@@ -219,6 +234,8 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         attr = await self.client.getattr(inode)
         if stat.S_ISDIR(attr["mode"]):
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            self.check_writable()
         if flags & os.O_TRUNC and attr["size"]:  # libfuse asks for atomic O_TRUNC
             attr = await self._truncate(inode, 0)
         unchanged = self._seen.get(inode) == (attr["mtime"], attr["size"])
@@ -231,6 +248,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @guarded
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self.check_writable()
         return await self.handle(fh).write(off, buf)
 
     @guarded
@@ -307,6 +325,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     # ----- xattrs, statfs, forget -----------------------------------------------------
     @guarded
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self.check_writable()
         await self.client.setxattr(inode, os.fsdecode(name), value)
 
     @guarded
@@ -324,6 +343,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @guarded
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self.check_writable()
         try:
             await self.client.removexattr(inode, os.fsdecode(name))
         except ShoalError as exc:

@@ -135,6 +135,17 @@ class FileHandle:
                 if self.ino in self.client.pending_evict:
                     await self.client.evict(self.ino)
 
+    def fail(self, err: ShoalError) -> None:
+        """The volume is gone: drop buffered data; if anything written was not
+        yet durable, the next flush/fsync/close reports `err` (never silent)."""
+        if self._buf or self._unsynced or self._size_dirty:
+            self.error = err
+        self._buf = bytearray()
+        self._unsynced.clear()
+        self._size_dirty = False
+        self._ra = b""
+        self.known = {}
+
     def _check(self) -> None:
         if self.error is not None:
             err, self.error = self.error, None

@@ -148,19 +148,19 @@ class MetaNode(NodeService):
         vol_id = body.get("vol_id") if isinstance(body, dict) else None
         if not isinstance(vol_id, str):
             raise ShoalError(Code.BAD_REQUEST, "subscribe needs a vol_id")
-        tomb = self.tombstones.for_volume(vol_id)
-        if tomb is not None:
-            raise ShoalError(Code.VOLUME_NOT_EXIST, "volume was deleted", {"tombstone": tomb})
         subs = self.subscribers.setdefault(vol_id, set())
         if conn not in subs:
             subs.add(conn)
             conn.on_close.append(lambda c: subs.discard(c))
+        tomb = self.tombstones.for_volume(vol_id)
+        if tomb is not None:  # deleted before the client subscribed: tell it right after the reply
+            asyncio.get_running_loop().call_soon(conn.push_event, Op.EVENT_VOLUME_DELETED, {"tombstone": tomb})
         return {"subscribed": vol_id}
 
     def push_deleted(self, tomb: dict[str, Any]) -> None:
         """Push the tombstone to every subscriber of the volume, at once."""
-        subs = self.subscribers.pop(tomb["vol_id"], set())
-        for conn in subs:
+        subs = self.subscribers.get(tomb["vol_id"], set())
+        for conn in list(subs):
             conn.push_event(Op.EVENT_VOLUME_DELETED, {"tombstone": tomb})
         if subs:
             log.info("pushed deletion of %s to %d clients", tomb["vol_id"], len(subs))

@@ -209,6 +209,10 @@ class RpcConnection:
             raise ShoalError(result, reply.get("msg"), reply.get("data"))
         return reply
 
+    async def wait_closed(self) -> None:
+        if self._read_task is not None:
+            await asyncio.gather(self._read_task, return_exceptions=True)
+
     async def close(self) -> None:
         if self._read_task is not None:
             self._read_task.cancel()
@@ -238,6 +242,7 @@ class RpcPool:
         self._conns: dict[str, RpcConnection] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.closed = False
+        self._closed_event = asyncio.Event()
 
     async def connection(self, addr: str) -> RpcConnection:
         conn = self._conns.get(addr)
@@ -280,10 +285,14 @@ class RpcPool:
                     raise
                 log.debug("transient failure from %s (%s); retry in %.2fs", target, exc, delay)
                 attempt += 1
-                await asyncio.sleep(delay)
+                try:  # a close() ends the wait at once
+                    await asyncio.wait_for(self._closed_event.wait(), delay)
+                except TimeoutError:
+                    pass
 
     async def close(self) -> None:
         self.closed = True
+        self._closed_event.set()
         for conn in list(self._conns.values()):
             await conn.close()
         self._conns.clear()
