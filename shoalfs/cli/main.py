@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from typing import Any, NoReturn
 
 from rich.console import Console
@@ -133,8 +134,53 @@ def cmd_volume(args: argparse.Namespace) -> None:
                       for p in data["data_partitions"]]
             print_table("partitions", parts, ["kind", "pid", "range", "replicas"])
     elif args.action == "delete":
-        data = call_master(args, "POST", "/volume/delete", body={"name": args.name})
-        emit(args, data, "volume deleted", ["name", "vol_id"])
+        delete_volume(args)
+    elif args.action == "undelete":
+        data = call_master(args, "POST", "/volume/undelete", body={"name": args.name})
+        emit(args, data, "volume restored", cols)
+    elif args.action == "clients":
+        emit(args, describe_sessions(call_master(args, "GET", "/volume/clients", {"name": args.name})),
+             f"clients of {args.name}", SESSION_COLUMNS)
+
+
+SESSION_COLUMNS = ["host", "pid", "mountpoint", "version", "mounted", "last_seen"]
+
+
+def describe_sessions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def ts(t: Any) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+    return [dict(r, mounted=ts(r.get("mounted_at")), last_seen=ts(r.get("last_seen"))) for r in rows]
+
+
+def parse_duration(text: str) -> float:
+    """"90", "90s", "15m", "2h", "7d" -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        fail(f"bad duration {text!r}: use e.g. 90s, 15m, 2h or 7d", 2)
+
+
+def delete_volume(args: argparse.Namespace) -> None:
+    """Show who has the volume mounted and ask before deleting it."""
+    call_master(args, "GET", "/volume/info", {"name": args.name})  # a clear error if it does not exist
+    sessions = call_master(args, "GET", "/volume/clients", {"name": args.name})
+    delay = parse_duration(args.delay) if args.delay else 0.0
+    if sessions and not args.yes:
+        print_table(f"{len(sessions)} client(s) have {args.name} mounted", describe_sessions(sessions),
+                    SESSION_COLUMNS)
+        if not sys.stdin.isatty():
+            fail(f"volume {args.name} is mounted by {len(sessions)} client(s); "
+                 "pass --yes to delete it anyway")
+        what = f"in {args.delay}" if delay else "now"
+        answer = input(f"Delete volume {args.name} {what}? Mounted clients will exit. [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            fail("not deleted")
+    data = call_master(args, "POST", "/volume/delete", body={"name": args.name, "delay_s": delay})
+    title = f"volume pending deletion (purge in {args.delay})" if delay else "volume deleted"
+    emit(args, data, title, ["name", "vol_id", "status"])
 
 
 def cmd_mount(args: argparse.Namespace) -> None:
@@ -214,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     vd = vsub.add_parser("delete", parents=[common])
     vd.add_argument("name")
     vd.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    vd.add_argument("--delay", help="pending delete: purge after this long (e.g. 15m); undelete restores")
+    vsub.add_parser("undelete", parents=[common]).add_argument("name")
+    vsub.add_parser("clients", parents=[common]).add_argument("name")
     v.set_defaults(func=cmd_volume)
 
     m = sub.add_parser("mount", help="mount a volume through FUSE")

@@ -40,6 +40,8 @@ class ClientOptions:
     attempt_timeout: float = 10.0
     backoff_first: float = 0.05
     backoff_cap: float = 2.0
+    watch: bool = True  # SDK: run the lifecycle guard (deletion fences the handle)
+    heartbeat_interval: float = 5.0
 
 
 def extent_id(ino: int, chunk: int) -> int:

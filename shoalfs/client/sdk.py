@@ -18,6 +18,7 @@ import io
 import os
 import stat as stat_mod
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 
 from shoalfs.client.core import ROOT_INO, ClientOptions, VolumeClient, split_path
 from shoalfs.client.handle import FileHandle
+from shoalfs.client.lifecycle import GuardConfig, LifecycleGuard
 from shoalfs.proto.errors import Code, ShoalError
 
 T = TypeVar("T")
@@ -79,8 +81,12 @@ class Volume:
     def __init__(self, master: str, volume: str, options: ClientOptions | None = None) -> None:
         self._loop = _Loop()
         self.client = VolumeClient(master, volume, options)
+        self.guard: LifecycleGuard | None = None
+        self.deleted_by: str | None = None  # detection path, once the volume is deleted
         try:
             self._run(self.client.open())
+            if self.client.options.watch:
+                self._run(self._start_guard())
         except BaseException:
             self._loop.run(self.client.close())
             self._loop.stop()
@@ -92,12 +98,24 @@ class Volume:
         except ShoalError as exc:
             raise _oserror(exc, path) from None
 
+    async def _start_guard(self) -> None:
+        def fence(tomb: dict[str, Any], path: str) -> None:
+            self.deleted_by = path
+            self.client.fenced = True  # every later call raises ESTALE
+
+        config = GuardConfig(heartbeat_interval=self.client.options.heartbeat_interval,
+                             session_info={"mountpoint": "(sdk)", "mounted_at": time.time()})
+        self.guard = LifecycleGuard(self.client, config, fence)
+        await self.guard.start()
+
     closed = False
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.guard is not None:
+            self._loop.run(self.guard.stop())
         self._loop.run(self.client.close())
         self._loop.stop()
 
