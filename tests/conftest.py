@@ -126,3 +126,46 @@ def mount_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
     yield make
     for m in mounts:
         m.stop()
+
+
+# ----- syslog --------------------------------------------------------------------
+import socket as _socket  # noqa: E402
+import threading  # noqa: E402
+
+
+class SyslogListener:
+    """A unix datagram socket standing in for /dev/log; collects records."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.records: list[str] = []
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.records.append(self.sock.recv(65536).decode(errors="replace"))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def syslog(tmp_path: object) -> Iterator[SyslogListener]:
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="shoal-syslog-")
+    listener = SyslogListener(os.path.join(d, "log.sock"))
+    yield listener
+    listener.close()

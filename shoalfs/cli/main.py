@@ -21,7 +21,7 @@ from shoalfs.client.master import MasterClient
 from shoalfs.proto.errors import ShoalError
 
 DEFAULT_DATA = os.environ.get("SHOAL_DATA", "./shoal-data")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 200)  # pipes get whole lines
 
 
 def fail(msg: str, code: int = 1) -> NoReturn:

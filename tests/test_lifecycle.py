@@ -1,0 +1,368 @@
+"""Volume deletion lifecycle: three detection paths, no false exits, exit 143."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from conftest import Mount, SyslogListener, shoal_env, wait_for
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from shoalfs.cli.cluster import EmbeddedCluster
+from shoalfs.client import connect
+from shoalfs.client.mount import is_mounted
+from shoalfs.proto import tombstone
+from shoalfs.proto.opcodes import Op
+from shoalfs.proto.rpc import RpcServer
+
+pytestmark = pytest.mark.fuse
+
+RECORD_FIELDS = {"volume", "vol_id", "mountpoint", "detection", "deleted_at", "detected_at",
+                 "detection_latency_ms", "exit_duration_ms", "exit_code"}
+
+
+def lifecycle_opts(syslog: SyslogListener, audit: str, **extra: str) -> list[str]:
+    opts = {"syslog": f"unix:{syslog.path}", "audit_log": audit, "heartbeat": "1", **extra}
+    return [",".join(f"{k}={v}" for k, v in opts.items())]
+
+
+def parse_sd(record: str) -> dict[str, str]:
+    assert record.startswith("<29>1 "), record
+    sd = re.search(r"\[shoalfs@32473 (.*?)\] ", record)
+    assert sd, record
+    return dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', sd.group(1)))
+
+
+def expect_deleted_exit(m: Mount, syslog: SyslogListener, audit: str, path: str, vol: dict,
+                        timeout: float = 20) -> dict[str, str]:
+    assert m.proc is not None
+    m.proc.wait(timeout)
+    assert m.proc.returncode == 143, m.log()[-3000:]
+    assert not is_mounted(m.path)
+    wait_for(lambda: syslog.records, 5, "the syslog record")
+    assert len(syslog.records) == 1
+    fields = parse_sd(syslog.records[0])
+    assert RECORD_FIELDS <= set(fields), fields
+    assert fields["detection"] == path
+    assert fields["vol_id"] == vol["vol_id"] and fields["volume"] == vol["name"]
+    assert fields["mountpoint"] == m.path and fields["exit_code"] == "143"
+    with open(audit) as f:
+        lines = [json.loads(line) for line in f]
+    assert len(lines) == 1 and lines[0]["detection"] == path and lines[0]["vol_id"] == vol["vol_id"]
+    return fields
+
+
+@pytest.mark.parametrize("path", ["push", "heartbeat", "error-code"])
+def test_each_detection_path_alone(cluster: EmbeddedCluster, mount_factory, syslog, tmp_path, path) -> None:
+    name = f"alone-{path}"
+    vol = cluster.create_volume(name)
+    audit = str(tmp_path / "audit.log")
+    m = mount_factory(cluster, name, lifecycle_opts(syslog, audit, detect=path))
+    open(f"{m.path}/before", "w").write("x")
+    stop = threading.Event()
+
+    def poke() -> None:  # the error-code path needs operations that reach the nodes
+        i = 0
+        while not stop.is_set() and m.proc.poll() is None:
+            try:
+                os.stat(f"{m.path}/probe-{i}")
+            except OSError:
+                pass
+            i += 1
+            time.sleep(0.05)
+
+    poker = threading.Thread(target=poke, daemon=True)
+    if path == "error-code":
+        poker.start()
+    try:
+        cluster.admin("/volume/delete", {"name": name})
+        fields = expect_deleted_exit(m, syslog, audit, path, vol)
+    finally:
+        stop.set()
+    if path == "heartbeat":
+        assert float(fields["detection_latency_ms"]) < 1000 * (1 * 1.2 + 1)  # interval + jitter + 1 s
+
+
+def test_tombstone_verification_rules() -> None:
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    pub = tombstone.public_hex(key)
+    good = tombstone.sign(key, {"vol_id": "v1", "name": "a", "deleted_at": 1.0, "epoch": 3})
+    assert tombstone.verify(pub, good, "v1") is None
+    assert "another volume" in tombstone.verify(pub, good, "v2")
+    assert "signature" in tombstone.verify(pub, tombstone.sign(other, dict(good)), "v1")
+    unsigned = {k: v for k, v in good.items() if k != "sig"}
+    assert tombstone.verify(pub, unsigned, "v1") == "malformed tombstone"
+    tampered = dict(good, epoch=4)
+    assert "signature" in tombstone.verify(pub, tampered, "v1")
+    assert tombstone.verify(pub, None, "v1") == "no tombstone"
+
+
+class Impostor:
+    """A fake metanode on a real metanode's port that pushes forged deletions."""
+
+    def __init__(self, addr: str, events: list[dict]) -> None:
+        self.addr = addr
+        self.events = events
+        self.subscribed = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = RpcServer("impostor")
+        self.server.route(Op.SUBSCRIBE, self.on_subscribe)
+        host, port = addr.rsplit(":", 1)
+        asyncio.run_coroutine_threadsafe(self.server.start(host, int(port)), self.loop).result(10)
+
+    async def on_subscribe(self, pid, body, conn):
+        async def push() -> None:
+            await asyncio.sleep(0.1)
+            for event in self.events:
+                conn.push_event(Op.EVENT_VOLUME_DELETED, event)
+            self.subscribed.set()
+        asyncio.get_running_loop().create_task(push())
+        return {"subscribed": body.get("vol_id")}
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def still_works(m: Mount, tag: str) -> None:
+    assert m.proc.poll() is None, m.log()[-3000:]
+    with open(f"{m.path}/{tag}", "w") as f:
+        f.write(tag)
+    assert open(f"{m.path}/{tag}").read() == tag
+
+
+def test_no_false_exit_over_a_fault_matrix(cluster_factory, mount_factory, syslog, tmp_path) -> None:
+    c: EmbeddedCluster = cluster_factory()
+    vol = c.create_volume("faults")
+    audit = str(tmp_path / "audit.log")
+    m = mount_factory(c, "faults", lifecycle_opts(syslog, audit))
+    still_works(m, "start")
+
+    # master stopped 30 s, then restarted; data keeps flowing meanwhile
+    c.stop("master")
+    t_end = time.monotonic() + 30
+    i = 0
+    while time.monotonic() < t_end:
+        still_works(m, f"no-master-{i % 5}")
+        i += 1
+        time.sleep(0.5)
+    c.start("master")
+    c.wait_ready()
+    still_works(m, "master-back")
+
+    # a metanode frozen for 10 s: operations wait, nothing exits
+    c.signal("metanode1", 19)  # SIGSTOP
+    time.sleep(10)
+    assert m.proc.poll() is None
+    c.signal("metanode1", 18)  # SIGCONT
+    still_works(m, "after-sigstop")
+
+    # kill -9 and restart of a metanode and a datanode
+    for node in ("metanode2", "datanode1"):
+        c.kill(node)
+        c.start(node)
+        c.wait_ready()
+        still_works(m, f"after-kill-{node}")
+
+    # forged pushes from an impostor on a metanode's port
+    other = c.create_volume("bystander")
+    real_other = c.admin("/volume/delete", {"name": "bystander"})["tombstone"]
+    assert real_other["vol_id"] == other["vol_id"]
+    forger = Ed25519PrivateKey.generate()
+    base = {"vol_id": vol["vol_id"], "name": "faults", "deleted_at": time.time(), "epoch": 99}
+    events = [{"tombstone": base},  # unsigned
+              {"tombstone": dict(base, sig="00" * 64)},  # garbage signature
+              {"tombstone": tombstone.sign(forger, base)},  # signed with another key
+              {"tombstone": real_other},  # a genuine tombstone of another volume
+              {"nonsense": True}]
+    victim = c.layout["nodes"]["metanode3"]["listen"]
+    c.stop("metanode3")
+    impostor = Impostor(victim, events)
+    try:
+        wait_for(impostor.subscribed.is_set, 30, "the client to subscribe to the impostor")
+        wait_for(lambda: "ignoring a deletion claim via push" in m.log(), 10, "the forged claims to be seen")
+        assert m.proc.poll() is None
+    finally:
+        impostor.stop()
+    c.start("metanode3")
+    c.wait_ready()
+    still_works(m, "after-forgery")
+    assert not syslog.records and not os.path.exists(audit)
+    # and a real deletion is still noticed afterwards
+    c.admin("/volume/delete", {"name": "faults"})
+    expect_deleted_exit(m, syslog, audit, m_path_detection(m), vol)
+
+
+def m_path_detection(m: Mount) -> str:
+    wait_for(lambda: "proved via" in m.log(), 20, "the deletion to be proved")
+    return re.search(r"proved via ([\w-]+)", m.log()).group(1)
+
+
+def test_same_name_recreate(cluster: EmbeddedCluster, mount_factory, syslog, tmp_path) -> None:
+    old = cluster.create_volume("reborn")
+    audit = str(tmp_path / "audit.log")
+    m_old = mount_factory(cluster, "reborn", lifecycle_opts(syslog, audit))
+    open(f"{m_old.path}/old-file", "w").write("old")
+    cluster.admin("/volume/delete", {"name": "reborn"})
+    new = cluster.create_volume("reborn")
+    assert new["vol_id"] != old["vol_id"]
+    expect_deleted_exit(m_old, syslog, audit, m_path_detection(m_old), old)
+    m_new = mount_factory(cluster, "reborn")
+    assert os.listdir(m_new.path) == []
+    open(f"{m_new.path}/new-file", "w").write("new")
+    assert open(f"{m_new.path}/new-file").read() == "new"
+
+
+WRITER = textwrap.dedent("""
+    import errno, json, os, sys, time
+    mnt, out = sys.argv[1], sys.argv[2]
+    files = [open(os.path.join(mnt, f"w{i}"), "wb", buffering=0) for i in range(3)]
+    log = []
+    unsynced = [0, 0, 0]   # successful writes since the last successful fsync
+    failed_at = None
+    def call(kind, i, fn):
+        t = time.monotonic()
+        try:
+            fn(); e = 0
+        except OSError as exc:
+            e = exc.errno
+        log.append({"kind": kind, "file": i, "start": t, "dur": time.monotonic() - t, "errno": e})
+        return e
+    n = 0
+    while True:
+        for i, f in enumerate(files):
+            if call("write", i, lambda: f.write(os.urandom(65536))) == 0:
+                unsynced[i] += 1
+            if n % 10 == 9:
+                if call("fsync", i, lambda: os.fsync(f.fileno())) == 0:
+                    unsynced[i] = 0
+        n += 1
+        if failed_at is None and any(e["errno"] for e in log):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > 1.0:
+            break
+        if n > 100000:
+            break
+    for i, f in enumerate(files):
+        call("close", i, f.close)
+    json.dump({"log": log}, open(out, "w"))
+""")
+
+
+def test_writer_during_delete(cluster: EmbeddedCluster, mount_factory, syslog, tmp_path) -> None:
+    vol = cluster.create_volume("busy")
+    audit = str(tmp_path / "audit.log")
+    m = mount_factory(cluster, "busy", lifecycle_opts(syslog, audit))
+    out = tmp_path / "writer.json"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, m.path, str(out)])
+    wait_for(lambda: os.path.exists(f"{m.path}/w2") and os.stat(f"{m.path}/w2").st_size > 1 << 20, 30,
+             "the writer to get going")
+    cluster.admin("/volume/delete", {"name": "busy"})
+    expect_deleted_exit(m, syslog, audit, m_path_detection(m), vol)
+    assert writer.wait(30) == 0
+    log = json.loads(out.read_text())["log"]
+    errors = [e for e in log if e["errno"]]
+    assert errors, "the writer must have seen the deletion"
+    fence = min(e["start"] for e in errors)
+    after = [e for e in log if e["start"] > fence + 0.001]
+    assert after and all(e["errno"] in (errno.ESTALE, errno.ENOTCONN) for e in after), after[:5]
+    assert [e for e in errors if e["start"] <= fence + 0.001][0]["errno"] == errno.ESTALE
+    assert max(e["dur"] for e in log) < 5.0 + 1.0  # nothing blocks longer than the watchdog
+    # no write that returned success is lost without an error from a later fsync or close
+    for i in range(3):
+        mine = [e for e in log if e["file"] == i]
+        pending = False
+        for e in mine:
+            if e["kind"] == "write" and e["errno"] == 0:
+                pending = True
+            elif e["kind"] in ("fsync", "close"):
+                if e["errno"] == 0:
+                    pending = False
+                elif pending:
+                    pending = False  # reported
+        assert not pending, f"file w{i}: successful writes never confirmed nor reported"
+        assert mine[-1]["kind"] == "close"
+        unconfirmed = any(e["kind"] == "write" and e["errno"] == 0 for e in mine
+                          if e["start"] > max([x["start"] for x in mine
+                                               if x["kind"] == "fsync" and x["errno"] == 0] or [0]))
+        if unconfirmed:
+            assert any(e["errno"] for e in mine if e["kind"] in ("fsync", "close"))
+
+
+def test_pending_delete_undelete_then_purge(cluster: EmbeddedCluster, mount_factory, syslog, tmp_path) -> None:
+    vol = cluster.create_volume("pending")
+    audit = str(tmp_path / "audit.log")
+    m = mount_factory(cluster, "pending", lifecycle_opts(syslog, audit))
+    open(f"{m.path}/keep", "w").write("readable")
+    env = shoal_env(cluster)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "shoalfs.cli", *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    proc = run("volume", "delete", "pending", "--delay", "1h", "--yes")
+    assert proc.returncode == 0, proc.stderr
+
+    def write_errno() -> int:
+        try:
+            with open(f"{m.path}/new", "w") as f:
+                f.write("x")
+            return 0
+        except OSError as exc:
+            return exc.errno
+    wait_for(lambda: write_errno() == errno.EROFS, 10, "writes to fail with EROFS")
+    assert open(f"{m.path}/keep").read() == "readable"
+    assert m.proc.poll() is None
+    listed = json.loads(run("volume", "list", "--json").stdout)
+    assert [v["status"] for v in listed if v["name"] == "pending"] == ["PENDING_DELETE"]
+    assert run("volume", "undelete", "pending").returncode == 0
+    wait_for(lambda: write_errno() == 0, 10, "writes to work again after undelete")
+    assert open(f"{m.path}/new").read() == "x"
+    assert m.proc.poll() is None
+    assert run("volume", "delete", "pending", "--delay", "2s", "--yes").returncode == 0
+    expect_deleted_exit(m, syslog, audit, m_path_detection(m), vol, timeout=30)
+
+
+def test_delete_confirmation_and_clients(cluster: EmbeddedCluster, mount_factory, syslog, tmp_path) -> None:
+    vol = cluster.create_volume("confirm")
+    audit = str(tmp_path / "audit.log")
+    m = mount_factory(cluster, "confirm", lifecycle_opts(syslog, audit))
+    env = shoal_env(cluster)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "shoalfs.cli", *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+
+    def clients() -> list:
+        return json.loads(run("volume", "clients", "confirm", "--json").stdout)
+    listed = wait_for(clients, 10, "the mount to register")
+    assert listed[0]["mountpoint"] == m.path and listed[0]["pid"] == m.proc.pid
+    refused = run("volume", "delete", "confirm")
+    assert refused.returncode == 1
+    assert "mounted by 1 client" in refused.stderr and "--yes" in refused.stderr
+    assert m.path in refused.stdout
+    assert m.proc.poll() is None
+    assert run("volume", "info", "confirm").returncode == 0
+    assert run("volume", "delete", "confirm", "--yes").returncode == 0
+    expect_deleted_exit(m, syslog, audit, m_path_detection(m), vol)
+    assert run("volume", "clients", "confirm").returncode == 1  # gone
+
+
+def test_sdk_learns_of_deletion(cluster: EmbeddedCluster) -> None:
+    cluster.create_volume("sdkdel")
+    with connect(cluster.master_addr, "sdkdel") as vol:
+        with vol.open("/f", "wb") as f:
+            f.write(b"x")
+        cluster.admin("/volume/delete", {"name": "sdkdel"})
+        wait_for(lambda: vol.deleted_by is not None, 10, "the SDK to learn of the deletion")
+        assert vol.deleted_by == "push"
+        with pytest.raises(OSError) as err:
+            vol.listdir("/")
+        assert err.value.errno == errno.ESTALE
