@@ -74,7 +74,9 @@ def fuse_available() -> bool:
 class Mount:
     """A `shoal mount --foreground` process, so tests see its exit code."""
 
-    def __init__(self, cluster: EmbeddedCluster, volume: str, path: str, options: list[str] | None = None) -> None:
+    def __init__(self, cluster: EmbeddedCluster, volume: str, path: str, options: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.env = env
         self.cluster = cluster
         self.volume = volume
         self.path = path
@@ -89,7 +91,8 @@ class Mount:
         for o in self.options:
             args += ["-o", o]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=self.env)
         wait_for(lambda: is_mounted(self.path) or self.proc.poll() is not None, 30, "the mount")
         if self.proc.poll() is not None:
             raise AssertionError(f"mount exited {self.proc.returncode}: {open(self.log_path).read()[-2000:]}")
@@ -118,8 +121,9 @@ def mount_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
         pytest.fail("FUSE is required: /dev/fuse and pyfuse3 (./scripts/test installs them)")
     mounts: list[Mount] = []
 
-    def make(cluster: EmbeddedCluster, volume: str, options: list[str] | None = None) -> Mount:
-        m = Mount(cluster, volume, str(tmp_path_factory.mktemp("mnt") / "m"), options)
+    def make(cluster: EmbeddedCluster, volume: str, options: list[str] | None = None,
+             env: dict[str, str] | None = None) -> Mount:
+        m = Mount(cluster, volume, str(tmp_path_factory.mktemp("mnt") / "m"), options, env)
         mounts.append(m)
         return m.start()
 

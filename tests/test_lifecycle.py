@@ -366,3 +366,34 @@ def test_sdk_learns_of_deletion(cluster: EmbeddedCluster) -> None:
         with pytest.raises(OSError) as err:
             vol.listdir("/")
         assert err.value.errno == errno.ESTALE
+
+
+def test_sd_notify_and_custom_exit_code(cluster: EmbeddedCluster, mount_factory, syslog, tmp_path) -> None:
+    import socket
+
+    cluster.create_volume("notify")
+    sock_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(sock_path)
+    notify.settimeout(20)
+    try:
+        opts = lifecycle_opts(syslog, str(tmp_path / "audit.log"), deleted_exit_code="99")
+        m = mount_factory(cluster, "notify", opts, dict(os.environ, NOTIFY_SOCKET=sock_path))
+        assert b"READY=1" in notify.recv(4096)
+        cluster.admin("/volume/delete", {"name": "notify"})
+        msg = notify.recv(4096).decode()
+        assert "STOPPING=1" in msg and "STATUS=volume notify deleted" in msg
+        assert m.proc.wait(20) == 99
+        assert not is_mounted(m.path)
+    finally:
+        notify.close()
+
+
+def test_killed_mount_leaves_no_dead_mount(cluster: EmbeddedCluster, mount_factory) -> None:
+    cluster.create_volume("killed")
+    m = mount_factory(cluster, "killed")
+    open(f"{m.path}/f", "w").write("x")
+    m.proc.kill()
+    m.proc.wait(10)
+    wait_for(lambda: not is_mounted(m.path), 10, "fusermount3 to unmount after the crash")
+    assert os.listdir(m.path) == []  # the bare directory, not "Transport endpoint is not connected"

@@ -49,6 +49,7 @@ class MountOptions:
     allow_other: bool = True
     read_only: bool = False
     debug: bool = False
+    auto_unmount: bool = True
     extra: dict[str, str] = field(default_factory=dict)  # options for the lifecycle guard
 
     def apply(self, spec: str) -> None:
@@ -67,6 +68,8 @@ class MountOptions:
                 self.read_only = True
             elif key == "debug":
                 self.debug = True
+            elif key == "no_auto_unmount":
+                self.auto_unmount = False
             elif key in GENERIC_OPTIONS or key.startswith("x-") or key.startswith("comment="):
                 continue
             elif key in ("heartbeat", "deleted_exit_code", "watchdog", "audit_log", "syslog",
@@ -156,6 +159,9 @@ class MountSession:
         opts |= {f"fsname=shoal:{self.opts.volume}", "subtype=shoal"}
         if self.opts.allow_other and os.getuid() == 0:
             opts.add("allow_other")
+        if self.opts.auto_unmount:
+            # fusermount3 stays behind and unmounts if this process is killed
+            opts.add("auto_unmount")
         if self.opts.read_only:
             opts.add("ro")
         if self.opts.debug:
