@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from shoalfs.common.tasks import BackgroundTask
 from shoalfs.master.sessions import SessionTable
 from shoalfs.master.state import ACTIVE, DELETED, PENDING_DELETE
 from shoalfs.proto import tombstone
@@ -36,7 +37,7 @@ class VolumeLifecycle:
         self.public_key = tombstone.public_hex(self.key)
         self.retention = float(cfg.get("tombstone_retention", 7 * 24 * 3600))
         self.sessions = SessionTable(float(cfg.get("session_ttl", 20.0)))
-        self._task: asyncio.Task[None] | None = None
+        self._background = BackgroundTask(self._loop)
         m = master
         m.add("POST", "/volume/delete", self.delete, auth=True)
         m.add("POST", "/volume/undelete", self.undelete, auth=True)
@@ -132,12 +133,10 @@ class VolumeLifecycle:
 
     # ----- background ------------------------------------------------------------
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        self._background.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._background.stop()
 
     async def _loop(self) -> None:
         """Purge pending deletes when due (also after a restart); forget old tombstones."""

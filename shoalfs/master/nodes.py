@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from shoalfs.common.tasks import BackgroundTask
 from shoalfs.master.state import MasterState
 from shoalfs.proto.errors import ShoalError
 from shoalfs.proto.opcodes import Op
@@ -33,7 +34,7 @@ class NodeMonitor:
         self.pool = RpcPool(RetryPolicy(deadline=5.0, attempt_timeout=3.0))
         self.last_ok: dict[str, float] = {}
         self.reports: dict[str, dict[str, Any]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._background = BackgroundTask(self._loop)
         self.started = time.monotonic()
         self.read_only_volumes: Callable[[], list[str]] = lambda: []
         # extra fields sent when dropping a partition of a volume that is gone
@@ -71,12 +72,10 @@ class NodeMonitor:
         await self.command(addr, Op.DELETE_PARTITION, pid, extra or {})
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        self._background.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._background.stop()
         await self.pool.close()
 
     async def _loop(self) -> None:
