@@ -68,9 +68,7 @@ def measure(path: str) -> dict[str, str]:
         res[f"{label} {FILES} files"] = f"{FILES / (time.perf_counter() - t):.0f} /s"
     res["fio 4k randwrite"] = f"{fio_iops(path, 'randwrite'):.0f} IOPS"
     res["fio 4k randread"] = f"{fio_iops(path, 'randread'):.0f} IOPS"
-    for name in os.listdir(path):
-        full = os.path.join(path, name)
-        shutil.rmtree(full) if os.path.isdir(full) else os.unlink(full)
+    shutil.rmtree(d, ignore_errors=True)
     return res
 
 

@@ -125,6 +125,9 @@ class MemFS(pyfuse3.Operations):  # type: ignore[misc]
             raise pyfuse3.FUSEError(errno.ENOENT)
         self.nodes.pop(ino, None)
 
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.unlink(parent_inode, name, ctx)
+
     async def opendir(self, inode: int, ctx: Any) -> int:
         return inode
 

@@ -151,6 +151,11 @@ class VolumeClient:
         res: dict[str, Any] = await self.meta(parent, Op.META_LOOKUP, {"parent": parent, "name": name})
         return res
 
+    async def lookup_attr(self, parent: int, name: str) -> dict[str, Any]:
+        """Lookup and getattr, in one round trip when the inode lives with its parent."""
+        found = await self.lookup(parent, name)
+        return found.get("attr") or await self.getattr(found["ino"])
+
     async def setattr(self, ino: int, **changes: Any) -> dict[str, Any]:
         res: dict[str, Any] = await self.meta(ino, Op.META_SET_ATTR, dict(changes, ino=ino))
         return res
@@ -233,8 +238,15 @@ class VolumeClient:
             if stat.S_ISDIR(found["mode"]) and not await self.is_empty_dir(found["ino"]):
                 raise ShoalError(Code.NOT_EMPTY, f"directory {name!r} is not empty")
         found = await self.meta(parent, Op.META_DELETE_DENTRY,
-                                {"parent": parent, "name": name, "dir": want_dir})
-        await self.drop_link(found["ino"])
+                                {"parent": parent, "name": name, "dir": want_dir,
+                                 "keep": None if want_dir else list(self.open_counts)})
+        if "nlink" not in found:  # the inode lives elsewhere: a second step
+            await self.drop_link(found["ino"])
+        elif found["nlink"] == 0:
+            if "evicted" in found:
+                await self.free_extents(found["ino"], found["evicted"])
+            else:
+                self.pending_evict.add(found["ino"])
         return int(found["ino"])
 
     async def drop_link(self, ino: int) -> None:
@@ -249,8 +261,11 @@ class VolumeClient:
         """Forget an unlinked inode and free its extents (best effort)."""
         self.pending_evict.discard(ino)
         res = await self.meta(ino, Op.META_EVICT_INODE, {"ino": ino})
+        await self.free_extents(ino, res.get("extents", {}))
+
+    async def free_extents(self, ino: int, extents: dict[Any, list[int]]) -> None:
         jobs = [self.call(self._dp_by_pid(dp), Op.DATA_DELETE_EXTENT, {"ext": ext})
-                for dp, ext in res.get("extents", {}).values()]
+                for dp, ext in extents.values()]
         for r in await asyncio.gather(*jobs, return_exceptions=True):
             if isinstance(r, BaseException):
                 log.warning("could not free an extent of inode %d: %s", ino, r)

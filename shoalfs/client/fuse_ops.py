@@ -128,8 +128,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     # ----- lookups and attributes ------------------------------------------------
     @guarded
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        found = await self.client.lookup(parent_inode, self.name(name))
-        return self.entry(await self.client.getattr(found["ino"]))
+        return self.entry(await self.client.lookup_attr(parent_inode, self.name(name)))
 
     @guarded
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:

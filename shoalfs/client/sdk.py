@@ -131,16 +131,19 @@ class Volume:
         parts = split_path(path)
         hops = 0
         ino = ROOT_INO
+        attr: dict[str, Any] | None = None
         i = 0
         while i < len(parts):
             name = parts[i]
             found = await self.client.lookup(ino, name)
             last = i == len(parts) - 1
+            attr = found.get("attr")
             if stat_mod.S_ISLNK(found["mode"]) and (follow or not last):
                 hops += 1
                 if hops > MAX_SYMLINKS:
                     raise ShoalError(Code.INVALID, "too many levels of symbolic links")
-                target = (await self.client.getattr(found["ino"]))["target"]
+                target = (attr or await self.client.getattr(found["ino"]))["target"]
+                attr = None
                 rest = split_path(target)
                 if target.startswith("/"):
                     ino = ROOT_INO
@@ -149,7 +152,7 @@ class Volume:
                 continue
             ino = found["ino"]
             i += 1
-        return await self.client.getattr(ino)
+        return attr if attr is not None and attr["ino"] == ino else await self.client.getattr(ino)
 
     async def _parent(self, path: str) -> tuple[int, str]:
         parts = split_path(path)

@@ -237,15 +237,35 @@ class MetaPartition:
         entry = self.dentries.get(parent, {}).get(name)
         if entry is None:
             raise ShoalError(Code.NOT_FOUND, f"{name!r} not found")
-        return {"ino": entry[0], "mode": entry[1]}
+        found: dict[str, Any] = {"ino": entry[0], "mode": entry[1]}
+        node = self.inodes.get(entry[0])
+        if node is not None:  # files live with their parent: one round trip for lookup + getattr
+            found["attr"] = public_attr(node)
+        return found
 
-    async def delete_dentry(self, parent: int, name: str, want_dir: bool | None) -> dict[str, Any]:
+    async def delete_dentry(self, parent: int, name: str, want_dir: bool | None,
+                            keep: list[int] | None = None) -> dict[str, Any]:
+        """Remove a name. When the inode is in this partition too (files are),
+        its link count drops in the same record, and an inode left with no
+        links is dropped unless it is in `keep` (open on the caller)."""
         found = self.lookup(parent, name)
         if want_dir is True and not stat.S_ISDIR(found["mode"]):
             raise ShoalError(Code.NOT_DIR, f"{name!r} is not a directory")
         if want_dir is False and stat.S_ISDIR(found["mode"]):
             raise ShoalError(Code.IS_DIR, f"{name!r} is a directory")
-        await self.commit([("d", parent, name), self._dir_changed(parent)])
+        effects: list[Any] = [("d", parent, name), self._dir_changed(parent)]
+        ino = found["ino"]
+        node = self.inodes.get(ino)
+        if node is not None and keep is not None and not stat.S_ISDIR(node["mode"]):
+            nlink = max(0, node["nlink"] - 1)
+            if nlink == 0 and ino not in keep:
+                effects.append(("i", ino))
+                found["evicted"] = node["extents"]
+            else:
+                effects.append(("I", ino, self._touched(ino, nlink=nlink, ctime=now_ns())))
+            found["nlink"] = nlink
+        await self.commit(effects)
+        found.pop("attr", None)
         return found
 
     def readdir(self, parent: int, after: str | None, limit: int) -> dict[str, Any]:

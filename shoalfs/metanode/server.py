@@ -58,7 +58,7 @@ class MetaNode(NodeService):
             b["parent"], b["name"], b["ino"], b["mode"])))
         r(Op.META_LOOKUP, self._on(self._lookup))
         r(Op.META_DELETE_DENTRY, self._on(lambda p, b: p.delete_dentry(
-            b["parent"], b["name"], b.get("dir"))))
+            b["parent"], b["name"], b.get("dir"), b.get("keep"))))
         r(Op.META_READDIR, self._on(self._readdir))
         r(Op.META_RENAME, self._on(self.rename))
         r(Op.META_RENAME_LINK_TX, self._on(lambda p, b: p.rename_link_tx(
