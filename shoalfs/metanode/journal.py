@@ -21,6 +21,7 @@ import msgpack
 from shoalfs.common.files import atomic_write
 
 REC = struct.Struct("!II")  # length, crc32
+INLINE_SYNC_BYTES = 64 * 1024
 
 
 class Journal:
@@ -80,7 +81,11 @@ class Journal:
                 batch, waiters = b"".join(self._pending), self._waiters
                 self._pending, self._waiters = [], []
                 try:
-                    await asyncio.to_thread(self._write_sync, batch)
+                    if len(batch) <= INLINE_SYNC_BYTES:
+                        # a thread hop costs more than a small fdatasync: do it here
+                        self._write_sync(batch)
+                    else:
+                        await asyncio.to_thread(self._write_sync, batch)
                 except OSError as exc:
                     for w in waiters:
                         if not w.done():
