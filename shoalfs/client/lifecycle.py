@@ -40,7 +40,7 @@ VERSION = "0.1.0"
 class GuardConfig:
     paths: tuple[str, ...] = ALL_PATHS  # detection paths that may prove a deletion
     heartbeat_interval: float = 5.0  # 0 disables heartbeats (and session registration)
-    jitter: float = 0.2  # +-20 % on every interval, so 10,000 mounts do not beat in step
+    jitter: float = 0.1  # +-10 % on every interval, so 10,000 mounts do not beat in step
     resubscribe_backoff: tuple[float, float] = (0.1, 2.0)
     session_info: dict[str, Any] = field(default_factory=dict)
 
