@@ -151,8 +151,12 @@ def test_bad_http_gets_an_envelope_not_a_500(cluster: EmbeddedCluster) -> None:
     assert http(cluster, "GET", "/cluster/info")[1]["code"] == 0
 
 
-def test_admin_token_file_is_private(cluster: EmbeddedCluster) -> None:
+def test_secrets_are_private(cluster: EmbeddedCluster) -> None:
     assert os.stat(cluster.token_file).st_mode & 0o777 == 0o600
+    key = os.path.join(cluster.dir, "data", "master", "master.key")
+    assert os.stat(key).st_mode & 0o777 == 0o600
+    for name in cluster.names():
+        assert os.stat(os.path.join(cluster.dir, "conf", f"{name}.json")).st_mode & 0o777 == 0o600
 
 
 def test_corrupted_block_is_detected_on_read(cluster: EmbeddedCluster) -> None:

@@ -397,3 +397,21 @@ def test_killed_mount_leaves_no_dead_mount(cluster: EmbeddedCluster, mount_facto
     m.proc.wait(10)
     wait_for(lambda: not is_mounted(m.path), 10, "fusermount3 to unmount after the crash")
     assert os.listdir(m.path) == []  # the bare directory, not "Transport endpoint is not connected"
+
+
+def test_watchdog_forces_the_exit_when_a_step_hangs(cluster: EmbeddedCluster, mount_factory, syslog,
+                                                    tmp_path) -> None:
+    """The audit log is a FIFO nobody reads (think: a hung network disk): the
+    exit blocks opening it, and the watchdog must still unmount and exit 143."""
+    vol = cluster.create_volume("hang")
+    fifo = str(tmp_path / "audit.fifo")
+    os.mkfifo(fifo)
+    m = mount_factory(cluster, "hang", lifecycle_opts(syslog, fifo, watchdog="2"))
+    t0 = time.monotonic()
+    cluster.admin("/volume/delete", {"name": "hang"})
+    assert m.proc.wait(20) == 143, m.log()[-3000:]
+    assert 1.5 < time.monotonic() - t0 < 10
+    assert not is_mounted(m.path)
+    assert "forcing it" in m.log()
+    wait_for(lambda: syslog.records, 5, "the syslog record sent before the hang")
+    assert parse_sd(syslog.records[0])["vol_id"] == vol["vol_id"]

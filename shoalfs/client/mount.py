@@ -11,6 +11,7 @@ The lifecycle guard (volume deletion) adds one more way to stop.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -89,19 +90,32 @@ def check_mountpoint(path: str) -> None:
 
 
 def is_mounted(path: str) -> bool:
-    target = os.path.realpath(path)
+    """Whether something is mounted at path, from /proc alone: never stat the
+    mountpoint, which would hang on a stuck FUSE server (our own, even)."""
+    target = os.path.abspath(path)
     try:
         with open("/proc/self/mounts") as f:
-            return any(line.split()[1] == target for line in f)
+            return any(line.split()[1].replace("\\040", " ") == target for line in f)
     except OSError:
         return False
 
 
+MNT_DETACH = 2
+
+
 def lazy_unmount(path: str) -> None:
-    """Last resort: detach a mount the kernel still holds."""
+    """Last resort: detach a mount the kernel still holds.
+
+    umount2(MNT_DETACH) first: it does not ask the FUSE server anything, so
+    it works even when our own event loop is stuck. fusermount3 (for
+    non-root) stats the mountpoint, which would hang on a stuck server, so it
+    only runs with a short timeout."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(path), MNT_DETACH) == 0:
+        return
     for cmd in (["fusermount3", "-u", "-z", path], ["umount", "-l", path]):
         try:
-            if subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0:
+            if subprocess.run(cmd, capture_output=True, timeout=2).returncode == 0:
                 return
         except (OSError, subprocess.TimeoutExpired):
             continue
