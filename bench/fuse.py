@@ -54,7 +54,8 @@ def fio_iops(directory: str, rw: str) -> float:
 def measure(path: str) -> dict[str, str]:
     res: dict[str, str] = {}
     target = os.path.join(path, "dd.bin")
-    res["dd write 256 MiB (fsync)"] = f"{dd(['if=/dev/zero', f'of={target}', 'bs=1M', 'count=256', 'conv=fsync']):.0f} MiB/s"
+    write = dd(["if=/dev/zero", f"of={target}", "bs=1M", "count=256", "conv=fsync"])
+    res["dd write 256 MiB (fsync)"] = f"{write:.0f} MiB/s"
     drop_caches()
     res["dd cold read 256 MiB"] = f"{dd([f'if={target}', 'of=/dev/null', 'bs=1M']):.0f} MiB/s"
     os.unlink(target)

@@ -42,7 +42,7 @@ async def load(master: str, vol_id: str, mounts: int, interval: float,
                         env = await r.json()
                         if env["code"] != 0:
                             errors += 1
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     errors += 1
                 latencies.append(time.perf_counter() - t)
                 done_at.append(time.monotonic() - start)
