@@ -69,6 +69,9 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         self._fh = itertools.count(1)
         self._seen: dict[int, tuple[int, int]] = {}  # ino -> (mtime, size) at last open
         self.fenced: int | None = None  # errno every op fails with once fenced
+        # inodes seen without any xattr, and when: the kernel asks for
+        # security.capability before every write, and an RPC each time halves throughput
+        self._no_xattrs: dict[int, float] = {}
 
     # ----- hooks for the lifecycle guard --------------------------------------
     def check_fence(self) -> None:
@@ -107,6 +110,12 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         e.st_atime_ns = attr["atime"]
         e.st_mtime_ns = attr["mtime"]
         e.st_ctime_ns = attr["ctime"]
+        if attr.get("nxattr") == 0:
+            if len(self._no_xattrs) > 100_000:
+                self._no_xattrs.clear()
+            self._no_xattrs[attr["ino"]] = time.monotonic()
+        else:
+            self._no_xattrs.pop(attr["ino"], None)
         return e
 
     @staticmethod
@@ -325,10 +334,13 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     @guarded
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         self.check_writable()
+        self._no_xattrs.pop(inode, None)
         await self.client.setxattr(inode, os.fsdecode(name), value)
 
     @guarded
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if time.monotonic() - self._no_xattrs.get(inode, -1e9) < ATTR_TIMEOUT:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)  # as fresh as any cached attribute
         try:
             return await self.client.getxattr(inode, os.fsdecode(name))
         except ShoalError as exc:

@@ -29,8 +29,10 @@ def now_ns() -> int:
 
 
 def public_attr(inode: dict[str, Any]) -> dict[str, Any]:
-    """The attributes a client sees (no extent map, no xattrs)."""
-    return {k: v for k, v in inode.items() if k not in ("xattrs", "extents")}
+    """The attributes a client sees (no extent map; only how many xattrs)."""
+    attr = {k: v for k, v in inode.items() if k not in ("xattrs", "extents")}
+    attr["nxattr"] = len(inode["xattrs"])
+    return attr
 
 
 class MetaPartition:

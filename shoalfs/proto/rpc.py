@@ -43,7 +43,8 @@ class ServerConnection:
 
     def send(self, frame: Frame) -> None:
         if not self.closed and not self.writer.is_closing():
-            self.writer.write(frame.encode())
+            for part in frame.encode_parts():
+                self.writer.write(part)
 
     def push_event(self, opcode: int, body: Any) -> None:
         self.send(Frame(opcode=opcode, request_id=0, flags=FLAG_EVENT, body=body))
@@ -194,7 +195,8 @@ class RpcConnection:
         fut: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         frame = Frame(opcode=opcode, request_id=rid, partition_id=partition_id, body=body)
-        self._writer.write(frame.encode())
+        for part in frame.encode_parts():
+            self._writer.write(part)
         try:
             await self._writer.drain()
             result, reply = await asyncio.wait_for(fut, timeout)

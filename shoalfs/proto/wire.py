@@ -40,6 +40,11 @@ class Frame:
     body: Any = field(default_factory=dict)
 
     def encode(self) -> bytes:
+        header, payload = self.encode_parts()
+        return header + payload
+
+    def encode_parts(self) -> tuple[bytes, bytes]:
+        """Header and body apart, so a large body is never copied to join them."""
         payload = msgpack.packb(self.body, use_bin_type=True)
         return (
             HEADER.pack(
@@ -52,8 +57,8 @@ class Frame:
                 self.request_id,
                 self.partition_id,
                 zlib.crc32(payload),
-            )
-            + payload
+            ),
+            payload,
         )
 
 
