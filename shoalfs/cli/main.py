@@ -68,12 +68,23 @@ def call_master(args: argparse.Namespace, method: str, path: str, params: dict[s
         fail(exc.msg)
 
 
+TIME_COLUMNS = {"created_at", "purge_at", "mounted_at", "last_seen"}
+
+
+def cell(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if column in TIME_COLUMNS and isinstance(value, (int, float)):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    return str(value)
+
+
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
     table = Table(title=title)
     for col in columns:
         table.add_column(col)
     for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        table.add_row(*(cell(c, row.get(c)) for c in columns))
     console.print(table)
 
 
@@ -108,6 +119,9 @@ def cmd_cluster(args: argparse.Namespace) -> None:
             if not cluster.layout:
                 fail(f"no embedded cluster in {cluster.dir}")
             emit(args, cluster.status(), f"cluster {cluster.dir}", ["name", "role", "addr", "pid", "running"])
+            nodes = cluster.http_get("/cluster/nodes")
+            if nodes and not args.json:
+                print_table("as the master sees them", nodes, ["addr", "role", "status", "partitions", "disk_free"])
             if not all(r["running"] for r in cluster.status()):
                 raise SystemExit(1)
     except ClusterError as exc:
@@ -115,7 +129,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 
 
 def cmd_volume(args: argparse.Namespace) -> None:
-    cols = ["name", "vol_id", "owner", "status", "capacity_gib", "created_at"]
+    cols = ["name", "vol_id", "owner", "status", "capacity_gib", "created_at", "purge_at"]
     if args.action == "create":
         data = call_master(args, "POST", "/volume/create",
                            body={"name": args.name, "owner": args.owner, "capacity_gib": args.capacity})
@@ -139,17 +153,11 @@ def cmd_volume(args: argparse.Namespace) -> None:
         data = call_master(args, "POST", "/volume/undelete", body={"name": args.name})
         emit(args, data, "volume restored", cols)
     elif args.action == "clients":
-        emit(args, describe_sessions(call_master(args, "GET", "/volume/clients", {"name": args.name})),
+        emit(args, call_master(args, "GET", "/volume/clients", {"name": args.name}),
              f"clients of {args.name}", SESSION_COLUMNS)
 
 
-SESSION_COLUMNS = ["host", "pid", "mountpoint", "version", "mounted", "last_seen"]
-
-
-def describe_sessions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    def ts(t: Any) -> str:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
-    return [dict(r, mounted=ts(r.get("mounted_at")), last_seen=ts(r.get("last_seen"))) for r in rows]
+SESSION_COLUMNS = ["host", "pid", "mountpoint", "version", "mounted_at", "last_seen"]
 
 
 def parse_duration(text: str) -> float:
@@ -169,7 +177,7 @@ def delete_volume(args: argparse.Namespace) -> None:
     sessions = call_master(args, "GET", "/volume/clients", {"name": args.name})
     delay = parse_duration(args.delay) if args.delay else 0.0
     if sessions and not args.yes:
-        print_table(f"{len(sessions)} client(s) have {args.name} mounted", describe_sessions(sessions),
+        print_table(f"{len(sessions)} client(s) have {args.name} mounted", sessions,
                     SESSION_COLUMNS)
         if not sys.stdin.isatty():
             fail(f"volume {args.name} is mounted by {len(sessions)} client(s); "
