@@ -25,6 +25,7 @@ import pyfuse3
 from shoalfs.client.core import VolumeClient
 from shoalfs.client.handle import FileHandle
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.opcodes import Op
 
 log = logging.getLogger(__name__)
 
@@ -314,8 +315,6 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
                 return
 
     async def _batch_attrs(self, inos: list[int]) -> dict[int, dict[str, Any]]:
-        from shoalfs.proto.opcodes import Op
-
         by_part: dict[int, tuple[dict[str, Any], list[int]]] = {}
         for ino in inos:
             part = self.client.meta_partition(ino)
