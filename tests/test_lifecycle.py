@@ -277,7 +277,10 @@ def test_writer_during_delete(cluster: EmbeddedCluster, mount_factory, syslog, t
     assert errors, "the writer must have seen the deletion"
     fence = min(e["start"] for e in errors)
     after = [e for e in log if e["start"] > fence + 0.001]
-    assert after and all(e["errno"] in (errno.ESTALE, errno.ENOTCONN) for e in after), after[:5]
+    # ESTALE from us; once unmounted the kernel itself answers for the gone file
+    # system: ENOTCONN for new calls, ECONNABORTED for one in flight at that instant
+    odd = [e for e in after if e["errno"] not in (errno.ESTALE, errno.ENOTCONN, errno.ECONNABORTED)]
+    assert after and not odd, odd[:5]
     assert [e for e in errors if e["start"] <= fence + 0.001][0]["errno"] == errno.ESTALE
     assert max(e["dur"] for e in log) < 5.0 + 1.0  # nothing blocks longer than the watchdog
     # no write that returned success is lost without an error from a later fsync or close

@@ -13,12 +13,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.receiver import FrameReceiver
 from shoalfs.proto.wire import (
     FLAG_EVENT,
     FLAG_RESPONSE,
     HEADER_SIZE,
     Frame,
     FrameError,
+    Header,
     decode_body,
     parse_header,
 )
@@ -138,46 +140,38 @@ class RpcConnection:
         self.on_event = on_event
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[int, Any]]] = {}
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._read_task: asyncio.Task[None] | None = None
+        self._proto: FrameReceiver | None = None
         self.closed = False
 
     async def connect(self, timeout: float) -> None:
         host, port = split_addr(self.addr)
+        loop = asyncio.get_running_loop()
         try:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=1 << 20), timeout
-            )
+            _, self._proto = await asyncio.wait_for(
+                loop.create_connection(lambda: FrameReceiver(self._on_frame, self._on_lost), host, port),
+                timeout)
         except (TimeoutError, OSError) as exc:
             self.closed = True
             raise ShoalError(Code.NODE_UNREACHABLE, f"{self.addr}: {exc!r}") from None
-        self._read_task = asyncio.create_task(self._read_loop())
 
-    async def _read_loop(self) -> None:
-        assert self._reader is not None
+    def _on_frame(self, header: Header, payload: bytes | bytearray) -> None:
         try:
-            while True:
-                header = parse_header(await self._reader.readexactly(HEADER_SIZE))
-                payload = await self._reader.readexactly(header.body_len)
+            body = decode_body(header, payload)
+        except ShoalError as exc:
+            body, header.result = {"msg": exc.msg}, Code.TRY_AGAIN
+        if header.flags & FLAG_EVENT:
+            if self.on_event is not None:
                 try:
-                    body = decode_body(header, payload)
-                except ShoalError as exc:
-                    body, header.result = {"msg": exc.msg}, Code.TRY_AGAIN
-                if header.flags & FLAG_EVENT:
-                    if self.on_event is not None:
-                        try:
-                            self.on_event(header.opcode, body)
-                        except Exception:
-                            log.exception("event callback failed")
-                    continue
-                fut = self._pending.pop(header.request_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result((header.result, body))
-        except (asyncio.IncompleteReadError, ConnectionError, FrameError, OSError):
-            pass
-        finally:
-            self._fail_all()
+                    self.on_event(header.opcode, body)
+                except Exception:
+                    log.exception("event callback failed")
+            return
+        fut = self._pending.pop(header.request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result((header.result, body))
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        self._fail_all()
 
     def _fail_all(self) -> None:
         self.closed = True
@@ -185,20 +179,21 @@ class RpcConnection:
             if not fut.done():
                 fut.set_exception(ShoalError(Code.NODE_UNREACHABLE, f"{self.addr}: connection lost"))
         self._pending.clear()
-        if self._writer is not None:
-            self._writer.close()
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()
 
     async def call(self, opcode: int, partition_id: int, body: Any, timeout: float) -> Any:
-        if self.closed or self._writer is None:
+        proto = self._proto
+        if self.closed or proto is None or proto.transport is None or proto.transport.is_closing():
             raise ShoalError(Code.NODE_UNREACHABLE, f"{self.addr}: not connected")
         rid = next(self._ids)
         fut: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         frame = Frame(opcode=opcode, request_id=rid, partition_id=partition_id, body=body)
         for part in frame.encode_parts():
-            self._writer.write(part)
+            proto.transport.write(part)
         try:
-            await self._writer.drain()
+            await proto.drain()
             result, reply = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise ShoalError(Code.TIMEOUT, f"{self.addr}: no answer in {timeout:.1f}s") from None
@@ -212,12 +207,10 @@ class RpcConnection:
         return reply
 
     async def wait_closed(self) -> None:
-        if self._read_task is not None:
-            await asyncio.gather(self._read_task, return_exceptions=True)
+        if self._proto is not None:
+            await self._proto.lost.wait()
 
     async def close(self) -> None:
-        if self._read_task is not None:
-            self._read_task.cancel()
         self._fail_all()
 
 
