@@ -84,3 +84,26 @@ def test_extent_checksums_sparse_and_truncate(tmp_path) -> None:
     with pytest.raises(ShoalError):
         ext.write(1, b"q", sync=False)  # never merges into a corrupted block
     assert ext.read(BLOCK * 3, 7) == bytes(5) + b"he"  # other blocks unaffected
+
+
+def test_frame_receiver_reassembles_any_split() -> None:
+    import random
+
+    from shoalfs.proto.receiver import BUFFER, FrameReceiver
+
+    frames = [Frame(opcode=Op.PING, request_id=i, body={"i": i, "d": os.urandom(n)})
+              for i, n in enumerate([0, 10, 5000, BUFFER * 3 + 17, 3, BUFFER // 2 + 1, 64 * 1024])]
+    stream = b"".join(f.encode() for f in frames)
+    for seed in range(5):
+        rng = random.Random(seed)
+        got: list = []
+        recv = FrameReceiver(lambda h, p, into=got: into.append(decode_body(h, p)), lambda exc: None)
+        pos = 0
+        while pos < len(stream):
+            buf = recv.get_buffer(-1)
+            n = min(len(buf), rng.choice([1, 7, 34, 1000, 70000, 1 << 20]), len(stream) - pos)
+            buf[:n] = stream[pos:pos + n]
+            recv.buffer_updated(n)
+            pos += n
+        assert [g["i"] for g in got] == list(range(len(frames)))
+        assert [g["d"] for g in got] == [f.body["d"] for f in frames]
