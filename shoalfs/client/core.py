@@ -305,8 +305,12 @@ class VolumeClient:
 
     # ----- data ----------------------------------------------------------------
     async def extents(self, ino: int) -> dict[int, list[int]]:
+        return (await self.attr_and_extents(ino))[1]
+
+    async def attr_and_extents(self, ino: int) -> tuple[dict[str, Any], dict[int, list[int]]]:
+        """Attributes and extent map in one round trip (what an open needs)."""
         res = await self.meta(ino, Op.META_EXTENT_LIST, {"ino": ino})
-        return {int(k): v for k, v in res["extents"].items()}
+        return res["attr"], {int(k): v for k, v in res["extents"].items()}
 
     async def write_data(self, ino: int, offset: int, data: bytes, known: dict[int, list[int]]) -> set[int]:
         """Write bytes at offset; returns the chunks touched. `known` is the

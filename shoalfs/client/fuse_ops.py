@@ -240,15 +240,15 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     # ----- files ------------------------------------------------------------------------
     @guarded
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        attr = await self.client.getattr(inode)
+        attr, extents = await self.client.attr_and_extents(inode)  # one round trip
         if stat.S_ISDIR(attr["mode"]):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             self.check_writable()
         if flags & os.O_TRUNC and attr["size"]:  # libfuse asks for atomic O_TRUNC
-            attr = await self._truncate(inode, 0)
+            attr, extents = await self._truncate(inode, 0), {}  # truncating to 0 frees every extent
         unchanged = self._seen.get(inode) == (attr["mtime"], attr["size"])
-        fh = self._new_handle(attr, await self.client.extents(inode), flags)
+        fh = self._new_handle(attr, extents, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=unchanged)
 
     @guarded

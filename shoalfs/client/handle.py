@@ -193,9 +193,8 @@ class FileHandle:
 
     async def refresh(self) -> None:
         """Re-read size and extents (close-to-open: an open sees prior closes)."""
-        attr = await self.client.getattr(self.ino)
+        attr, self.known = await self.client.attr_and_extents(self.ino)
         self.size = max(self.size, attr["size"]) if self._size_dirty else attr["size"]
-        self.known = await self.client.extents(self.ino)
         self._drop_read_cache()
 
     async def release(self) -> None:

@@ -198,7 +198,7 @@ class MetaNode(NodeService):
     @staticmethod
     def _extent_list(part: MetaPartition, body: Any) -> Any:
         node = part.inode(body["ino"])
-        return {"extents": node["extents"], "size": node["size"]}
+        return {"extents": node["extents"], "attr": public_attr(node)}
 
     @staticmethod
     def _get_xattr(part: MetaPartition, body: Any) -> Any:
