@@ -14,7 +14,6 @@ step hangs:
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import threading
@@ -80,8 +79,7 @@ class DeletionAwareMount(MountSession):
         assert self.deletion is not None and self.client is not None
         gone = ShoalError(Code.VOLUME_NOT_EXIST, f"volume {self.opts.volume} was deleted")
         # 1. fence
-        self.client.fenced = True
-        self.ops.fenced = errno.ESTALE
+        self.client.fenced = True  # the FUSE layer and the core both check this one flag
         # 2. close streams
         for handle in list(self.ops.handles.values()):
             handle.fail(gone)

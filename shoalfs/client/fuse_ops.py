@@ -69,15 +69,15 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.dir_cursors: dict[int, tuple[int, dict[int, str]]] = {}
         self._fh = itertools.count(1)
         self._seen: dict[int, tuple[int, int]] = {}  # ino -> (mtime, size) at last open
-        self.fenced: int | None = None  # errno every op fails with once fenced
         # inodes seen without any xattr, and when: the kernel asks for
         # security.capability before every write, and an RPC each time halves throughput
         self._no_xattrs: dict[int, float] = {}
 
     # ----- hooks for the lifecycle guard --------------------------------------
     def check_fence(self) -> None:
-        if self.fenced is not None:
-            raise pyfuse3.FUSEError(self.fenced)
+        """Once the volume is deleted, every operation fails with ESTALE at once."""
+        if self.client.fenced:
+            raise pyfuse3.FUSEError(errno.ESTALE)
 
     def check_writable(self) -> None:
         """Pending deletion: writes fail at once with EROFS, reads go on."""
