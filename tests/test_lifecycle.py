@@ -122,12 +122,12 @@ class Impostor:
         asyncio.run_coroutine_threadsafe(self.server.start(host, int(port)), self.loop).result(10)
 
     async def on_subscribe(self, pid, body, conn):
-        async def push() -> None:
-            await asyncio.sleep(0.1)
+        def push() -> None:
             for event in self.events:
                 conn.push_event(Op.EVENT_VOLUME_DELETED, event)
             self.subscribed.set()
-        asyncio.get_running_loop().create_task(push())
+        # right after the reply, as a real metanode pushes a known tombstone
+        asyncio.get_running_loop().call_soon(push)
         return {"subscribed": body.get("vol_id")}
 
     def stop(self) -> None:
