@@ -14,6 +14,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -53,28 +54,24 @@ class MountOptions:
     auto_unmount: bool = True
     extra: dict[str, str] = field(default_factory=dict)  # options for the lifecycle guard
 
+    # -o flags that set one field: option -> (field, value)
+    FLAGS = {"writeback_cache": ("writeback_cache", True), "allow_other": ("allow_other", True),
+             "no_allow_other": ("allow_other", False), "ro": ("read_only", True),
+             "debug": ("debug", True), "no_auto_unmount": ("auto_unmount", False)}
+    GUARD_OPTIONS = ("heartbeat", "deleted_exit_code", "watchdog", "audit_log", "syslog", "push", "detect",
+                     "op_deadline")
+
     def apply(self, spec: str) -> None:
         """Apply a comma-separated -o list."""
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, _, value = item.partition("=")
             if key == "master":
                 self.master = value
-            elif key == "writeback_cache":
-                self.writeback_cache = True
-            elif key == "allow_other":
-                self.allow_other = True
-            elif key == "no_allow_other":
-                self.allow_other = False
-            elif key == "ro":
-                self.read_only = True
-            elif key == "debug":
-                self.debug = True
-            elif key == "no_auto_unmount":
-                self.auto_unmount = False
+            elif key in self.FLAGS:
+                setattr(self, *self.FLAGS[key])
             elif key in GENERIC_OPTIONS or key.startswith("x-") or key.startswith("comment="):
                 continue
-            elif key in ("heartbeat", "deleted_exit_code", "watchdog", "audit_log", "syslog",
-                         "push", "detect", "op_deadline"):
+            elif key in self.GUARD_OPTIONS:
                 self.extra[key] = value
             else:
                 raise MountError(f"unknown mount option {key!r}")
@@ -265,18 +262,15 @@ def spawn_daemon(argv: list[str], log_file: str, timeout: float = 60.0) -> int:
     deadline = time.monotonic() + timeout
     buf = b""
     with os.fdopen(r, "rb", buffering=0) as reader:
-        os.set_blocking(reader.fileno(), False)
-        while time.monotonic() < deadline and b"\n" not in buf:
-            try:
+        while b"\n" not in buf and time.monotonic() < deadline:
+            # wake on data, or every half second to notice a child that died silently
+            if select.select([reader], [], [], min(0.5, max(0.0, deadline - time.monotonic())))[0]:
                 chunk = reader.read(4096)
-            except BlockingIOError:
-                chunk = None
-            if chunk:
+                if not chunk:
+                    break  # the child closed the pipe without a word
                 buf += chunk
-            elif chunk == b"" or proc.poll() is not None:
-                if proc.poll() is not None:
-                    break
-            time.sleep(0.02)
+            elif proc.poll() is not None:
+                break
     line = buf.decode(errors="replace").strip()
     if line == "READY":
         print(f"mounted (pid {proc.pid}, log {log_file})")
