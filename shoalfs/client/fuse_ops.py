@@ -101,10 +101,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         e.st_uid = attr["uid"]
         e.st_gid = attr["gid"]
         e.st_rdev = attr.get("rdev", 0)
-        size = attr["size"]
-        for h in self.handles.values():  # our own unflushed writes count
-            if h.ino == attr["ino"] and not h.closed:
-                size = max(size, h.size)
+        size = max([attr["size"]] + [h.size for h in self.open_handles(attr["ino"])])  # our unflushed writes count
         e.st_size = size
         e.st_blksize = BLOCK
         e.st_blocks = (size + 511) // 512
@@ -128,6 +125,9 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.handles[fh] = FileHandle(self.client, attr, extents, append=bool(flags & os.O_APPEND))
         self._seen[attr["ino"]] = (attr["mtime"], attr["size"])
         return fh
+
+    def open_handles(self, ino: int) -> list[FileHandle]:
+        return [h for h in self.handles.values() if h.ino == ino and not h.closed]
 
     def handle(self, fh: int) -> FileHandle:
         h = self.handles.get(fh)
@@ -167,7 +167,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         return self.entry(await self.client.setattr(inode, **changes))
 
     async def _truncate(self, inode: int, size: int) -> dict[str, Any]:
-        open_handles = [h for h in self.handles.values() if h.ino == inode and not h.closed]
+        open_handles = self.open_handles(inode)
         for h in open_handles:
             await h.flush()
         result = await self.client.truncate(inode, size)
