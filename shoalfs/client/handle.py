@@ -168,20 +168,12 @@ class FileHandle:
         await self._drain()
         self._check()
         if self._size_dirty:
-            try:
-                await self.client.setattr(self.ino, grow=self.size, mtime=time.time_ns())
-            except ShoalError as exc:
-                self.error = exc
-                self._check()
+            await self.client.setattr(self.ino, grow=self.size, mtime=time.time_ns())
             self._size_dirty = False
 
     async def fsync(self) -> None:
         await self.flush()
-        try:
-            await self.client.sync_chunks(self.ino, self._unsynced, self.known)
-        except ShoalError as exc:
-            self.error = exc
-            self._check()
+        await self.client.sync_chunks(self.ino, self._unsynced, self.known)
         self._unsynced.clear()
 
     async def truncate(self, size: int) -> None:
