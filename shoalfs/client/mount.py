@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FATAL = 1
-EXIT_USAGE = 2
 
 # options mount(8) passes along that mean nothing to us
 GENERIC_OPTIONS = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",

@@ -18,7 +18,6 @@ from shoalfs.proto.errors import Code, ShoalError
 
 BLOCK = 4096
 ENTRY = struct.Struct("!Q")
-ZERO_BLOCK = bytes(BLOCK)
 
 
 def _crc_entry(block: bytes) -> int:

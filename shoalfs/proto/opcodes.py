@@ -34,7 +34,6 @@ class Op(IntEnum):
     META_GET_XATTR = 116
     META_LIST_XATTR = 117
     META_REMOVE_XATTR = 118
-    META_STATS = 119
     META_EXTENT_DROP = 120
     META_CREATE = 121  # inode + dentry in the parent's partition, one record
     # datanode
