@@ -22,7 +22,7 @@ from shoalfs.client import connect
 from shoalfs.client.mount import is_mounted
 from shoalfs.proto import tombstone
 from shoalfs.proto.opcodes import Op
-from shoalfs.proto.rpc import RpcServer
+from shoalfs.proto.server import RpcServer
 
 pytestmark = pytest.mark.fuse
 

@@ -97,7 +97,7 @@ def test_frame_receiver_reassembles_any_split() -> None:
     for seed in range(5):
         rng = random.Random(seed)
         got: list = []
-        recv = FrameReceiver(lambda h, p, into=got: into.append(decode_body(h, p)), lambda exc: None)
+        recv = FrameReceiver(lambda h, p, r, into=got: into.append(decode_body(h, p)), lambda exc: None)
         pos = 0
         while pos < len(stream):
             buf = recv.get_buffer(-1)

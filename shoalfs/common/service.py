@@ -12,10 +12,12 @@ from typing import Any
 
 import aiohttp
 
+from shoalfs.common.placement import VolumeMaps
 from shoalfs.common.tombstones import TombstoneStore
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
-from shoalfs.proto.rpc import RpcServer, split_addr
+from shoalfs.proto.rpc import split_addr
+from shoalfs.proto.server import RpcServer, ServerLimits
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,13 @@ class NodeService:
         self.data_dir: str = cfg["data_dir"]
         self.master: str = cfg["master"]
         self.token = read_secret(cfg["token_file"])
-        self.rpc = RpcServer(f"{self.role}@{self.listen}")
+        self.rpc = RpcServer(f"{self.role}@{self.listen}", ServerLimits.from_config(cfg))
         self.rpc.route(Op.PING, self._ping)
         self._stop = asyncio.Event()
-        os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
         self.tombstones = TombstoneStore(os.path.join(self.data_dir, "tombstones.json"))
+        self.volume_maps = VolumeMaps(os.path.join(self.data_dir, "volumes.json"))
         self.read_only: set[str] = set()  # vol_ids pending deletion: mutations refused
 
     def apply_master_state(self, body: dict[str, Any]) -> None:
@@ -76,6 +80,7 @@ class NodeService:
         ro = body.get("read_only")
         if isinstance(ro, list):
             self.read_only = {v for v in ro if isinstance(v, str)}
+        self.volume_maps.update(body.get("volumes"))
 
     def check_writable(self, vol_id: str) -> None:
         if vol_id in self.read_only:

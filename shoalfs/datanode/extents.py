@@ -3,7 +3,10 @@
 Each extent `e_<id>` has a sidecar `e_<id>.crc` holding one u64 per block:
 0 means "never written, must read as zeros", otherwise (1 << 32) | crc32 of
 the block with bytes past the end of the extent taken as zeros. Every read
-verifies every block it touches; a mismatch is CORRUPTED, never wrong bytes.
+verifies every block it touches; a mismatch is CORRUPTED, never wrong bytes,
+and a block the sidecar says was written but the extent file lacks (a lost
+or truncated file) is DATA_LOST, never zeros. Space is reserved with
+fallocate before any byte is written, so a full disk fails a write whole.
 These functions block; the datanode calls them from worker threads.
 """
 
@@ -14,10 +17,29 @@ import os
 import struct
 import zlib
 
-from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.common.files import fsync_dir
+from shoalfs.proto.errors import Code, ShoalError, disk_error
 
 BLOCK = 4096
 ENTRY = struct.Struct("!Q")
+
+
+def _reserve(fd: int, offset: int, length: int) -> None:
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """A short write is retried; one that makes no progress is an error."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        view, offset = view[n:], offset + n
 
 
 def _crc_entry(block: bytes) -> int:
@@ -52,19 +74,35 @@ class Extent:
             raise ShoalError(Code.CORRUPTED, f"checksum mismatch in block {index}")
 
     def read(self, offset: int, size: int) -> bytes:
-        if not self.exists():
-            return b""
-        with open(self.path, "rb") as df, open(self.crc_path, "a+b") as cf:
-            end = min(offset + size, os.fstat(df.fileno()).st_size)
-            if end <= offset:
-                return b""
-            first, last = offset // BLOCK, (end - 1) // BLOCK
-            data = os.pread(df.fileno(), (last - first + 1) * BLOCK, first * BLOCK)
-            entries = self._entries(cf.fileno(), first, last - first + 1)
-            for i, entry in enumerate(entries):
-                self._verify(data[i * BLOCK : (i + 1) * BLOCK], entry, first + i)
-            start = offset - first * BLOCK
-            return data[start : start + (end - offset)]
+        """Bytes of [offset, offset + size) that the extent holds; the caller
+        pads past its end with zeros (a sparse tail). A block the checksums
+        say was written but the file no longer holds is DATA_LOST, a block
+        whose bytes do not match is CORRUPTED — never zeros in their place."""
+        try:
+            df = open(self.path, "rb")
+        except FileNotFoundError:
+            raise ShoalError(Code.DATA_LOST, f"extent {self.path} is missing") from None
+        with df:
+            try:
+                cf = open(self.crc_path, "rb")
+            except FileNotFoundError:
+                raise ShoalError(Code.DATA_LOST, f"checksums of extent {self.path} are missing") from None
+            with cf:
+                data_size = os.fstat(df.fileno()).st_size
+                crc_blocks = os.fstat(cf.fileno()).st_size // ENTRY.size
+                end = min(offset + size, max(data_size, crc_blocks * BLOCK))
+                if end <= offset:
+                    return b""
+                first, last = offset // BLOCK, (end - 1) // BLOCK
+                data = os.pread(df.fileno(), (last - first + 1) * BLOCK, first * BLOCK)
+                entries = self._entries(cf.fileno(), first, last - first + 1)
+                for i, entry in enumerate(entries):
+                    if entry and (first + i) * BLOCK >= data_size:
+                        raise ShoalError(Code.DATA_LOST, f"extent {self.path} ends at {data_size} bytes but "
+                                                         f"block {first + i} was written")
+                    self._verify(data[i * BLOCK : (i + 1) * BLOCK], entry, first + i)
+                start = offset - first * BLOCK
+                return data[start : start + (min(end, data_size) - offset)]
 
     def write(self, offset: int, payload: bytes, sync: bool) -> None:
         if not payload:
@@ -72,13 +110,16 @@ class Extent:
         try:
             self._write(offset, payload, sync)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ShoalError(Code.NO_SPACE, "datanode disk is full") from None
-            raise
+            raise disk_error(exc, f"write to extent {self.path}") from None
 
     def _write(self, offset: int, payload: bytes, sync: bool) -> None:
-        dfd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        cfd = os.open(self.crc_path, os.O_RDWR | os.O_CREAT, 0o644)
+        created = not os.path.exists(self.path)
+        dfd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            cfd = os.open(self.crc_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except BaseException:
+            os.close(dfd)
+            raise
         try:
             old_size = os.fstat(dfd).st_size
             end = offset + len(payload)
@@ -99,16 +140,27 @@ class Extent:
                 ENTRY.pack(_crc_entry(bytes(region[i * BLOCK : min((i + 1) * BLOCK, new_size - region_start)])))
                 for i in range(last - first + 1)
             )
-            os.pwrite(dfd, payload, offset)
-            os.pwrite(cfd, new_entries, first * ENTRY.size)
+            # take the space first: a disk that is full fails here, before any byte changes
+            _reserve(dfd, offset, len(payload))
+            _reserve(cfd, first * ENTRY.size, len(new_entries))
+            _pwrite_all(dfd, payload, offset)
+            _pwrite_all(cfd, new_entries, first * ENTRY.size)
             if sync:
                 os.fdatasync(dfd)
                 os.fdatasync(cfd)
         finally:
             os.close(dfd)
             os.close(cfd)
+        if created:  # the new names must survive a crash too
+            fsync_dir(os.path.dirname(self.path))
 
     def truncate(self, size: int) -> None:
+        try:
+            self._truncate(size)
+        except OSError as exc:
+            raise disk_error(exc, f"truncate of extent {self.path}") from None
+
+    def _truncate(self, size: int) -> None:
         if not self.exists():
             return
         with open(self.path, "r+b") as df, open(self.crc_path, "r+b") as cf:

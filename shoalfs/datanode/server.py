@@ -14,11 +14,16 @@ from shoalfs.common.files import atomic_write
 from shoalfs.common.service import NodeService
 from shoalfs.datanode.extents import Extent
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.layout import CHUNK, MAX_IO
 from shoalfs.proto.opcodes import Op
+from shoalfs.proto.schema import U64, Bool, Bytes, Int, ListOf, Map, Opt, Schema, Str
 
 log = logging.getLogger(__name__)
 
-MAX_IO = 16 * 1024 * 1024
+EXT = Int(0, U64)
+OFFSET = Int(0, CHUNK)
+TOKEN = Opt(Str(1024), "")  # absent: refused by check_master as UNAUTHORIZED
+MASTER_STATE: Schema = {"token": TOKEN, "read_only": Opt(ListOf(Str(64), 1_000_000), []), "volumes": Opt(Map, {})}
 
 
 class DataPartition:
@@ -48,14 +53,17 @@ class DataNode(NodeService):
         self.reserve = int(cfg.get("reserve_bytes", 32 * 1024 * 1024))
         self.partitions: dict[int, DataPartition] = {}
         r = self.rpc.route
-        r(Op.HEARTBEAT, self.heartbeat)
-        r(Op.CREATE_PARTITION, self.create_partition)
-        r(Op.DELETE_PARTITION, self.delete_partition)
-        r(Op.DATA_WRITE, self.write)
-        r(Op.DATA_READ, self.read)
-        r(Op.DATA_TRUNCATE, self.truncate)
-        r(Op.DATA_DELETE_EXTENT, self.delete_extent)
-        r(Op.DATA_SYNC, self.sync)
+        r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE)
+        r(Op.CREATE_PARTITION, self.create_partition,
+          {"token": TOKEN, "vol_id": Str(64), "replicas": Opt(ListOf(Str(256), 16), [])})
+        r(Op.DELETE_PARTITION, self.delete_partition, {"token": TOKEN, "tombstone": Opt(Map)})
+        r(Op.DATA_WRITE, self.write, {"ext": EXT, "offset": OFFSET, "data": Bytes(MAX_IO), "sync": Opt(Bool, False)})
+        # a read's answer is held in memory: it draws its size from the server's budget first
+        r(Op.DATA_READ, self.read, {"ext": EXT, "offset": OFFSET, "size": Int(0, MAX_IO)},
+          cost=lambda b: int(b["size"]))
+        r(Op.DATA_TRUNCATE, self.truncate, {"ext": EXT, "size": OFFSET})
+        r(Op.DATA_DELETE_EXTENT, self.delete_extent, {"ext": EXT})
+        r(Op.DATA_SYNC, self.sync, {"ext": EXT})
 
     def _pdir(self, pid: int) -> str:
         return os.path.join(self.data_dir, f"dp_{pid}")
@@ -91,9 +99,9 @@ class DataNode(NodeService):
         self.check_master(body)
         if pid in self.partitions:
             return {"created": False}
-        info = {"pid": pid, "vol_id": body["vol_id"], "replicas": body.get("replicas", [])}
+        info = {"pid": pid, "vol_id": body["vol_id"], "replicas": body["replicas"]}
         pdir = self._pdir(pid)
-        os.makedirs(pdir, exist_ok=True)
+        os.makedirs(pdir, mode=0o700, exist_ok=True)
         atomic_write(os.path.join(pdir, "partition.json"), json.dumps(info).encode())
         self.partitions[pid] = DataPartition(pid, info, pdir)
         log.info("created data partition %d", pid)
@@ -109,34 +117,32 @@ class DataNode(NodeService):
 
     async def write(self, pid: int, body: Any, conn: Any) -> Any:
         part = self.part(pid, writing=True)
-        data = body["data"]
-        offset = int(body["offset"])
-        if not isinstance(data, bytes) or offset < 0 or len(data) > MAX_IO:
-            raise ShoalError(Code.BAD_REQUEST, "write needs bytes of at most 16 MiB at offset >= 0")
+        data, offset = body["data"], body["offset"]
+        if offset + len(data) > CHUNK:
+            raise ShoalError(Code.BAD_REQUEST, f"a write must end within the extent's {CHUNK} bytes")
         if shutil.disk_usage(part.dir).free < len(data) + self.reserve:
             raise ShoalError(Code.NO_SPACE, f"datanode {self.listen} is out of space")
         ext = part.extent(body["ext"])
         async with part.locks[body["ext"]]:
-            await asyncio.to_thread(ext.write, offset, data, bool(body.get("sync")))
+            await asyncio.to_thread(ext.write, offset, data, body["sync"])
         return {"written": len(data)}
 
     async def read(self, pid: int, body: Any, conn: Any) -> Any:
         part = self.part(pid)
-        size, offset = int(body["size"]), int(body["offset"])
-        if size < 0 or size > MAX_IO or offset < 0:
-            raise ShoalError(Code.BAD_REQUEST, "read size must be 0..16 MiB at offset >= 0")
         ext = part.extent(body["ext"])
         async with part.locks[body["ext"]]:
-            data = await asyncio.to_thread(ext.read, offset, size)
+            try:
+                data = await asyncio.to_thread(ext.read, body["offset"], body["size"])
+            except ShoalError as exc:
+                if exc.code in (Code.DATA_LOST, Code.CORRUPTED):
+                    log.error("data partition %d, extent %d: %s", pid, body["ext"], exc.msg)
+                raise
         return {"data": data}
 
     async def truncate(self, pid: int, body: Any, conn: Any) -> Any:
         part = self.part(pid, writing=True)
-        size = int(body["size"])
-        if size < 0:
-            raise ShoalError(Code.BAD_REQUEST, "size must be >= 0")
         async with part.locks[body["ext"]]:
-            await asyncio.to_thread(part.extent(body["ext"]).truncate, size)
+            await asyncio.to_thread(part.extent(body["ext"]).truncate, body["size"])
         return {}
 
     async def delete_extent(self, pid: int, body: Any, conn: Any) -> Any:

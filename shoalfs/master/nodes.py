@@ -89,7 +89,9 @@ class NodeMonitor:
         await asyncio.gather(*(self._beat(a) for a in nodes), return_exceptions=True)
 
     async def _beat(self, addr: str) -> None:
-        body = {"token": self.token, "read_only": self.read_only_volumes()}
+        vols = {vol["vol_id"]: vol for _, _, vol in self.state.placements().get(addr, {}).values()}
+        body = {"token": self.token, "read_only": self.read_only_volumes(),
+                "volumes": {vol_id: self.state.volume_map(vol) for vol_id, vol in vols.items()}}
         try:
             report = await self.pool.call_once(addr, Op.HEARTBEAT, 0, body, timeout=3.0)
         except ShoalError as exc:

@@ -129,6 +129,13 @@ class MasterState:
         self.volumes.pop(vol_id, None)
         self.save()
 
+    @staticmethod
+    def volume_map(vol: dict[str, Any]) -> dict[str, Any]:
+        """Where a volume's partitions live, as nodes need it: a metanode talks
+        only to addresses from here, never to one named in a request."""
+        return {"meta": [[p["pid"], p["start"], p["end"], p["replicas"]] for p in vol["meta_partitions"]],
+                "data": [[p["pid"], p["replicas"]] for p in vol["data_partitions"]]}
+
     def placements(self) -> dict[str, dict[int, tuple[str, dict[str, Any], dict[str, Any]]]]:
         """node addr -> pid -> (kind, partition, volume) for live volumes."""
         out: dict[str, dict[int, tuple[str, dict[str, Any], dict[str, Any]]]] = {}

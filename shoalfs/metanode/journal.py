@@ -2,14 +2,25 @@
 
 Records are *effects* (put/delete of whole values), so replaying a record
 twice is harmless; that lets a snapshot be taken while new records are
-still queued without any log rotation. An operation is acknowledged only
-after its record is fdatasync'ed. Records that arrive while a sync is in
-flight are committed together in the next one (group commit).
+still queued without any log rotation. Records that arrive while a sync is
+in flight are committed together in the next one (group commit).
+
+A record counts only once it is on disk: `on_durable` is called with each
+batch's payloads, in log order, after its fdatasync and before anyone is
+answered. When a write fails (ENOSPC, EIO, a short write, a failed sync)
+the log is cut back to the end of the last durable record before anything
+else is appended, so the log never continues past a tear and replay (which
+stops at the first bad record) finds every acknowledged record. The failed
+batch and every record queued behind it (they were computed on top of it)
+fail with NO_SPACE or IO_ERROR, and `on_failed` tells the owner to forget
+them. Once space is back, appends work again; nothing needs a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import struct
 import zlib
@@ -19,27 +30,44 @@ from typing import Any
 import msgpack
 
 from shoalfs.common.files import atomic_write
+from shoalfs.proto.errors import Code, ShoalError, disk_error
+
+log = logging.getLogger(__name__)
 
 REC = struct.Struct("!II")  # length, crc32
 INLINE_SYNC_BYTES = 64 * 1024
 
 
+def encode_record(payload: Any) -> bytes:
+    """A framed record; a payload msgpack cannot hold is refused before anything changes."""
+    try:
+        body = msgpack.packb(payload, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise ShoalError(Code.INVALID, f"value cannot be stored: {exc}") from None
+    return REC.pack(len(body), zlib.crc32(body)) + body
+
+
 class Journal:
-    def __init__(self, directory: str, snapshot_every: int = 200_000) -> None:
+    def __init__(self, directory: str, snapshot_every: int = 200_000,
+                 on_durable: Callable[[list[Any]], None] | None = None,
+                 on_failed: Callable[[], None] | None = None) -> None:
         self.dir = directory
         self.log_path = os.path.join(directory, "journal.log")
         self.snap_path = os.path.join(directory, "snapshot.msgpack")
         self.snapshot_every = snapshot_every
         self.records_since_snapshot = 0
-        self._pending: list[bytes] = []
-        self._waiters: list[asyncio.Future[None]] = []
+        self.on_durable = on_durable
+        self.on_failed = on_failed
+        self._pending: list[tuple[bytes, Any, asyncio.Future[None]]] = []
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._fd = -1
+        self._end = 0  # end of the last durable record: the next write goes here
+        self._torn = False  # a failed write may have left bytes past _end
 
     def load(self) -> tuple[Any, list[Any]]:
-        """Return (snapshot or None, log records after it); truncates a torn tail."""
-        os.makedirs(self.dir, exist_ok=True)
+        """Return (snapshot or None, log records after it); cuts a torn tail."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
         snapshot = None
         if os.path.exists(self.snap_path):
             with open(self.snap_path, "rb") as f:
@@ -55,21 +83,27 @@ class Journal:
                 body = data[pos + REC.size : pos + REC.size + length]
                 if len(body) != length or zlib.crc32(body) != crc:
                     break
-                records.append(msgpack.unpackb(body, raw=False, strict_map_key=False))
+                try:
+                    records.append(msgpack.unpackb(body, raw=False, strict_map_key=False))
+                except ValueError:  # msgpack's errors derive from it
+                    break
                 pos += REC.size + length
             good = pos
-        self._fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT, 0o644)
+            if good < len(data):
+                log.warning("%s: cutting a torn tail of %d bytes", self.log_path, len(data) - good)
+        self._fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT, 0o600)
         os.ftruncate(self._fd, good)
-        os.lseek(self._fd, good, os.SEEK_SET)
+        os.fdatasync(self._fd)
+        self._end = good
         self.records_since_snapshot = len(records)
         return snapshot, records
 
-    def append(self, effects: list[Any]) -> asyncio.Future[None]:
-        """Queue a record; the returned future resolves once it is durable."""
-        body = msgpack.packb(effects, use_bin_type=True)
-        self._pending.append(REC.pack(len(body), zlib.crc32(body)) + body)
+    def append(self, payload: Any) -> asyncio.Future[None]:
+        """Queue a record; the future resolves once it is durable and applied.
+        Raises at once (nothing queued) if the payload cannot be encoded."""
+        record = encode_record(payload)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        self._pending.append((record, payload, fut))
         self.records_since_snapshot += 1
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
@@ -78,28 +112,62 @@ class Journal:
     async def _flush_loop(self) -> None:
         while self._pending:
             async with self._lock:
-                batch, waiters = b"".join(self._pending), self._waiters
-                self._pending, self._waiters = [], []
+                batch, self._pending = self._pending, []
+                data = b"".join(r for r, _, _ in batch)
                 try:
-                    if len(batch) <= INLINE_SYNC_BYTES:
+                    if len(data) <= INLINE_SYNC_BYTES:
                         # a thread hop costs more than a small fdatasync: do it here
-                        self._write_sync(batch)
+                        self._write_sync(data)
                     else:
-                        await asyncio.to_thread(self._write_sync, batch)
+                        await asyncio.to_thread(self._write_sync, data)
                 except OSError as exc:
-                    for w in waiters:
-                        if not w.done():
-                            w.set_exception(exc)
+                    self._fail(batch, disk_error(exc, "journal write failed"))
                     continue
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
+                except ShoalError as exc:
+                    self._fail(batch, exc)
+                    continue
+                self._end += len(data)
+                if self.on_durable is not None:
+                    self.on_durable([p for _, p, _ in batch])
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _fail(self, batch: list[tuple[bytes, Any, asyncio.Future[None]]], err: ShoalError) -> None:
+        """Fail this batch and everything queued behind it; memory stays as it was."""
+        self._torn = True
+        try:
+            self._cut()
+        except OSError as exc:
+            log.error("%s: cannot cut the log back after a failed write: %s", self.log_path, exc)
+        queued, self._pending = self._pending, []
+        self.records_since_snapshot -= len(batch) + len(queued)
+        log.warning("%s: %s; %d records refused", self.log_path, err.msg, len(batch) + len(queued))
+        if self.on_failed is not None:
+            self.on_failed()
+        for _, _, fut in batch + queued:
+            if not fut.done():
+                fut.set_exception(err)
+
+    def _cut(self) -> None:
+        """Drop whatever a failed write left past the last durable record."""
+        os.ftruncate(self._fd, self._end)
+        os.fdatasync(self._fd)
+        self._torn = False
 
     def _write_sync(self, batch: bytes) -> None:
+        if self._torn:  # the last cut failed: nothing is appended after a tear
+            try:
+                self._cut()
+            except OSError as exc:
+                raise ShoalError(Code.IO_ERROR, f"journal cannot be cut back: {exc.strerror}") from None
         view = memoryview(batch)
+        at = self._end
         while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+            n = os.pwrite(self._fd, view, at)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            view, at = view[n:], at + n
         os.fdatasync(self._fd)
 
     def wants_snapshot(self) -> bool:
@@ -107,13 +175,20 @@ class Journal:
 
     async def snapshot(self, state_fn: Callable[[], Any]) -> None:
         """Persist state and empty the log. Records queued meanwhile are
-        written after the truncation; replaying them again is idempotent."""
+        written after the truncation; replaying them again is idempotent.
+        A snapshot that cannot be written is logged and tried again later:
+        the log still holds everything."""
         async with self._lock:
             data = msgpack.packb(state_fn(), use_bin_type=True)
-            await asyncio.to_thread(atomic_write, self.snap_path, data)
-            os.ftruncate(self._fd, 0)
-            os.lseek(self._fd, 0, os.SEEK_SET)
-            os.fsync(self._fd)
+            try:
+                await asyncio.to_thread(atomic_write, self.snap_path, data)
+                os.ftruncate(self._fd, 0)
+                self._end = 0
+                os.fsync(self._fd)
+            except OSError as exc:
+                log.warning("%s: snapshot failed (%s); keeping the log", self.dir, exc)
+                self.records_since_snapshot = self.snapshot_every // 2
+                return
             self.records_since_snapshot = len(self._pending)
 
     async def close(self) -> None:

@@ -1,9 +1,11 @@
 """One meta partition: the inodes of an inode range, the dentries of the
 directories whose inodes it holds, their xattrs and extent maps.
 
-State lives in memory; every change is a list of idempotent effects that is
-applied to memory and then made durable in the partition's journal before
-the caller is answered.
+State lives in memory; every change is a list of idempotent effects. A
+change is validated against what the partition will hold once the records
+queued before it are durable (metanode/staged.py), written to the journal,
+and applied to memory only once it is on disk — a change that fails leaves
+memory exactly as it was — then answered.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from typing import Any
 from sortedcontainers import SortedDict
 
 from shoalfs.metanode.journal import Journal
+from shoalfs.metanode.staged import Staged
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.layout import MAX_CHUNK, MAX_NAME, MAX_XATTR_TOTAL, extent_id
 
 ROOT_INO = 1
-MAX_NAME = 255
 MAX_LINKS = 65000
-INODE_FIELDS = ("mode", "uid", "gid", "size", "atime", "mtime", "ctime")
+INODE_FIELDS = ("uid", "gid", "size", "atime", "mtime", "ctime")
+FILE_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK}
 
 
 def now_ns() -> int:
@@ -41,13 +45,15 @@ class MetaPartition:
         self.info = info  # vol_id, start, end, replicas
         self.start: int = info["start"]
         self.end: int = info["end"]
-        self.journal = Journal(directory)
+        self.journal = Journal(directory, on_durable=self._on_durable, on_failed=self._on_failed)
         self.inodes: dict[int, dict[str, Any]] = {}
         self.dentries: dict[int, SortedDict] = {}
         self.cursor = self.start
         self.txs: dict[str, dict[str, Any]] = {}  # rename intents this partition coordinates
         self.applied_txs: dict[str, Any] = {}  # rename links this partition applied
+        self.staged = Staged(self)  # what memory will hold once queued records are durable
         self.before_commit: Callable[[], None] | None = None  # refuses writes while pending delete
+        self.data_partitions: Callable[[], set[int] | None] = lambda: None  # the volume's, from the master
 
     # ----- persistence -------------------------------------------------
     def load(self) -> None:
@@ -97,13 +103,22 @@ class MetaPartition:
                     self.applied_txs.pop(next(iter(self.applied_txs)))
 
     async def commit(self, effects: list[Any]) -> None:
-        """Apply to memory, then wait until durable."""
+        """Make durable, then apply to memory (the journal calls _on_durable)."""
         if self.before_commit is not None:
             self.before_commit()
-        self._apply(effects)
-        await self.journal.append(effects)
+        durable = self.journal.append(effects)  # refuses what cannot be stored, before any change
+        self.staged.add(effects)
+        await durable
         if self.journal.wants_snapshot():
             await self.journal.snapshot(self._state)
+
+    def _on_durable(self, records: list[Any]) -> None:
+        for effects in records:
+            self._apply(effects)
+        self.staged.durable(len(records))
+
+    def _on_failed(self) -> None:
+        self.staged.clear()
 
     async def close(self) -> None:
         await self.journal.close()
@@ -112,16 +127,15 @@ class MetaPartition:
     def owns(self, ino: int) -> bool:
         return self.start <= ino < self.end
 
-    def inode(self, ino: int) -> dict[str, Any]:
-        if not isinstance(ino, int) or isinstance(ino, bool):
-            raise ShoalError(Code.BAD_REQUEST, f"inode number must be an integer, not {ino!r}")
-        node = self.inodes.get(ino)
+    def inode(self, ino: int, staged: bool = False) -> dict[str, Any]:
+        """An inode as committed (reads) or as the queued changes leave it (mutations)."""
+        node = self.staged.inode(ino) if staged else self.inodes.get(ino)
         if node is None:
             raise ShoalError(Code.NOT_FOUND, f"inode {ino} not found")
         return node
 
-    def directory(self, ino: int) -> dict[str, Any]:
-        node = self.inode(ino)
+    def directory(self, ino: int, staged: bool = False) -> dict[str, Any]:
+        node = self.inode(ino, staged)
         if not stat.S_ISDIR(node["mode"]):
             raise ShoalError(Code.NOT_DIR, f"inode {ino} is not a directory")
         return node
@@ -136,7 +150,7 @@ class MetaPartition:
             raise ShoalError(Code.NAME_TOO_LONG)
 
     def _touched(self, ino: int, **changes: Any) -> dict[str, Any]:
-        node = dict(self.inode(ino))
+        node = dict(self.inode(ino, staged=True))
         node.update(changes)
         return node
 
@@ -153,11 +167,13 @@ class MetaPartition:
         return [("I", ROOT_INO, root), ("C", ROOT_INO + 1)]
 
     def _new_inode(self, mode: int, uid: int, gid: int, target: str | None, rdev: int) -> dict[str, Any]:
-        if self.cursor >= self.end:
+        ino = self.staged.next_cursor()
+        if ino >= self.end:
             raise ShoalError(Code.NO_SPACE, f"meta partition {self.pid} has no free inodes")
-        if not isinstance(mode, int) or (target is not None and not isinstance(target, str)):
-            raise ShoalError(Code.BAD_REQUEST, "mode must be an integer and target a string")
-        ino = self.cursor
+        if stat.S_IFMT(mode) not in FILE_TYPES:
+            raise ShoalError(Code.INVALID, f"mode {mode:#o} has no valid file type")
+        if stat.S_ISLNK(mode) != (target is not None):
+            raise ShoalError(Code.INVALID, "a symlink, and only a symlink, has a target")
         t = now_ns()
         return {"ino": ino, "mode": int(mode), "uid": int(uid), "gid": int(gid),
                 "size": len(target.encode()) if target else 0,
@@ -174,8 +190,8 @@ class MetaPartition:
                      target: str | None = None, rdev: int = 0) -> dict[str, Any]:
         """Inode and dentry together: one journal record, so a create is atomic."""
         self.check_name(name)
-        self.directory(parent)
-        if name in self.dentries.get(parent, {}):
+        self.directory(parent, staged=True)
+        if self.staged.dentry(parent, name) is not None:
             raise ShoalError(Code.EXISTS, f"{name!r} exists")
         node = self._new_inode(mode, uid, gid, target, rdev)
         ino = node["ino"]
@@ -184,22 +200,24 @@ class MetaPartition:
         return public_attr(node)
 
     async def set_attr(self, ino: int, changes: dict[str, Any]) -> dict[str, Any]:
-        node = dict(self.inode(ino))
+        node = dict(self.inode(ino, staged=True))
+        if (changes.get("size") is not None or changes.get("grow") is not None) and not stat.S_ISREG(node["mode"]):
+            raise ShoalError(Code.INVALID, "only a regular file has a size to set")
         for key in INODE_FIELDS:
             if changes.get(key) is not None:
-                node[key] = int(changes[key])
+                node[key] = changes[key]
         if changes.get("grow") is not None:  # writers only ever extend the size
-            node["size"] = max(node["size"], int(changes["grow"]))
-        if "mode" in changes and changes["mode"] is not None:
+            node["size"] = max(node["size"], changes["grow"])
+        if changes.get("mode") is not None:
             # the file type bits never change through setattr
-            node["mode"] = (self.inodes[ino]["mode"] & ~0o7777) | (int(changes["mode"]) & 0o7777)
-        if "ctime" not in changes or changes["ctime"] is None:
+            node["mode"] = (node["mode"] & ~0o7777) | (changes["mode"] & 0o7777)
+        if changes.get("ctime") is None:
             node["ctime"] = now_ns()
         await self.commit([("I", ino, node)])
         return public_attr(node)
 
     async def link_inode(self, ino: int) -> dict[str, Any]:
-        node = self.inode(ino)
+        node = self.inode(ino, staged=True)
         if stat.S_ISDIR(node["mode"]):
             raise ShoalError(Code.NOT_PERMITTED, "hard links to directories are not allowed")
         if node["nlink"] >= MAX_LINKS:
@@ -209,7 +227,7 @@ class MetaPartition:
         return public_attr(node)
 
     async def unlink_inode(self, ino: int) -> dict[str, Any]:
-        node = self.inode(ino)
+        node = self.inode(ino, staged=True)
         nlink = 0 if stat.S_ISDIR(node["mode"]) else max(0, node["nlink"] - 1)
         node = self._touched(ino, nlink=nlink, ctime=now_ns())
         await self.commit([("I", ino, node)])
@@ -217,7 +235,7 @@ class MetaPartition:
 
     async def evict_inode(self, ino: int) -> dict[str, Any]:
         """Drop an inode with no links left; returns its extents to free."""
-        node = self.inodes.get(ino)
+        node = self.staged.inode(ino)
         if node is None:
             return {"extents": {}}
         if node["nlink"] > 0:
@@ -228,19 +246,22 @@ class MetaPartition:
     # ----- dentries ----------------------------------------------------
     async def create_dentry(self, parent: int, name: str, ino: int, mode: int) -> None:
         self.check_name(name)
-        self.directory(parent)
-        entries = self.dentries.get(parent)
-        if entries is not None and name in entries:
+        self.directory(parent, staged=True)
+        if self.staged.dentry(parent, name) is not None:
             raise ShoalError(Code.EXISTS, f"{name!r} exists")
         await self.commit([("D", parent, name, ino, mode), self._dir_changed(parent)])
 
-    def lookup(self, parent: int, name: str) -> dict[str, Any]:
-        self.directory(parent)
-        entry = self.dentries.get(parent, {}).get(name)
+    def lookup(self, parent: int, name: str, staged: bool = False) -> dict[str, Any]:
+        self.directory(parent, staged)
+        if staged:
+            entry = self.staged.dentry(parent, name)
+        else:
+            entries = self.dentries.get(parent)
+            entry = entries.get(name) if entries is not None else None
         if entry is None:
             raise ShoalError(Code.NOT_FOUND, f"{name!r} not found")
         found: dict[str, Any] = {"ino": entry[0], "mode": entry[1]}
-        node = self.inodes.get(entry[0])
+        node = self.staged.inode(entry[0]) if staged else self.inodes.get(entry[0])
         if node is not None:  # files live with their parent: one round trip for lookup + getattr
             found["attr"] = public_attr(node)
         return found
@@ -250,14 +271,14 @@ class MetaPartition:
         """Remove a name. When the inode is in this partition too (files are),
         its link count drops in the same record, and an inode left with no
         links is dropped unless it is in `keep` (open on the caller)."""
-        found = self.lookup(parent, name)
+        found = self.lookup(parent, name, staged=True)
         if want_dir is True and not stat.S_ISDIR(found["mode"]):
             raise ShoalError(Code.NOT_DIR, f"{name!r} is not a directory")
         if want_dir is False and stat.S_ISDIR(found["mode"]):
             raise ShoalError(Code.IS_DIR, f"{name!r} is a directory")
         effects: list[Any] = [("d", parent, name), self._dir_changed(parent)]
         ino = found["ino"]
-        node = self.inodes.get(ino)
+        node = self.staged.inode(ino)
         if node is not None and keep is not None and not stat.S_ISDIR(node["mode"]):
             nlink = max(0, node["nlink"] - 1)
             if nlink == 0 and ino not in keep:
@@ -295,9 +316,9 @@ class MetaPartition:
     async def rename_local(self, sp: int, sn: str, dp: int, dn: str, noreplace: bool) -> dict[str, Any]:
         """Both parents in this partition: one journal record, atomic."""
         self.check_name(dn)
-        moving = self.lookup(sp, sn)
-        self.directory(dp)
-        existing = self.dentries.get(dp, {}).get(dn)
+        moving = self.lookup(sp, sn, staged=True)
+        self.directory(dp, staged=True)
+        existing = self.staged.dentry(dp, dn)
         if sp == dp and sn == dn:
             return {"ino": moving["ino"], "replaced": None}
         if existing is not None and existing[0] == moving["ino"]:
@@ -312,35 +333,36 @@ class MetaPartition:
         return {"ino": moving["ino"], "replaced": list(existing) if existing else None}
 
     async def begin_rename_tx(self, txid: str, sp: int, sn: str, tx: dict[str, Any]) -> dict[str, Any]:
-        moving = self.lookup(sp, sn)
-        if any(t["sp"] == sp and t["sn"] == sn for t in self.txs.values()):
+        moving = self.lookup(sp, sn, staged=True)
+        if any(t["sp"] == sp and t["sn"] == sn for t in self.staged.all_txs()):
             raise ShoalError(Code.TRY_AGAIN, f"{sn!r} is being renamed")
         tx = dict(tx, sp=sp, sn=sn, ino=moving["ino"], mode=moving["mode"])
         await self.commit([("T", txid, tx)])
         return tx
 
     async def finish_rename_tx(self, txid: str) -> None:
-        tx = self.txs.get(txid)
+        tx = self.staged.tx(txid)
         if tx is None:
             return
         effects: list[Any] = [("t", txid)]
-        current = self.dentries.get(tx["sp"], {}).get(tx["sn"])
+        current = self.staged.dentry(tx["sp"], tx["sn"])
         if current is not None and current[0] == tx["ino"]:
             effects += [("d", tx["sp"], tx["sn"]), self._dir_changed(tx["sp"])]
         await self.commit(effects)
 
     async def abort_rename_tx(self, txid: str) -> None:
-        if txid in self.txs:
+        if self.staged.tx(txid) is not None:
             await self.commit([("t", txid)])
 
     async def rename_link_tx(self, txid: str, dp: int, dn: str, ino: int, mode: int,
                              noreplace: bool) -> dict[str, Any]:
         """Destination half of a cross-partition rename; idempotent per txid."""
-        if txid in self.applied_txs:
-            return {"replaced": self.applied_txs[txid]}
+        done, replaced_before = self.staged.applied_tx(txid)
+        if done:
+            return {"replaced": replaced_before}
         self.check_name(dn)
-        self.directory(dp)
-        existing = self.dentries.get(dp, {}).get(dn)
+        self.directory(dp, staged=True)
+        existing = self.staged.dentry(dp, dn)
         if existing is not None and existing[0] == ino:
             existing = None
         self._check_replace(mode, existing, noreplace)
@@ -350,21 +372,30 @@ class MetaPartition:
 
     # ----- extents and xattrs -------------------------------------------
     async def extent_set(self, ino: int, chunk: int, dp: int, ext: int) -> None:
-        node = self.inode(ino)
+        node = self.inode(ino, staged=True)
+        if not stat.S_ISREG(node["mode"]):
+            raise ShoalError(Code.INVALID, f"inode {ino} is not a regular file")
+        if not 0 <= chunk <= MAX_CHUNK or ext != extent_id(ino, chunk):
+            raise ShoalError(Code.INVALID, f"chunk {chunk} of inode {ino} is extent {extent_id(ino, chunk)}")
+        known = self.data_partitions()
+        if known is None:
+            raise ShoalError(Code.TRY_AGAIN, "the volume's data partitions are not known yet")
+        if dp not in known:
+            raise ShoalError(Code.INVALID, f"data partition {dp} is not in this volume")
         if node["extents"].get(chunk) == [dp, ext]:
             return
         extents = dict(node["extents"])
-        extents[int(chunk)] = [int(dp), int(ext)]
+        extents[chunk] = [dp, ext]
         await self.commit([("I", ino, self._touched(ino, extents=extents))])
 
     async def extent_drop(self, ino: int, chunks: list[int]) -> None:
-        node = self.inode(ino)
-        drop = {int(c) for c in chunks}
+        node = self.inode(ino, staged=True)
+        drop = set(chunks)
         extents = {c: e for c, e in node["extents"].items() if c not in drop}
         await self.commit([("I", ino, self._touched(ino, extents=extents))])
 
     async def set_xattr(self, ino: int, name: str, value: bytes, flags: int) -> None:
-        node = self.inode(ino)
+        node = self.inode(ino, staged=True)
         exists = name in node["xattrs"]
         if flags == 1 and exists:  # XATTR_CREATE
             raise ShoalError(Code.EXISTS, f"xattr {name!r} exists")
@@ -372,6 +403,8 @@ class MetaPartition:
             raise ShoalError(Code.NO_DATA, f"xattr {name!r} not set")
         xattrs = dict(node["xattrs"])
         xattrs[name] = bytes(value)
+        if sum(len(k) + len(v) for k, v in xattrs.items()) > MAX_XATTR_TOTAL:
+            raise ShoalError(Code.NO_SPACE, f"xattrs of inode {ino} would exceed {MAX_XATTR_TOTAL} bytes")
         await self.commit([("I", ino, self._touched(ino, xattrs=xattrs, ctime=now_ns()))])
 
     def get_xattr(self, ino: int, name: str) -> bytes:
@@ -381,7 +414,7 @@ class MetaPartition:
         return bytes(value)
 
     async def remove_xattr(self, ino: int, name: str) -> None:
-        node = self.inode(ino)
+        node = self.inode(ino, staged=True)
         if name not in node["xattrs"]:
             raise ShoalError(Code.NO_DATA, f"xattr {name!r} not set")
         xattrs = {k: v for k, v in node["xattrs"].items() if k != name}

@@ -23,10 +23,46 @@ from shoalfs.common.files import atomic_write
 from shoalfs.common.service import NodeService
 from shoalfs.metanode.partition import MetaPartition, public_attr
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.layout import (
+    MAX_CHUNK,
+    MAX_FILE_SIZE,
+    MAX_INO,
+    MAX_NAME,
+    MAX_SYMLINK,
+    MAX_XATTR_NAME,
+    MAX_XATTR_VALUE,
+)
 from shoalfs.proto.opcodes import Op
-from shoalfs.proto.rpc import RetryPolicy, RpcPool, ServerConnection
+from shoalfs.proto.rpc import RetryPolicy, RpcPool
+from shoalfs.proto.schema import I64_MAX, I64_MIN, U32, U64, Bool, Bytes, Int, ListOf, Map, Opt, Schema, Str
+from shoalfs.proto.server import ServerConnection
 
 log = logging.getLogger(__name__)
+
+# Request fields, checked before any handler runs. Names get a looser bound
+# here so that an over-long one is NAME_TOO_LONG (check_name), not BAD_REQUEST.
+INO = Int(1, MAX_INO)
+PID = Int(1, U64)
+NAME = Str(4 * MAX_NAME + 4096)
+MODE = Int(0, 0o177777)
+ID = Int(0, U32)
+TIME_NS = Int(I64_MIN, I64_MAX)
+CHUNK_NO = Int(0, MAX_CHUNK)
+XATTR_NAME = Str(MAX_XATTR_NAME)
+NEW_INODE: Schema = {"mode": MODE, "uid": Opt(ID, 0), "gid": Opt(ID, 0), "target": Opt(Str(MAX_SYMLINK)),
+             "rdev": Opt(Int(0, U32), 0)}
+SET_ATTR: Schema = {"ino": INO, "mode": Opt(Int(0, 0o7777)), "uid": Opt(ID), "gid": Opt(ID),
+            "size": Opt(Int(0, MAX_FILE_SIZE)), "grow": Opt(Int(0, MAX_FILE_SIZE)),
+            "atime": Opt(TIME_NS), "mtime": Opt(TIME_NS), "ctime": Opt(TIME_NS)}
+RENAME: Schema = {"src_parent": INO, "src_name": NAME, "dst_parent": INO, "dst_name": NAME, "dst_pid": PID,
+          "noreplace": Opt(Bool, False)}
+RENAME_LINK: Schema = {"txid": Str(64), "parent": INO, "name": NAME, "ino": INO, "mode": MODE,
+               "noreplace": Opt(Bool, False)}
+TOKEN = Opt(Str(1024), "")  # absent: refused by check_master as UNAUTHORIZED
+MASTER_STATE: Schema = {"token": TOKEN, "read_only": Opt(ListOf(Str(64), 1_000_000), []), "volumes": Opt(Map, {})}
+CREATE_META_PARTITION: Schema = {"token": TOKEN, "vol_id": Str(64), "start": Int(0, U64), "end": Int(1, U64),
+                         "replicas": Opt(ListOf(Str(256), 16), [])}
+DELETE_PARTITION: Schema = {"token": TOKEN, "tombstone": Opt(Map)}
 
 
 class MetaNode(NodeService):
@@ -39,38 +75,44 @@ class MetaNode(NodeService):
         self._tasks: set[asyncio.Task[None]] = set()
         self.subscribers: dict[str, set[ServerConnection]] = {}
         r = self.rpc.route
-        r(Op.HEARTBEAT, self.heartbeat)
-        r(Op.CREATE_PARTITION, self.create_partition)
-        r(Op.DELETE_PARTITION, self.delete_partition)
-        r(Op.SUBSCRIBE, self.subscribe)
-        r(Op.META_CREATE_INODE, self._on(lambda p, b: p.create_inode(
-            b["mode"], b.get("uid", 0), b.get("gid", 0), b.get("target"), b.get("rdev", 0))))
-        r(Op.META_CREATE, self._on(lambda p, b: p.create(
-            b["parent"], b["name"], b["mode"], b.get("uid", 0), b.get("gid", 0), b.get("target"),
-            b.get("rdev", 0))))
-        r(Op.META_GET_INODE, self._on(self._get_inode))
-        r(Op.META_BATCH_GET_INODE, self._on(self._batch_get))
-        r(Op.META_SET_ATTR, self._on(lambda p, b: p.set_attr(b["ino"], b)))
-        r(Op.META_LINK_INODE, self._on(lambda p, b: p.link_inode(b["ino"])))
-        r(Op.META_UNLINK_INODE, self._on(lambda p, b: p.unlink_inode(b["ino"])))
-        r(Op.META_EVICT_INODE, self._on(lambda p, b: p.evict_inode(b["ino"])))
-        r(Op.META_CREATE_DENTRY, self._on(lambda p, b: p.create_dentry(
-            b["parent"], b["name"], b["ino"], b["mode"])))
-        r(Op.META_LOOKUP, self._on(self._lookup))
-        r(Op.META_DELETE_DENTRY, self._on(lambda p, b: p.delete_dentry(
-            b["parent"], b["name"], b.get("dir"), b.get("keep"))))
-        r(Op.META_READDIR, self._on(self._readdir))
-        r(Op.META_RENAME, self._on(self.rename))
-        r(Op.META_RENAME_LINK_TX, self._on(lambda p, b: p.rename_link_tx(
-            b["txid"], b["parent"], b["name"], b["ino"], b["mode"], bool(b.get("noreplace")))))
-        r(Op.META_EXTENT_SET, self._on(lambda p, b: p.extent_set(b["ino"], b["chunk"], b["dp"], b["ext"])))
-        r(Op.META_EXTENT_DROP, self._on(lambda p, b: p.extent_drop(b["ino"], b["chunks"])))
-        r(Op.META_EXTENT_LIST, self._on(self._extent_list))
-        r(Op.META_SET_XATTR, self._on(lambda p, b: p.set_xattr(
-            b["ino"], b["name"], b["value"], b.get("flags", 0))))
-        r(Op.META_GET_XATTR, self._on(self._get_xattr))
-        r(Op.META_LIST_XATTR, self._on(self._list_xattr))
-        r(Op.META_REMOVE_XATTR, self._on(lambda p, b: p.remove_xattr(b["ino"], b["name"])))
+        r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE)
+        r(Op.CREATE_PARTITION, self.create_partition, CREATE_META_PARTITION)
+        r(Op.DELETE_PARTITION, self.delete_partition, DELETE_PARTITION)
+        r(Op.SUBSCRIBE, self.subscribe, {"vol_id": Str(64)})
+        on = self._on
+        r(Op.META_CREATE_INODE, on(lambda p, b: p.create_inode(
+            b["mode"], b["uid"], b["gid"], b["target"], b["rdev"])), NEW_INODE)
+        r(Op.META_CREATE, on(lambda p, b: p.create(
+            b["parent"], b["name"], b["mode"], b["uid"], b["gid"], b["target"], b["rdev"])),
+          {"parent": INO, "name": NAME, **NEW_INODE})
+        r(Op.META_GET_INODE, on(self._get_inode), {"ino": INO})
+        r(Op.META_BATCH_GET_INODE, on(self._batch_get), {"inos": ListOf(INO, 10_000)})
+        r(Op.META_SET_ATTR, on(lambda p, b: p.set_attr(b["ino"], b)), SET_ATTR)
+        r(Op.META_LINK_INODE, on(lambda p, b: p.link_inode(b["ino"])), {"ino": INO})
+        r(Op.META_UNLINK_INODE, on(lambda p, b: p.unlink_inode(b["ino"])), {"ino": INO})
+        r(Op.META_EVICT_INODE, on(lambda p, b: p.evict_inode(b["ino"])), {"ino": INO})
+        r(Op.META_CREATE_DENTRY, on(lambda p, b: p.create_dentry(
+            b["parent"], b["name"], b["ino"], b["mode"])), {"parent": INO, "name": NAME, "ino": INO, "mode": MODE})
+        r(Op.META_LOOKUP, on(self._lookup), {"parent": INO, "name": NAME})
+        r(Op.META_DELETE_DENTRY, on(lambda p, b: p.delete_dentry(
+            b["parent"], b["name"], b["dir"], b["keep"])),
+          {"parent": INO, "name": NAME, "dir": Opt(Bool), "keep": Opt(ListOf(INO, 1_000_000))})
+        r(Op.META_READDIR, on(self._readdir),
+          {"parent": INO, "after": Opt(NAME), "limit": Opt(Int(1, 10_000), 1000)})
+        r(Op.META_RENAME, on(self.rename), RENAME)
+        r(Op.META_RENAME_LINK_TX, on(lambda p, b: p.rename_link_tx(
+            b["txid"], b["parent"], b["name"], b["ino"], b["mode"], b["noreplace"])), RENAME_LINK)
+        r(Op.META_EXTENT_SET, on(lambda p, b: p.extent_set(b["ino"], b["chunk"], b["dp"], b["ext"])),
+          {"ino": INO, "chunk": CHUNK_NO, "dp": PID, "ext": Int(0, U64)})
+        r(Op.META_EXTENT_DROP, on(lambda p, b: p.extent_drop(b["ino"], b["chunks"])),
+          {"ino": INO, "chunks": ListOf(CHUNK_NO, MAX_CHUNK + 1)})
+        r(Op.META_EXTENT_LIST, on(self._extent_list), {"ino": INO})
+        r(Op.META_SET_XATTR, on(lambda p, b: p.set_xattr(b["ino"], b["name"], b["value"], b["flags"])),
+          {"ino": INO, "name": XATTR_NAME, "value": Bytes(MAX_XATTR_VALUE), "flags": Opt(Int(0, 2), 0)})
+        r(Op.META_GET_XATTR, on(self._get_xattr), {"ino": INO, "name": XATTR_NAME})
+        r(Op.META_LIST_XATTR, on(self._list_xattr), {"ino": INO})
+        r(Op.META_REMOVE_XATTR, on(lambda p, b: p.remove_xattr(b["ino"], b["name"])),
+          {"ino": INO, "name": XATTR_NAME})
 
     # ----- partition management -----------------------------------------
     def _pdir(self, pid: int) -> str:
@@ -96,6 +138,7 @@ class MetaNode(NodeService):
         part.load()
         vol_id = info["vol_id"]
         part.before_commit = lambda: self.check_writable(vol_id)
+        part.data_partitions = lambda: self.volume_maps.data_partitions(vol_id)
         return part
 
     async def close(self) -> None:
@@ -120,10 +163,12 @@ class MetaNode(NodeService):
         self.check_master(body)
         if pid in self.partitions:
             return {"created": False}
-        info = {"pid": pid, "vol_id": body["vol_id"], "start": int(body["start"]),
-                "end": int(body["end"]), "replicas": body.get("replicas", [])}
+        if body["start"] >= body["end"]:
+            raise ShoalError(Code.BAD_REQUEST, "a meta partition's range must not be empty")
+        info = {"pid": pid, "vol_id": body["vol_id"], "start": body["start"],
+                "end": body["end"], "replicas": body["replicas"]}
         pdir = self._pdir(pid)
-        os.makedirs(pdir, exist_ok=True)
+        os.makedirs(pdir, mode=0o700, exist_ok=True)
         part = self._partition(info, pdir)
         if part.start <= 1 < part.end and 1 not in part.inodes:
             await part.commit(part.new_root())
@@ -193,7 +238,7 @@ class MetaNode(NodeService):
 
     @staticmethod
     def _readdir(part: MetaPartition, body: Any) -> Any:
-        return part.readdir(body["parent"], body.get("after"), body.get("limit", 1000))
+        return part.readdir(body["parent"], body["after"], body["limit"])
 
     @staticmethod
     def _extent_list(part: MetaPartition, body: Any) -> Any:
@@ -210,26 +255,44 @@ class MetaNode(NodeService):
 
     # ----- rename ----------------------------------------------------------
     async def rename(self, part: MetaPartition, b: Any) -> Any:
-        noreplace = bool(b.get("noreplace"))
+        noreplace = b["noreplace"]
         if b["dst_pid"] == part.pid:
             return await part.rename_local(b["src_parent"], b["src_name"], b["dst_parent"],
                                            b["dst_name"], noreplace)
         part.check_name(b["dst_name"])
+        target = self._peer_partition(part.info["vol_id"], b["dst_pid"])
+        if not target[0] <= b["dst_parent"] < target[1]:
+            raise ShoalError(Code.INVALID, f"inode {b['dst_parent']} is not in meta partition {b['dst_pid']}")
         txid = uuid.uuid4().hex
         tx = await part.begin_rename_tx(txid, b["src_parent"], b["src_name"], {
-            "dp": b["dst_parent"], "dn": b["dst_name"], "dst_pid": b["dst_pid"],
-            "dst_addr": b["dst_addr"], "noreplace": noreplace})
+            "dp": b["dst_parent"], "dn": b["dst_name"], "dst_pid": b["dst_pid"], "noreplace": noreplace})
         replaced = await self._resolve_tx(part, txid)
         return {"ino": tx["ino"], "replaced": replaced}
 
+    def _peer_partition(self, vol_id: str, pid: int) -> tuple[int, int, list[str]]:
+        """(start, end, replicas) of a partition of the volume, from the master's map."""
+        if vol_id not in self.volume_maps.maps:
+            raise ShoalError(Code.TRY_AGAIN, f"the master has not sent the map of volume {vol_id} yet")
+        target = self.volume_maps.meta_partition(vol_id, pid)
+        if target is None or not target[2]:
+            raise ShoalError(Code.INVALID, f"meta partition {pid} is not in volume {vol_id}")
+        return target
+
+    def _partition_leader(self, vol_id: str, pid: int) -> str:
+        return self._peer_partition(vol_id, pid)[2][0]
+
     async def _resolve_tx(self, part: MetaPartition, txid: str) -> Any:
-        """Drive a rename intent to its end: linked at the target, unlinked here."""
+        """Drive a rename intent to its end: linked at the target, unlinked here.
+        A target the master's map does not know (or that refuses the link for
+        good) aborts the intent, so no name is left stuck."""
         tx = part.txs[txid]
         body = {"txid": txid, "parent": tx["dp"], "name": tx["dn"], "ino": tx["ino"],
                 "mode": tx["mode"], "noreplace": tx["noreplace"]}
+        vol_id = part.info["vol_id"]
         while True:
             try:
-                res = await self.peers.call(tx["dst_addr"], Op.META_RENAME_LINK_TX, tx["dst_pid"], body)
+                res = await self.peers.call(lambda: self._partition_leader(vol_id, tx["dst_pid"]),
+                                            Op.META_RENAME_LINK_TX, tx["dst_pid"], body)
                 break
             except ShoalError as exc:
                 if not exc.transient:

@@ -31,9 +31,11 @@ class Code(IntEnum):
     READ_ONLY = 100416
     NAME_TOO_LONG = 100417
     CORRUPTED = 100418
+    IO_ERROR = 100419
     NO_DATA = 100420
     NOT_PERMITTED = 100421
     TOO_MANY_LINKS = 100422
+    DATA_LOST = 100423
     INTERNAL = 100500
     # transient: retried inside the operation's deadline
     TIMEOUT = 100600
@@ -68,6 +70,8 @@ REGISTRY: dict[Code, CodeInfo] = {
     Code.READ_ONLY: CodeInfo("read-only volume", False, errno.EROFS),
     Code.NAME_TOO_LONG: CodeInfo("file name too long", False, errno.ENAMETOOLONG),
     Code.CORRUPTED: CodeInfo("data block checksum mismatch", False, errno.EIO),
+    Code.IO_ERROR: CodeInfo("disk I/O error on the server", False, errno.EIO),
+    Code.DATA_LOST: CodeInfo("extent missing or shorter than written on the datanode", False, errno.EIO),
     Code.PARTITION_NOT_EXIST: CodeInfo("partition not on this node", True, errno.EIO),
     Code.NO_DATA: CodeInfo("no such attribute", False, errno.ENODATA),
     Code.NOT_PERMITTED: CodeInfo("operation not permitted", False, errno.EPERM),
@@ -114,6 +118,13 @@ class ShoalError(Exception):
         if path is None:
             return OSError(e, self.msg)
         return OSError(e, self.msg, path)
+
+
+def disk_error(exc: OSError, what: str) -> ShoalError:
+    """A server's failed disk operation, as the client should see it."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ShoalError(Code.NO_SPACE, f"{what}: no space left on the server's disk")
+    return ShoalError(Code.IO_ERROR, f"{what}: {exc.strerror or exc}")
 
 
 def check_registry() -> None:

@@ -1,46 +1,63 @@
 """Reading frames off a socket without copying large bodies twice.
 
-A BufferedProtocol: small frames are parsed out of one reusable 256 KiB
-buffer; a frame whose body is larger gets a buffer of its own that the
+A BufferedProtocol: small frames are parsed out of one reusable buffer; a
+frame whose body is larger than half of it gets a buffer of its own that the
 socket fills directly, so a 4 MiB read answer is copied once (kernel to
 buffer) instead of three times as with StreamReader.feed_data/readexactly.
+
+A server passes `reserve`: a large body is allocated only once the server's
+memory budget has room for it (until then the connection is not read), so
+peers announcing large frames cannot make a server hold more than its budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import cast
 
 from shoalfs.proto.wire import HEADER_SIZE, FrameError, Header, parse_header
 
 BUFFER = 256 * 1024
+WRITE_HIGH = 4 * 1024 * 1024  # send-buffer marks of a server connection (flow control)
+WRITE_LOW = 256 * 1024
 
-FrameHandler = Callable[[Header, bytes | bytearray], None]
+FrameHandler = Callable[[Header, bytes | bytearray, int], None]  # header, body, bytes reserved for it
+Reserve = Callable[[int, Callable[[], None]], bool]  # take n bytes now, or call back once taken
 
 
 class FrameReceiver(asyncio.BufferedProtocol):
-    def __init__(self, on_frame: FrameHandler, on_lost: Callable[[BaseException | None], None]) -> None:
+    def __init__(self, on_frame: FrameHandler, on_lost: Callable[[BaseException | None], None],
+                 buffer_size: int = BUFFER, reserve: Reserve | None = None) -> None:
         self.on_frame = on_frame
         self.on_lost = on_lost
+        self.reserve = reserve
         self.transport: asyncio.Transport | None = None
-        self._buf = bytearray(BUFFER)
+        self._buf = bytearray(buffer_size)
         self._start = 0
         self._end = 0
         self._big: bytearray | None = None
         self._big_pos = 0
         self._big_header: Header | None = None
+        self._granted = 0  # budget held for the large body being received
+        self._waiting_budget = False
+        self.frame_started: float | None = None  # monotonic time the unfinished frame began
         self._can_write = asyncio.Event()
         self._can_write.set()
         self.lost = asyncio.Event()
+        self.on_writable: Callable[[], None] | None = None  # the send buffer fell below its low mark
 
     # ----- asyncio callbacks ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self.on_writable is not None:
+            self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._can_write.set()
         self.lost.set()
+        self._big = None
         self.on_lost(exc)
 
     def pause_writing(self) -> None:
@@ -48,6 +65,8 @@ class FrameReceiver(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._can_write.set()
+        if self.on_writable is not None:
+            self.on_writable()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._big is not None:
@@ -63,16 +82,22 @@ class FrameReceiver(asyncio.BufferedProtocol):
             if self._big is not None:
                 self._big_pos += nbytes
                 if self._big_pos == len(self._big):
-                    header, body = self._big_header, self._big
-                    self._big, self._big_header = None, None
+                    header, body, granted = self._big_header, self._big, self._granted
+                    self._big, self._big_header, self._granted = None, None, 0
+                    self.frame_started = None
                     assert header is not None
-                    self.on_frame(header, body)
+                    self.on_frame(header, body, granted)
                 return
             self._end += nbytes
             self._parse()
         except FrameError:
             if self.transport is not None:
                 self.transport.abort()
+
+    @property
+    def receiving(self) -> bool:
+        """True while a frame has begun but not finished arriving (and we are reading)."""
+        return self.frame_started is not None and not self._waiting_budget
 
     # ----- framing ----------------------------------------------------------------
     def _parse(self) -> None:
@@ -84,19 +109,45 @@ class FrameReceiver(asyncio.BufferedProtocol):
             if have >= total:
                 body = bytes(buf[self._start + HEADER_SIZE:self._start + total])
                 self._start += total
-                self.on_frame(header, body)
+                self.on_frame(header, body, 0)
                 continue
             if total > len(buf) - self._start and header.body_len > len(buf) // 2:
+                if not self._granted and self.reserve is not None:
+                    if not self.reserve(header.body_len, self._budget_granted):
+                        self._waiting_budget = True
+                        if self.transport is not None:
+                            self.transport.pause_reading()
+                        return
+                    self._granted = header.body_len
                 # a large body: give it its own buffer and let the socket fill it
                 big = bytearray(header.body_len)
                 got = have - HEADER_SIZE
                 big[:got] = buf[self._start + HEADER_SIZE:self._end]
                 self._start = self._end = 0
                 self._big, self._big_pos, self._big_header = big, got, header
-                return
+                break
             break
-        if self._start == self._end:
+        if self._big is None and self._start == self._end:
             self._start = self._end = 0
+            self.frame_started = None
+        elif self.frame_started is None:
+            self.frame_started = time.monotonic()
+
+    def _budget_granted(self) -> None:
+        """The server's budget took the large body's bytes for us: go on reading."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._waiting_budget = False
+        self.frame_started = time.monotonic()
+        assert self._big_header is None
+        header = parse_header(bytes(self._buf[self._start:self._start + HEADER_SIZE]))
+        self._granted = header.body_len
+        try:
+            self._parse()
+        except FrameError:
+            self.transport.abort()
+            return
+        self.transport.resume_reading()
 
     async def drain(self) -> None:
         await self._can_write.wait()

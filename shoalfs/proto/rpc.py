@@ -1,6 +1,6 @@
-"""The one binary RPC layer: a server for nodes, a multiplexing client for
-everyone. Many requests may be in flight per connection; responses carry the
-request id they answer."""
+"""The RPC client everyone uses: a multiplexing connection (many requests in
+flight; responses carry the request id they answer) and a pool with retries
+of transient faults. The server side is proto/server.py."""
 
 from __future__ import annotations
 
@@ -9,124 +9,18 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.receiver import FrameReceiver
-from shoalfs.proto.wire import (
-    FLAG_EVENT,
-    FLAG_RESPONSE,
-    HEADER_SIZE,
-    Frame,
-    FrameError,
-    Header,
-    decode_body,
-    parse_header,
-)
+from shoalfs.proto.wire import FLAG_EVENT, Frame, Header, decode_body
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[int, Any, "ServerConnection"], Awaitable[Any]]
-
 
 def split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host or "127.0.0.1", int(port)
-
-
-class ServerConnection:
-    """One accepted connection; lets handlers push events back to the peer."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.closed = False
-        self.on_close: list[Callable[[ServerConnection], None]] = []
-
-    def send(self, frame: Frame) -> None:
-        if not self.closed and not self.writer.is_closing():
-            for part in frame.encode_parts():
-                self.writer.write(part)
-
-    def push_event(self, opcode: int, body: Any) -> None:
-        self.send(Frame(opcode=opcode, request_id=0, flags=FLAG_EVENT, body=body))
-
-
-class RpcServer:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.handlers: dict[int, Handler] = {}
-        self._server: asyncio.AbstractServer | None = None
-        self._conns: set[ServerConnection] = set()
-
-    def route(self, opcode: int, handler: Handler) -> None:
-        self.handlers[int(opcode)] = handler
-
-    async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, limit=1 << 20)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for conn in list(self._conns):
-            conn.writer.close()
-        if self._server is not None:
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = ServerConnection(writer)
-        self._conns.add(conn)
-        tasks: set[asyncio.Task[None]] = set()
-        try:
-            while True:
-                raw = await reader.readexactly(HEADER_SIZE)
-                header = parse_header(raw)
-                payload = await reader.readexactly(header.body_len)
-                task = asyncio.create_task(self._dispatch(conn, header, payload))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                if writer.transport.get_write_buffer_size() > 8 << 20:
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except FrameError as exc:
-            log.warning("%s: dropping connection: %s", self.name, exc)
-        finally:
-            conn.closed = True
-            self._conns.discard(conn)
-            for cb in conn.on_close:
-                cb(conn)
-            writer.close()
-
-    async def _dispatch(self, conn: ServerConnection, header: Any, payload: bytes) -> None:
-        result = 0
-        try:
-            body = decode_body(header, payload)
-            handler = self.handlers.get(header.opcode)
-            if handler is None:
-                raise ShoalError(Code.BAD_REQUEST, f"unknown opcode {header.opcode}")
-            reply = await handler(header.partition_id, body, conn)
-        except ShoalError as exc:
-            result = exc.code
-            reply = {"msg": exc.msg, "data": exc.data}
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            # malformed arguments inside a well-formed frame
-            result = Code.BAD_REQUEST
-            reply = {"msg": f"bad arguments: {exc!r}", "data": None}
-        except Exception as exc:
-            log.exception("%s: handler for opcode %s failed", self.name, header.opcode)
-            result = Code.INTERNAL
-            reply = {"msg": f"internal error: {exc!r}", "data": None}
-        conn.send(
-            Frame(
-                opcode=header.opcode,
-                request_id=header.request_id,
-                partition_id=header.partition_id,
-                result=result,
-                flags=FLAG_RESPONSE,
-                body=reply,
-            )
-        )
 
 
 EventCallback = Callable[[int, Any], None]
@@ -154,7 +48,7 @@ class RpcConnection:
             self.closed = True
             raise ShoalError(Code.NODE_UNREACHABLE, f"{self.addr}: {exc!r}") from None
 
-    def _on_frame(self, header: Header, payload: bytes | bytearray) -> None:
+    def _on_frame(self, header: Header, payload: bytes | bytearray, reserved: int) -> None:
         try:
             body = decode_body(header, payload)
         except ShoalError as exc:

@@ -19,12 +19,13 @@ from typing import Any
 import msgpack
 
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.layout import MAX_IO
 
 HEADER = struct.Struct("!IHBBHIQQI")
 HEADER_SIZE = HEADER.size
 MAGIC = 0x5348  # "SH"
 VERSION = 1
-MAX_BODY = 64 * 1024 * 1024 + 4096
+MAX_BODY = MAX_IO + 64 * 1024  # the largest body the protocol needs: one I/O piece and its fields
 
 FLAG_RESPONSE = 0x01
 FLAG_EVENT = 0x02  # server-initiated push (lifecycle events)

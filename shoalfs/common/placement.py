@@ -1,0 +1,65 @@
+"""Where each volume's partitions live, as the master last told this node.
+
+Nodes talk to peers only at addresses from this map (never at one named in
+a request), and a metanode accepts an extent only on a data partition of
+the inode's own volume. The map is kept on disk so a restarted node serves
+before the master's next heartbeat.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from shoalfs.common.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def _is_addr_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(a, str) for a in v)
+
+
+def _valid(vmap: Any) -> bool:
+    if not isinstance(vmap, dict) or not isinstance(vmap.get("meta"), list) or not isinstance(vmap.get("data"), list):
+        return False
+    meta_ok = all(isinstance(m, list) and len(m) == 4 and all(isinstance(x, int) for x in m[:3])
+                  and _is_addr_list(m[3]) for m in vmap["meta"])
+    data_ok = all(isinstance(d, list) and len(d) == 2 and isinstance(d[0], int) and _is_addr_list(d[1])
+                  for d in vmap["data"])
+    return meta_ok and data_ok
+
+
+class VolumeMaps:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.maps: dict[str, dict[str, Any]] = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                self.maps = {k: v for k, v in json.load(f).items() if _valid(v)}
+
+    def update(self, maps: Any) -> None:
+        """Take the master's maps (from a heartbeat); written to disk when they change."""
+        if not isinstance(maps, dict):
+            return
+        fresh = {k: v for k, v in maps.items() if isinstance(k, str) and _valid(v)}
+        if fresh == self.maps:
+            return
+        self.maps = fresh
+        try:
+            atomic_write(self.path, json.dumps(fresh).encode())
+        except OSError as exc:  # kept in memory; written with the next change
+            log.warning("cannot save the volume map: %s", exc)
+
+    def data_partitions(self, vol_id: str) -> set[int] | None:
+        vmap = self.maps.get(vol_id)
+        return None if vmap is None else {d[0] for d in vmap["data"]}
+
+    def meta_partition(self, vol_id: str, pid: int) -> tuple[int, int, list[str]] | None:
+        """(start, end, replicas) of one of the volume's meta partitions."""
+        for m_pid, start, end, replicas in (self.maps.get(vol_id) or {}).get("meta", []):
+            if m_pid == pid:
+                return start, end, replicas
+        return None

@@ -1,0 +1,25 @@
+"""How file data maps onto extents: constants every role must agree on.
+
+Chunk k of inode i is extent `i << CHUNK_BITS | k`; an extent holds at most
+CHUNK bytes; one RPC moves at most MAX_IO bytes of data. The datanode and
+the metanode check requests against these, so a client cannot make an
+extent grow past a chunk or name a chunk that no file can have.
+"""
+
+from __future__ import annotations
+
+CHUNK = 64 * 1024 * 1024
+CHUNK_BITS = 20  # chunks per file: 2^20, so a file holds at most 64 TiB
+MAX_CHUNK = (1 << CHUNK_BITS) - 1
+MAX_FILE_SIZE = CHUNK << CHUNK_BITS
+MAX_IO = 8 * 1024 * 1024  # data bytes in one DATA_WRITE or DATA_READ
+MAX_INO = (1 << (64 - CHUNK_BITS)) - 1  # extent ids must fit in 64 bits
+MAX_NAME = 255  # bytes of one path component (NAME_MAX)
+MAX_SYMLINK = 4095  # bytes of a symlink target (PATH_MAX - 1)
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 64 * 1024  # as ext4
+MAX_XATTR_TOTAL = 256 * 1024  # all xattrs of one inode
+
+
+def extent_id(ino: int, chunk: int) -> int:
+    return (ino << CHUNK_BITS) | chunk

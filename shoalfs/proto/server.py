@@ -1,0 +1,310 @@
+"""The RPC server every node runs, and what it bounds.
+
+A peer can make a server hold only so much (DESIGN.md §7):
+- frames are at most wire.MAX_BODY bytes;
+- request bodies and the answers being produced (a read's size is known
+  before it runs) draw on one byte budget per server; a request waits for
+  budget, and a large frame is not even received until the budget has room;
+- a connection is not read while it has `conn_bytes` in flight or while its
+  unsent answers are above the transport's high-water mark (a peer that does
+  not read its answers stops being read); answers it never reads for
+  `write_timeout` seconds close it;
+- a frame begun must finish arriving within `read_timeout`; a connection with
+  nothing in flight closes after `idle_timeout`;
+- at most `max_connections` connections (bounded by the descriptor limit):
+  a new one beyond that evicts the longest-idle one, or is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.receiver import WRITE_HIGH, WRITE_LOW, FrameReceiver
+from shoalfs.proto.schema import Schema, validate
+from shoalfs.proto.wire import FLAG_EVENT, FLAG_RESPONSE, Frame, Header, decode_body
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[int, Any, "ServerConnection"], Awaitable[Any]]
+Cost = Callable[[dict[str, Any]], int]  # bytes an answer will hold, from the checked body
+
+SERVER_BUFFER = 64 * 1024
+DESCRIPTOR_HEADROOM = 64  # kept for files, the listener and outgoing connections
+
+
+@dataclass
+class ServerLimits:
+    max_connections: int = 4096
+    budget_bytes: int = 128 * 1024 * 1024
+    conn_bytes: int = 32 * 1024 * 1024
+    conn_requests: int = 128
+    read_timeout: float = 30.0
+    idle_timeout: float = 300.0
+    write_timeout: float = 30.0
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ServerLimits:
+        """Keys `rpc_<field>` of a role's config; bad values stop the start."""
+        limits = cls()
+        for name, default in vars(cls()).items():
+            value = cfg.get(f"rpc_{name}", default)
+            if isinstance(value, bool) or not isinstance(value, type(default) | int) or value <= 0:
+                raise SystemExit(f"shoal: config rpc_{name} must be a positive number, not {value!r}")
+            setattr(limits, name, type(default)(value))
+        return limits
+
+
+class ByteBudget:
+    """Bytes a server may hold for requests in flight; waiters are served in order."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[tuple[int, Callable[[], None]]] = deque()
+
+    def try_take(self, n: int) -> bool:
+        n = min(n, self.limit)  # one request larger than the budget runs alone
+        if self._waiters or self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def take_later(self, n: int, granted: Callable[[], None]) -> None:
+        self._waiters.append((min(n, self.limit), granted))
+
+    async def take(self, n: int) -> None:
+        if self.try_take(n):
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def granted() -> None:
+            if not fut.done():
+                fut.set_result(None)
+        self.take_later(n, granted)
+        await fut
+
+    def give(self, n: int) -> None:
+        self.used -= min(n, self.limit)
+        while self._waiters and self.used + self._waiters[0][0] <= self.limit:
+            n, granted = self._waiters.popleft()
+            self.used += n
+            granted()
+
+
+class ServerConnection:
+    """One accepted connection; lets handlers push events back to the peer."""
+
+    def __init__(self, server: RpcServer) -> None:
+        self.server = server
+        self.receiver = FrameReceiver(self._on_frame, self._on_lost, SERVER_BUFFER, self._reserve)
+        self.receiver.on_writable = self._flow
+        self.closed = False
+        self.on_close: list[Callable[[ServerConnection], None]] = []
+        self.last_active = time.monotonic()
+        self.requests = 0
+        self.bytes = 0  # budget held by this connection's requests in flight
+        self.unsent_held = 0  # budget held by answers still in the send buffer
+        self.unsent_since: float | None = None  # answers waiting on a peer that does not read
+        self._paused = False
+
+    # ----- receiving --------------------------------------------------------
+    def _reserve(self, n: int, granted: Callable[[], None]) -> bool:
+        if self.server.budget.try_take(n):
+            return True
+
+        def on_grant() -> None:
+            if self.closed:
+                self.server.budget.give(n)
+            else:
+                granted()
+        self.server.budget.take_later(n, on_grant)
+        return False
+
+    def _on_frame(self, header: Header, payload: bytes | bytearray, reserved: int) -> None:
+        self.last_active = time.monotonic()
+        self.requests += 1
+        self.bytes += reserved
+        self._flow()
+        task = asyncio.ensure_future(self.server.dispatch(self, header, payload, reserved))
+        self.server.tasks.add(task)
+        task.add_done_callback(self.server.tasks.discard)
+
+    def request_done(self, held: int) -> None:
+        """The answer is sent: its budget is given back once the peer has taken it."""
+        self.requests -= 1
+        self.bytes -= held
+        self.unsent_held += held
+        self.last_active = time.monotonic()
+        self._flow()
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self.server.forget(self)
+        held, self.unsent_held = self.unsent_held + self.receiver._granted, 0
+        self.receiver._granted = 0  # a large frame may have been arriving when the peer went
+        self.server.budget.give(held)
+        for cb in self.on_close:
+            cb(self)
+
+    # ----- flow control -------------------------------------------------------
+    def _flow(self) -> None:
+        """Read from the peer only while it has room for more in flight."""
+        transport = self.receiver.transport
+        if transport is None or self.closed:
+            return
+        limits = self.server.limits
+        unsent = transport.get_write_buffer_size()
+        if unsent <= WRITE_LOW and self.unsent_held:
+            held, self.unsent_held = self.unsent_held, 0
+            self.server.budget.give(held)
+        self.unsent_since = (self.unsent_since or time.monotonic()) if unsent > WRITE_HIGH else None
+        busy = (self.requests >= limits.conn_requests or self.bytes >= limits.conn_bytes
+                or unsent > WRITE_HIGH)
+        if busy and not self._paused:
+            self._paused = True
+            transport.pause_reading()
+        elif not busy and self._paused and not self.receiver._waiting_budget:
+            self._paused = False
+            transport.resume_reading()
+
+    def send(self, frame: Frame) -> None:
+        transport = self.receiver.transport
+        if self.closed or transport is None or transport.is_closing():
+            return
+        for part in frame.encode_parts():
+            transport.write(part)
+        self._flow()
+
+    def push_event(self, opcode: int, body: Any) -> None:
+        self.send(Frame(opcode=opcode, request_id=0, flags=FLAG_EVENT, body=body))
+
+    @property
+    def idle(self) -> bool:
+        return self.requests == 0 and self.receiver.frame_started is None
+
+    def close(self) -> None:
+        if self.receiver.transport is not None:
+            self.receiver.transport.abort()
+
+
+class RpcServer:
+    def __init__(self, name: str, limits: ServerLimits | None = None) -> None:
+        self.name = name
+        self.limits = limits or ServerLimits()
+        self.budget = ByteBudget(self.limits.budget_bytes)
+        self.handlers: dict[int, tuple[Handler, Schema | None, Cost | None]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: dict[ServerConnection, None] = {}  # in order of last activity, roughly
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def route(self, opcode: int, handler: Handler, schema: Schema | None = None, cost: Cost | None = None) -> None:
+        """`schema` checks the body before `handler` runs; `cost` is the size of its answer."""
+        self.handlers[int(opcode)] = (handler, schema, cost)
+
+    def max_connections(self) -> int:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return self.limits.max_connections
+        return max(1, min(self.limits.max_connections, soft - DESCRIPTOR_HEADROOM))
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._accept, host, port, backlog=1024)
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # ----- connections ---------------------------------------------------------
+    def _accept(self) -> FrameReceiver:
+        if len(self._conns) >= self.max_connections():
+            victim = next((c for c in self._conns if c.idle), None)
+            if victim is not None:
+                log.warning("%s: %d connections: closing the longest idle one", self.name, len(self._conns))
+                self.forget(victim)
+                victim.close()
+        conn = ServerConnection(self)
+        if len(self._conns) >= self.max_connections():
+            log.warning("%s: %d connections, none idle: refusing a new one", self.name, len(self._conns))
+            conn.closed = True
+            asyncio.get_running_loop().call_soon(conn.close)
+            return conn.receiver
+        self._conns[conn] = None
+        return conn.receiver
+
+    def forget(self, conn: ServerConnection) -> None:
+        self._conns.pop(conn, None)
+
+    async def _sweep(self) -> None:
+        """Close connections that hold a half frame, sit idle, or never read."""
+        while True:
+            await asyncio.sleep(min(1.0, self.limits.read_timeout / 4))
+            now = time.monotonic()
+            lim = self.limits
+            for conn in list(self._conns):
+                r = conn.receiver
+                why = None
+                if r.receiving and r.frame_started is not None and now - r.frame_started > lim.read_timeout:
+                    why = f"a frame unfinished after {lim.read_timeout:g}s"
+                elif conn.unsent_since is not None and now - conn.unsent_since > lim.write_timeout:
+                    why = f"answers unread for {lim.write_timeout:g}s"
+                elif conn.idle and now - conn.last_active > lim.idle_timeout:
+                    why = f"idle for {lim.idle_timeout:g}s"
+                else:
+                    conn._flow()  # answers drained since: maybe read again
+                if why is not None:
+                    log.info("%s: closing a connection: %s", self.name, why)
+                    self.forget(conn)
+                    conn.close()
+
+    # ----- requests ------------------------------------------------------------
+    async def dispatch(self, conn: ServerConnection, header: Header, payload: bytes | bytearray,
+                       reserved: int) -> None:
+        held = reserved
+        result = 0
+        try:
+            body = decode_body(header, payload)
+            del payload
+            route = self.handlers.get(header.opcode)
+            if route is None:
+                raise ShoalError(Code.BAD_REQUEST, f"unknown opcode {header.opcode}")
+            handler, schema, cost = route
+            if schema is not None:
+                body = validate(schema, body)
+            if cost is not None:
+                need = cost(body)
+                await self.budget.take(need)
+                held += need
+            # the connection is now known to be in use: most recently active last
+            self._conns.pop(conn, None)
+            if not conn.closed:
+                self._conns[conn] = None
+            reply = await handler(header.partition_id, body, conn)
+        except ShoalError as exc:
+            result = exc.code
+            reply = {"msg": exc.msg, "data": exc.data}
+        except Exception as exc:
+            log.exception("%s: handler for opcode %s failed", self.name, header.opcode)
+            result = Code.INTERNAL
+            reply = {"msg": f"internal error: {exc!r}", "data": None}
+        try:
+            conn.send(Frame(opcode=header.opcode, request_id=header.request_id,
+                            partition_id=header.partition_id, result=result, flags=FLAG_RESPONSE, body=reply))
+        finally:
+            conn.request_done(held)
