@@ -8,12 +8,15 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from shoalfs.common.files import atomic_write
+from shoalfs.common.limits import config_count, config_seconds, connection_cap, raise_nofile_limit
 from shoalfs.master.lifecycle import VolumeLifecycle
 from shoalfs.master.nodes import NodeMonitor
 from shoalfs.master.state import DELETED, MasterState
@@ -49,9 +52,151 @@ def ensure_token(path: str) -> str:
         return f.read().strip()
 
 
+# ----- what one HTTP client can make the master hold ------------------------------
+@dataclass(frozen=True)
+class HttpLimits:
+    read_timeout: float = 10.0   # to receive a whole request, headers and body
+    idle_timeout: float = 30.0   # a keep-alive connection waiting for its next request
+    max_connections: int = 1024  # open client connections
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], fd_limit: int) -> HttpLimits:
+        """ValueError, naming the key, for an invalid value."""
+        requested = config_count(cfg, "http_max_connections", cls.max_connections)
+        return cls(read_timeout=config_seconds(cfg, "http_read_timeout", cls.read_timeout),
+                   idle_timeout=config_seconds(cfg, "http_idle_timeout", cls.idle_timeout),
+                   max_connections=connection_cap("http_max_connections", requested, fd_limit))
+
+
+class ConnectionTable:
+    """The open client connections, least recently active first.
+
+    Over the cap, a new connection makes room by closing the least recently
+    active connection that is not being served (one idle between requests,
+    or one still sending a request); if every other connection has a fully
+    received request in progress, the new connection is closed at once.
+    So a flood of silent or slow connections cannot lock out a client that
+    sends its request promptly."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.conns: OrderedDict[GuardedRequestHandler, None] = OrderedDict()
+        self._warned_at = -3600.0
+
+    def admit(self, conn: GuardedRequestHandler) -> None:
+        self.conns[conn] = None
+        if len(self.conns) <= self.max_connections:
+            return
+        victim = next((c for c in self.conns if c is not conn and c.evictable), conn)
+        now = asyncio.get_running_loop().time()
+        if now - self._warned_at > 60:
+            self._warned_at = now
+            log.warning("%d HTTP connections open (http_max_connections): closing the least recently "
+                        "active ones to make room", self.max_connections)
+        victim.drop()
+
+    def touch(self, conn: GuardedRequestHandler) -> None:
+        if conn in self.conns:
+            self.conns.move_to_end(conn)
+
+    def discard(self, conn: GuardedRequestHandler) -> None:
+        self.conns.pop(conn, None)
+
+
+class GuardedRequestHandler(web.RequestHandler):
+    """aiohttp's HTTP protocol (which closes idle keep-alive connections
+    itself, keepalive_timeout) plus what it lacks: a deadline for receiving
+    a request and the connection cap of a ConnectionTable.
+
+    The deadline is armed when the connection is accepted and at the first
+    byte after each complete request; it is met once the headers are parsed
+    and the body has fully arrived, else the connection is closed unanswered.
+    (A pipelined request arriving behind another is left to the idle timeout.)"""
+
+    __slots__ = ("_table", "_read_timeout", "_deadline", "_payload", "_unanswered")
+
+    def __init__(self, manager: web.Server, table: ConnectionTable, read_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._table = table
+        self._read_timeout = read_timeout
+        self._deadline: asyncio.TimerHandle | None = None
+        self._payload: StreamReader | None = None  # the body of the request being received
+        self._unanswered = 0  # requests received whose response is not finished
+
+    @property
+    def evictable(self) -> bool:
+        """Not serving a fully received request: idle, or still receiving one."""
+        return self._deadline is not None or self._unanswered == 0
+
+    def drop(self) -> None:
+        self._disarm()
+        self._table.discard(self)
+        self.force_close()
+
+    def _arm(self) -> None:
+        self._payload = None
+        self._deadline = self._loop.call_later(self._read_timeout, self._read_timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _read_timed_out(self) -> None:
+        self._deadline = None
+        log.debug("closing HTTP connection from %s: no complete request within %gs",
+                  self.peername, self._read_timeout)
+        self.drop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()
+        self._table.admit(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        self._table.discard(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._table.touch(self)
+        if self._deadline is None:
+            self._arm()
+        queued = len(self._messages)
+        super().data_received(data)
+        parsed = len(self._messages) - queued  # only data_received adds to the queue
+        if parsed > 0:
+            self._unanswered += parsed
+            self._payload = self._messages[-1][1]
+        if self._payload is not None and self._payload.is_eof():
+            self._disarm()
+
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._unanswered = max(0, self._unanswered - 1)
+            self._table.touch(self)
+
+
+async def serve_http(server: web.Server, host: str, port: int, limits: HttpLimits) -> asyncio.Server:
+    """Listen with GuardedRequestHandler in place of the protocol aiohttp's
+    TCPSite would make (runner.server() takes no handler class)."""
+    loop = asyncio.get_running_loop()
+    table = ConnectionTable(limits.max_connections)
+
+    def protocol() -> GuardedRequestHandler:
+        return GuardedRequestHandler(server, table, limits.read_timeout, loop=loop, access_log=None,
+                                     keepalive_timeout=limits.idle_timeout,
+                                     lingering_time=limits.read_timeout)
+    return await loop.create_server(protocol, host, port)
+
+
 class Master:
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], http_limits: HttpLimits | None = None) -> None:
         self.cfg = cfg
+        self.http_limits = http_limits or HttpLimits()
         self.listen: str = cfg["listen"]
         self.data_dir: str = cfg["data_dir"]
         os.makedirs(self.data_dir, exist_ok=True)
@@ -98,6 +243,11 @@ class Master:
             code = Code.NOT_FOUND if exc.status == 404 else Code.BAD_REQUEST
             return envelope(code, exc.reason, None, exc.status)
         except Exception as exc:
+            if isinstance(exc, ConnectionResetError) and (request.transport is None
+                                                          or request.transport.is_closing()):
+                # the client went away, or its read deadline closed it, before its body arrived
+                log.debug("request %s %s: client connection closed (%s)", request.method, request.path, exc)
+                return envelope(Code.BAD_REQUEST, "client connection closed", None, 400)
             log.exception("request %s %s failed", request.method, request.path)
             return envelope(Code.INTERNAL, f"internal error: {exc!r}", None, 500)
 
@@ -196,16 +346,17 @@ class Master:
         await self.lifecycle.start()
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
+        assert runner.server is not None
         host, port = split_addr(self.listen)
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        log.info("master serving on http://%s", self.listen)
+        listener = await serve_http(runner.server, host, port, self.http_limits)
+        log.info("master serving on http://%s (%s)", self.listen, self.http_limits)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("master stopping")
+        listener.close()
         await runner.cleanup()
         await self.lifecycle.stop()
         await self.nodes.stop()
@@ -216,6 +367,11 @@ def main(config_path: str) -> None:
 
     cfg = load_config(config_path, ("listen", "data_dir"))
     setup_logging(cfg.get("log_level", "INFO"))
+    fd_limit = raise_nofile_limit()
+    try:
+        limits = HttpLimits.from_config(cfg, fd_limit)
+    except ValueError as exc:
+        raise SystemExit(f"shoal: config {config_path}: {exc}") from None
     install_loop_policy()
-    asyncio.run(Master(cfg).run())
+    asyncio.run(Master(cfg, limits).run())
 
