@@ -173,3 +173,53 @@ def syslog(tmp_path: object) -> Iterator[SyslogListener]:
     listener = SyslogListener(os.path.join(d, "log.sock"))
     yield listener
     listener.close()
+
+
+# ----- small filesystems for disk-full tests ----------------------------------------
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[[str, int], str]]:
+    """Mount a tmpfs of `size` bytes on a path (its old content copied in);
+    lazily unmounted at the end, even while a process still uses it."""
+    import shutil
+    import tempfile
+
+    mounted: list[str] = []
+
+    def make(path: str, size: int) -> str:
+        keep = tempfile.mkdtemp(prefix="shoal-keep-")
+        if os.path.isdir(path):
+            shutil.copytree(path, keep, dirs_exist_ok=True)
+        os.makedirs(path, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path], check=True)
+        mounted.append(path)
+        shutil.copytree(keep, path, dirs_exist_ok=True)
+        shutil.rmtree(keep)
+        return path
+
+    yield make
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+def fill_disk(path: str) -> str:
+    """Fill the filesystem holding `path` with one file; returns the file."""
+    filler = os.path.join(path, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (1 << 20, 65536, 4096, 512, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+    return filler
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")

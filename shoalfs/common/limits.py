@@ -9,11 +9,12 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-log = logging.getLogger(__name__)
-
 # File descriptors kept back from client connections for everything else a
-# server opens: logs, journals, state files, connections to other nodes.
-FD_HEADROOM = 64
+# server opens (logs, journals, state files, connections to other nodes):
+# one number for the RPC servers and the master's HTTP server.
+from shoalfs.proto.server import DESCRIPTOR_HEADROOM as FD_HEADROOM
+
+log = logging.getLogger(__name__)
 
 
 def _nr_open() -> int:

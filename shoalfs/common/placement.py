@@ -40,11 +40,22 @@ class VolumeMaps:
             with open(path) as f:
                 self.maps = {k: v for k, v in json.load(f).items() if _valid(v)}
 
-    def update(self, maps: Any) -> None:
-        """Take the master's maps (from a heartbeat); written to disk when they change."""
+    def update(self, maps: Any, hosted: set[str]) -> None:
+        """Take the master's maps (all volumes with a partition here, from a
+        heartbeat); the map of a hosted volume the master did not list yet (a
+        heartbeat racing a create) is kept. Written to disk when it changes."""
         if not isinstance(maps, dict):
             return
         fresh = {k: v for k, v in maps.items() if isinstance(k, str) and _valid(v)}
+        fresh.update({k: v for k, v in self.maps.items() if k in hosted and k not in fresh})
+        self._save(fresh)
+
+    def add(self, vol_id: str, vmap: Any) -> None:
+        """The map of a volume a partition is being created for."""
+        if _valid(vmap):
+            self._save(dict(self.maps, **{vol_id: vmap}))
+
+    def _save(self, fresh: dict[str, dict[str, Any]]) -> None:
         if fresh == self.maps:
             return
         self.maps = fresh

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 
+from shoalfs.common.limits import raise_nofile_limit
 from shoalfs.common.placement import VolumeMaps
 from shoalfs.common.tombstones import TombstoneStore
 from shoalfs.proto.errors import Code, ShoalError
@@ -80,7 +81,8 @@ class NodeService:
         ro = body.get("read_only")
         if isinstance(ro, list):
             self.read_only = {v for v in ro if isinstance(v, str)}
-        self.volume_maps.update(body.get("volumes"))
+        hosted = {p.info["vol_id"] for p in getattr(self, "partitions", {}).values()}
+        self.volume_maps.update(body.get("volumes"), hosted)
 
     def check_writable(self, vol_id: str) -> None:
         if vol_id in self.read_only:
@@ -121,6 +123,7 @@ class NodeService:
             delay = min(delay * 2, 2.0)
 
     async def run(self) -> None:
+        raise_nofile_limit()
         await self.open()
         host, port = split_addr(self.listen)
         await self.rpc.start(host, port)

@@ -55,7 +55,7 @@ class DataNode(NodeService):
         r = self.rpc.route
         r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE)
         r(Op.CREATE_PARTITION, self.create_partition,
-          {"token": TOKEN, "vol_id": Str(64), "replicas": Opt(ListOf(Str(256), 16), [])})
+          {"token": TOKEN, "vol_id": Str(64), "replicas": Opt(ListOf(Str(256), 16), []), "volume": Opt(Map)})
         r(Op.DELETE_PARTITION, self.delete_partition, {"token": TOKEN, "tombstone": Opt(Map)})
         r(Op.DATA_WRITE, self.write, {"ext": EXT, "offset": OFFSET, "data": Bytes(MAX_IO), "sync": Opt(Bool, False)})
         # a read's answer is held in memory: it draws its size from the server's budget first
@@ -100,6 +100,7 @@ class DataNode(NodeService):
         if pid in self.partitions:
             return {"created": False}
         info = {"pid": pid, "vol_id": body["vol_id"], "replicas": body["replicas"]}
+        self.volume_maps.add(body["vol_id"], body["volume"])
         pdir = self._pdir(pid)
         os.makedirs(pdir, mode=0o700, exist_ok=True)
         atomic_write(os.path.join(pdir, "partition.json"), json.dumps(info).encode())

@@ -63,7 +63,8 @@ class NodeMonitor:
         return await self.pool.call(addr, op, pid, dict(body, token=self.token), deadline=5.0)
 
     async def create_partition(self, addr: str, kind: str, part: dict[str, Any], vol: dict[str, Any]) -> None:
-        body: dict[str, Any] = {"vol_id": vol["vol_id"], "replicas": part["replicas"], "kind": kind}
+        body: dict[str, Any] = {"vol_id": vol["vol_id"], "replicas": part["replicas"], "kind": kind,
+                                "volume": self.state.volume_map(vol)}
         if kind == "meta":
             body.update(start=part["start"], end=part["end"])
         await self.command(addr, Op.CREATE_PARTITION, part["pid"], body)

@@ -61,7 +61,7 @@ RENAME_LINK: Schema = {"txid": Str(64), "parent": INO, "name": NAME, "ino": INO,
 TOKEN = Opt(Str(1024), "")  # absent: refused by check_master as UNAUTHORIZED
 MASTER_STATE: Schema = {"token": TOKEN, "read_only": Opt(ListOf(Str(64), 1_000_000), []), "volumes": Opt(Map, {})}
 CREATE_META_PARTITION: Schema = {"token": TOKEN, "vol_id": Str(64), "start": Int(0, U64), "end": Int(1, U64),
-                         "replicas": Opt(ListOf(Str(256), 16), [])}
+                                 "replicas": Opt(ListOf(Str(256), 16), []), "volume": Opt(Map)}
 DELETE_PARTITION: Schema = {"token": TOKEN, "tombstone": Opt(Map)}
 
 
@@ -167,6 +167,7 @@ class MetaNode(NodeService):
             raise ShoalError(Code.BAD_REQUEST, "a meta partition's range must not be empty")
         info = {"pid": pid, "vol_id": body["vol_id"], "start": body["start"],
                 "end": body["end"], "replicas": body["replicas"]}
+        self.volume_maps.add(body["vol_id"], body["volume"])
         pdir = self._pdir(pid)
         os.makedirs(pdir, mode=0o700, exist_ok=True)
         part = self._partition(info, pdir)

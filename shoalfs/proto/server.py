@@ -18,8 +18,11 @@ A peer can make a server hold only so much (DESIGN.md §7):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -141,6 +144,9 @@ class ServerConnection:
         """The answer is sent: its budget is given back once the peer has taken it."""
         self.requests -= 1
         self.bytes -= held
+        if self.closed:  # nobody will take it: give it back now
+            self.server.budget.give(held)
+            return
         self.unsent_held += held
         self.last_active = time.monotonic()
         self._flow()
@@ -191,8 +197,16 @@ class ServerConnection:
         return self.requests == 0 and self.receiver.frame_started is None
 
     def close(self) -> None:
-        if self.receiver.transport is not None:
-            self.receiver.transport.abort()
+        """Reset the connection: the kernel drops whatever the peer never read
+        (a plain close would keep it queued behind a FIN the peer never takes)."""
+        transport = self.receiver.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
 
 
 class RpcServer:
@@ -291,6 +305,9 @@ class RpcServer:
                 need = cost(body)
                 await self.budget.take(need)
                 held += need
+                conn.bytes += need
+            if conn.closed:
+                raise ShoalError(Code.UNAVAILABLE, "the connection is gone")  # answered to nobody
             # the connection is now known to be in use: most recently active last
             self._conns.pop(conn, None)
             if not conn.closed:

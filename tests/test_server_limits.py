@@ -1,0 +1,96 @@
+"""What a peer can make an RPC server hold (issue 7): descriptors, memory for
+frames announced or answers never read, connections held half-way."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+
+from conftest import rss_bytes, wait_for
+from test_integrity import rpc, serving
+
+from shoalfs.cli.cluster import EmbeddedCluster
+from shoalfs.client import connect
+from shoalfs.proto.layout import MAX_IO
+from shoalfs.proto.opcodes import Op
+from shoalfs.proto.wire import HEADER, MAGIC, MAX_BODY, VERSION, Frame
+
+MiB = 1024 * 1024
+
+
+def open_sockets(addr: str, count: int) -> list[socket.socket]:
+    host, port = addr.rsplit(":", 1)
+    return [socket.create_connection((host, int(port)), timeout=5) for _ in range(count)]
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    """The TCP state, so a test never reads (and so drains) what the server sent."""
+    state = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    return state in (7, 8)  # TCP_CLOSE (reset) or TCP_CLOSE_WAIT (the peer closed)
+
+
+def test_idle_connections_cannot_starve_clients_of_descriptors(cluster_factory) -> None:
+    c: EmbeddedCluster = cluster_factory(metanodes=1, datanodes=1)
+    c.create_volume("fds")
+    pid = c.pid("datanode1")
+    assert pid is not None
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (1024, 1024))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    addr = c.layout["nodes"]["datanode1"]["listen"]
+    idle = open_sockets(addr, 1100)
+    try:
+        with connect(c.master_addr, "fds") as vol:
+            for i in range(5):  # the client reads and writes while 1,100 idle connections are open
+                data = os.urandom(MiB + i)
+                with vol.open(f"/f{i}", "wb") as f:
+                    f.write(data)
+                    f.fsync()
+                assert vol.open(f"/f{i}", "rb").read() == data
+        assert len(os.listdir(f"/proc/{pid}/fd")) < 1024
+        assert sum(closed_by_peer(s) for s in idle) >= 1100 - 1024 + 64  # the longest idle made room
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_held_frames_and_unread_answers_stay_within_the_budget(cluster_factory) -> None:
+    budget = 48 * MiB
+    c: EmbeddedCluster = cluster_factory(metanodes=1, datanodes=1, datanode={
+        "rpc_budget_bytes": budget, "rpc_read_timeout": 3, "rpc_write_timeout": 3})
+    vol_info = c.create_volume("mem")
+    with connect(c.master_addr, "mem") as vol:
+        with vol.open("/big", "wb") as f:
+            f.write(os.urandom(MAX_IO))
+            f.fsync()
+        ino = vol.stat("/big").st_ino
+    dp = vol_info["data_partitions"][(ino + 0) % len(vol_info["data_partitions"])]
+    addr, dpid = dp["replicas"][0], dp["pid"]
+    pid = c.pid("datanode1")
+    assert pid is not None
+    base = rss_bytes(pid)
+    # six connections announce the largest frame and send half of it
+    held = open_sockets(addr, 6)
+    for s in held:
+        s.sendall(HEADER.pack(MAX_BODY, MAGIC, VERSION, 0, Op.DATA_WRITE, 0, 1, dpid, 0) + b"\0" * (MAX_BODY // 2))
+    # one pipelines 24 reads of MAX_IO bytes and never reads the answers
+    greedy = open_sockets(addr, 1)[0]
+    greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ext = (ino << 20) | 0
+    for rid in range(24):
+        greedy.sendall(Frame(Op.DATA_READ, rid + 1, dpid, body={"ext": ext, "offset": 0, "size": MAX_IO}).encode())
+    peak = base
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 2.5:  # while all of it is held
+        peak = max(peak, rss_bytes(pid))
+        time.sleep(0.05)
+    # documented bound: the budget plus per-connection buffers; without it this grew by 400 MB
+    assert peak - base < budget + 32 * MiB, (base, peak)
+    assert serving(addr)  # a well-behaved peer is still answered
+    wait_for(lambda: all(closed_by_peer(s) for s in held), 10, "held frames to be dropped (read timeout)")
+    wait_for(lambda: closed_by_peer(greedy), 15, "the non-reading peer to be dropped (write timeout)")
+    for s in [*held, greedy]:
+        s.close()
+    assert rpc(addr, Op.DATA_READ, dpid, {"ext": ext, "offset": 0, "size": 4})[0] == 0
