@@ -58,6 +58,7 @@ RENAME: Schema = {"src_parent": INO, "src_name": NAME, "dst_parent": INO, "dst_n
           "noreplace": Opt(Bool, False)}
 RENAME_LINK: Schema = {"txid": Str(64), "parent": INO, "name": NAME, "ino": INO, "mode": MODE,
                "noreplace": Opt(Bool, False)}
+MAX_SUBSCRIPTIONS = 64
 TOKEN = Opt(Str(1024), "")  # absent: refused by check_master as UNAUTHORIZED
 MASTER_STATE: Schema = {"token": TOKEN, "read_only": Opt(ListOf(Str(64), 1_000_000), []), "volumes": Opt(Map, {})}
 CREATE_META_PARTITION: Schema = {"token": TOKEN, "vol_id": Str(64), "start": Int(0, U64), "end": Int(1, U64),
@@ -74,6 +75,7 @@ class MetaNode(NodeService):
         self.peers = RpcPool(RetryPolicy(deadline=30.0, attempt_timeout=5.0))
         self._tasks: set[asyncio.Task[None]] = set()
         self.subscribers: dict[str, set[ServerConnection]] = {}
+        self._subscriptions: dict[ServerConnection, set[str]] = {}  # the other way round
         r = self.rpc.route
         r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE)
         r(Op.CREATE_PARTITION, self.create_partition, CREATE_META_PARTITION)
@@ -191,17 +193,28 @@ class MetaNode(NodeService):
 
     # ----- lifecycle events -------------------------------------------------
     async def subscribe(self, pid: int, body: Any, conn: ServerConnection) -> Any:
-        vol_id = body.get("vol_id") if isinstance(body, dict) else None
-        if not isinstance(vol_id, str):
-            raise ShoalError(Code.BAD_REQUEST, "subscribe needs a vol_id")
-        subs = self.subscribers.setdefault(vol_id, set())
-        if conn not in subs:
-            subs.add(conn)
-            conn.on_close.append(lambda c: subs.discard(c))
+        vol_id = body["vol_id"]
+        mine = self._subscriptions.get(conn)
+        if mine is None:
+            mine = self._subscriptions[conn] = set()
+            conn.on_close.append(self._unsubscribe)
+        if vol_id not in mine:
+            if len(mine) >= MAX_SUBSCRIPTIONS:  # one mount watches one volume; bound what a peer adds
+                raise ShoalError(Code.INVALID, f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection")
+            mine.add(vol_id)
+            self.subscribers.setdefault(vol_id, set()).add(conn)
         tomb = self.tombstones.for_volume(vol_id)
         if tomb is not None:  # deleted before the client subscribed: tell it right after the reply
             asyncio.get_running_loop().call_soon(conn.push_event, Op.EVENT_VOLUME_DELETED, {"tombstone": tomb})
         return {"subscribed": vol_id}
+
+    def _unsubscribe(self, conn: ServerConnection) -> None:
+        for vol_id in self._subscriptions.pop(conn, set()):
+            subs = self.subscribers.get(vol_id)
+            if subs is not None:
+                subs.discard(conn)
+                if not subs:
+                    del self.subscribers[vol_id]
 
     def push_deleted(self, tomb: dict[str, Any]) -> None:
         """Push the tombstone to every subscriber of the volume, at once."""
