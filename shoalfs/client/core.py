@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024 * 1024
 IO_PIECE = 4 * 1024 * 1024
 ROOT_INO = 1
+CALL_GRACE = 0.1  # how far past its deadline a hung call may run before it is cut off
 
 
 @dataclass
@@ -114,15 +115,32 @@ class VolumeClient:
             self._refreshing = asyncio.create_task(go())
         await asyncio.shield(self._refreshing)
 
-    async def call(self, part: dict[str, Any], op: int, body: dict[str, Any]) -> Any:
-        """One RPC to a partition's leader; the single choke point for all node calls."""
+    async def call(self, part: dict[str, Any], op: int, body: dict[str, Any],
+                   end: float | None = None) -> Any:
+        """One RPC to a partition's leader; the single choke point for all node calls.
+
+        `end` is the user operation's absolute deadline on time.monotonic()
+        (op_deadline from now if None): transient faults are retried until
+        then and the call never runs past it, however many calls the
+        operation makes."""
         pid = part["pid"]
-        end = time.monotonic() + self.options.op_deadline
+        if end is None:
+            end = time.monotonic() + self.options.op_deadline
+        last: ShoalError | None = None
         while True:
             self.check_fence()
+            remaining = end - time.monotonic()
+            if remaining <= 0 and last is not None:
+                raise last
             try:
-                return await self.pool.call(lambda: part["replicas"][0], op, pid, body,
-                                            deadline=max(0.1, end - time.monotonic()))
+                # the pool bounds each attempt; this bounds the rest (a connect
+                # or a send that hangs) so no call outlives the deadline. A call
+                # made when the time is already up still gets one quick try.
+                async with asyncio.timeout(max(0.0, remaining) + CALL_GRACE):
+                    return await self.pool.call(lambda: part["replicas"][0], op, pid, body,
+                                                deadline=max(0.01, remaining))
+            except TimeoutError:
+                raise ShoalError(Code.TIMEOUT, f"partition {pid}: no answer within the deadline") from None
             except ShoalError as exc:
                 self.check_fence()
                 if exc.code == Code.VOLUME_NOT_EXIST and self.on_volume_error is not None:
@@ -130,10 +148,18 @@ class VolumeClient:
                     self.check_fence()
                 elif exc.code == Code.READ_ONLY:
                     self.read_only = True
-                if exc.code != Code.PARTITION_NOT_EXIST or time.monotonic() >= end:
+                # the pool gives up early when its next backoff would not fit;
+                # a transient fault is retried for the whole deadline, then fails
+                if not exc.transient or self.pool.closed or time.monotonic() >= end:
                     raise
-                await self.refresh()
-                await asyncio.sleep(0.2)
+                last = exc
+                if exc.code == Code.PARTITION_NOT_EXIST:
+                    try:
+                        await asyncio.wait_for(self.refresh(), max(0.0, end - time.monotonic()))
+                    except TimeoutError:
+                        raise exc from None
+                await asyncio.sleep(min(0.2 if exc.code == Code.PARTITION_NOT_EXIST else 0.05,
+                                        max(0.0, end - time.monotonic())))
 
     def check_fence(self) -> None:
         if self.fenced:
@@ -312,9 +338,13 @@ class VolumeClient:
         res = await self.meta(ino, Op.META_EXTENT_LIST, {"ino": ino})
         return res["attr"], {int(k): v for k, v in res["extents"].items()}
 
-    async def write_data(self, ino: int, offset: int, data: bytes, known: dict[int, list[int]]) -> set[int]:
+    async def write_data(self, ino: int, offset: int, data: bytes, known: dict[int, list[int]],
+                         end: float | None = None) -> set[int]:
         """Write bytes at offset; returns the chunks touched. `known` is the
-        caller's extent map, extended with newly recorded extents."""
+        caller's extent map, extended with newly recorded extents. `end`: the
+        operation's deadline (see call), shared by every piece."""
+        if end is None:
+            end = time.monotonic() + self.options.op_deadline
         jobs = []
         touched: set[int] = set()
         pos = 0
@@ -322,34 +352,39 @@ class VolumeClient:
             off = offset + pos
             chunk, within = divmod(off, CHUNK)
             n = min(len(data) - pos, CHUNK - within, IO_PIECE)
-            jobs.append(self._write_piece(ino, chunk, within, data[pos:pos + n], known))
+            jobs.append(self._write_piece(ino, chunk, within, data[pos:pos + n], known, end))
             touched.add(chunk)
             pos += n
         await asyncio.gather(*jobs)
         return touched
 
     async def _write_piece(self, ino: int, chunk: int, within: int, piece: bytes,
-                           known: dict[int, list[int]]) -> None:
+                           known: dict[int, list[int]], end: float) -> None:
         entry = known.get(chunk)
         if entry is None:
             part = self.data_partition(ino, chunk)
             entry = [part["pid"], extent_id(ino, chunk)]
         await self.call(self._dp_by_pid(entry[0]), Op.DATA_WRITE,
-                        {"ext": entry[1], "offset": within, "data": piece})
+                        {"ext": entry[1], "offset": within, "data": piece}, end)
         if chunk not in known:
-            await self.meta(ino, Op.META_EXTENT_SET, {"ino": ino, "chunk": chunk, "dp": entry[0], "ext": entry[1]})
+            await self.call(self.meta_partition(ino), Op.META_EXTENT_SET,
+                            {"ino": ino, "chunk": chunk, "dp": entry[0], "ext": entry[1]}, end)
             known[chunk] = entry
 
     async def read_data(self, ino: int, offset: int, size: int, file_size: int,
-                        known: dict[int, list[int]]) -> bytes:
-        end = min(offset + size, file_size)
-        if end <= offset:
+                        known: dict[int, list[int]], end: float | None = None) -> bytes:
+        """Read up to `size` bytes at offset (not past file_size); `end`: the
+        operation's deadline (see call), shared by every piece."""
+        stop = min(offset + size, file_size)
+        if stop <= offset:
             return b""
+        if end is None:
+            end = time.monotonic() + self.options.op_deadline
         pieces = []
         pos = offset
-        while pos < end:
+        while pos < stop:
             chunk, within = divmod(pos, CHUNK)
-            n = min(end - pos, CHUNK - within, IO_PIECE)
+            n = min(stop - pos, CHUNK - within, IO_PIECE)
             pieces.append((chunk, within, n))
             pos += n
 
@@ -358,14 +393,15 @@ class VolumeClient:
             if entry is None:
                 return bytes(n)
             res = await self.call(self._dp_by_pid(entry[0]), Op.DATA_READ,
-                                  {"ext": entry[1], "offset": within, "size": n})
+                                  {"ext": entry[1], "offset": within, "size": n}, end)
             data: bytes = res["data"]
             return data + bytes(n - len(data)) if len(data) < n else data
 
         return b"".join(await asyncio.gather(*(one(*p) for p in pieces)))
 
-    async def sync_chunks(self, ino: int, chunks: set[int], known: dict[int, list[int]]) -> None:
-        jobs = [self.call(self._dp_by_pid(known[c][0]), Op.DATA_SYNC, {"ext": known[c][1]})
+    async def sync_chunks(self, ino: int, chunks: set[int], known: dict[int, list[int]],
+                          end: float | None = None) -> None:
+        jobs = [self.call(self._dp_by_pid(known[c][0]), Op.DATA_SYNC, {"ext": known[c][1]}, end)
                 for c in chunks if c in known]
         await asyncio.gather(*jobs)
 

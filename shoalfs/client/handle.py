@@ -6,26 +6,37 @@ background, with at most MAX_INFLIGHT batches in flight, while the
 application keeps writing. flush/fsync/close wait for all of it. A failure
 to write back is remembered and raised by the next write, flush, fsync or
 close, so a write that returned success but never became durable is never
-lost silently.
+lost silently. The size pushed to the metanode covers only batches that
+landed: bytes whose write-back failed never make the file grow.
 
 Reads that follow each other sequentially grow a read-ahead window (up to
 READ_AHEAD) and prefetch the next window in the background; random reads
 fetch only what was asked.
+
+Every public method is one user operation with one deadline: `end`, an
+absolute time.monotonic() (ClientOptions.op_deadline from the call if not
+given), shared by everything the operation waits for — a pending prefetch,
+a retry without read-ahead, write-behind batches, the size update.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from typing import Any
 
-from shoalfs.client.core import VolumeClient
+from shoalfs.client.core import CALL_GRACE, VolumeClient
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.opcodes import Op
 
 WRITE_BUFFER = 4 * 1024 * 1024
 MAX_INFLIGHT = 4
 READ_AHEAD = 4 * 1024 * 1024
 FIRST_WINDOW = 128 * 1024
+# waits on background batches allow this much past the deadline: their own
+# calls end by then (core.call cuts a call off CALL_GRACE after its deadline)
+WAIT_GRACE = CALL_GRACE + 0.1
 
 
 def _overlap(a_off: int, a_len: int, b_off: int, b_len: int) -> bool:
@@ -37,27 +48,34 @@ class FileHandle:
                  append: bool = False) -> None:
         self.client = client
         self.ino: int = attr["ino"]
-        self.size: int = attr["size"]
+        self.size: int = attr["size"]  # as this handle sees it: includes unsent writes
         self.append = append
         self.known = extents
         self._segments: list[list[Any]] = []  # [offset, bytearray], not yet sent
         self._dirty = 0
-        self._inflight: dict[asyncio.Task[None], list[tuple[int, int]]] = {}
+        self._inflight: dict[asyncio.Task[None], tuple[list[tuple[int, int]], float]] = {}  # ranges, end
         self._ra_off = 0
         self._ra = b""
         self._window = FIRST_WINDOW
         self._next_seq = 0
         self._prefetch: tuple[int, asyncio.Task[bytes]] | None = None
         self._unsynced: set[int] = set()
-        self._size_dirty = False
+        self._meta_size: int = attr["size"]  # the size the metanode has, as far as we know
+        self._landed_end = 0  # end of the furthest batch that landed on the datanodes
+        self._landed = False  # a batch landed since the size and mtime were last pushed
         self.error: ShoalError | None = None
         self.closed = False
         self.wrote = False
         client.open_counts[self.ino] = client.open_counts.get(self.ino, 0) + 1
 
+    def deadline(self) -> float:
+        """The deadline of a user operation starting now."""
+        return time.monotonic() + self.client.options.op_deadline
+
     # ----- writes ---------------------------------------------------------------
-    async def write(self, offset: int, data: bytes) -> int:
-        self._check(report_only=True)
+    async def write(self, offset: int, data: bytes, end: float | None = None) -> int:
+        end = self.deadline() if end is None else end
+        self._check()
         if self.append:
             offset = self.size
         self._drop_read_cache()
@@ -66,48 +84,85 @@ class FileHandle:
             last[1] += data
         else:
             if any(_overlap(o, len(b), offset, len(data)) for o, b in self._segments):
-                await self._drain()  # keep the order of overlapping writes
+                await self._drain(end)  # keep the order of overlapping writes
+                self._check()
             self._segments.append([offset, bytearray(data)])
         self._dirty += len(data)
         self.size = max(self.size, offset + len(data))
-        self._size_dirty = True
         self.wrote = True
         if self._dirty >= WRITE_BUFFER:
-            await self._send()
+            await self._send(end)
         return len(data)
 
-    async def _send(self) -> None:
-        """Start writing the dirty segments back in the background."""
-        if not self._segments:
-            return
-        batch, self._segments, self._dirty = self._segments, [], 0
-        ranges = [(o, len(b)) for o, b in batch]
-        busy = [t for t, rs in self._inflight.items()
-                if any(_overlap(o, n, p, m) for o, n in ranges for p, m in rs)]
-        if busy:  # an earlier write of the same bytes must land first
-            await asyncio.gather(*busy, return_exceptions=True)
-        while len(self._inflight) >= MAX_INFLIGHT:
-            await asyncio.wait(list(self._inflight), return_when=asyncio.FIRST_COMPLETED)
-        task = asyncio.ensure_future(self._write_batch(batch))
-        self._inflight[task] = ranges
-        task.add_done_callback(lambda t: self._inflight.pop(t, None))
+    async def _send(self, end: float) -> None:
+        """Start writing the dirty segments back in the background; the batch
+        gets `end`, the deadline of the operation that sends it."""
+        while self._segments:
+            ranges = [(o, len(b)) for o, b in self._segments]
+            busy = [t for t, (rs, _) in self._inflight.items()
+                    if any(_overlap(o, n, p, m) for o, n in ranges for p, m in rs)]
+            if busy:  # an earlier write of the same bytes must land first
+                await self._wait(busy, end, asyncio.ALL_COMPLETED)
+            elif len(self._inflight) >= MAX_INFLIGHT:
+                await self._wait(list(self._inflight), end, asyncio.FIRST_COMPLETED)
+            else:
+                batch, self._segments, self._dirty = self._segments, [], 0
+                task = asyncio.ensure_future(self._write_batch(batch, end))
+                self._inflight[task] = (ranges, end)
+                task.add_done_callback(lambda t: self._inflight.pop(t, None))
+                return
 
-    async def _write_batch(self, batch: list[list[Any]]) -> None:
+    async def _wait(self, tasks: Iterable[asyncio.Task[None]], end: float, until: str) -> None:
+        """Wait for write-back batches, but not past the operation's deadline.
+        Then a batch overdue by its own deadline is cancelled and counts as
+        failed; if the wait is still not over (a batch sent later, by a
+        concurrent call, with a later deadline), this operation times out."""
+        tasks = set(tasks)
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=max(0.0, end + WAIT_GRACE - time.monotonic()),
+                                           return_when=until)
+        if done and until == asyncio.FIRST_COMPLETED or not pending:
+            return
+        now = time.monotonic()
+        overdue = {t for t in pending if t in self._inflight and self._inflight[t][1] + WAIT_GRACE <= now}
+        for task in overdue:
+            task.cancel()
+            del self._inflight[task]
+            self.error = self.error or ShoalError(Code.TIMEOUT, "write-back did not finish in time")
+        if overdue == pending or until == asyncio.FIRST_COMPLETED and overdue:
+            return
+        raise ShoalError(Code.TIMEOUT, "write-back still in flight at the deadline")
+
+    async def _write_batch(self, batch: list[list[Any]], end: float) -> None:
         try:
-            done = await asyncio.gather(*(self.client.write_data(self.ino, o, bytes(b), self.known)
+            done = await asyncio.gather(*(self.client.write_data(self.ino, o, bytes(b), self.known, end)
                                           for o, b in batch))
-            for touched in done:
-                self._unsynced |= touched
         except ShoalError as exc:
             self.error = self.error or exc
+            return
         except Exception as exc:  # a bug must not turn into silent loss either
             self.error = self.error or ShoalError(Code.INTERNAL, repr(exc))
+            return
+        # only now does the batch count: a failed one never makes the file grow
+        for touched in done:
+            self._unsynced |= touched
+        self._landed_end = max([self._landed_end] + [o + len(b) for o, b in batch])
+        self._landed = True
 
-    async def _drain(self) -> None:
-        """Send everything and wait until it has landed (or failed)."""
-        await self._send()
+    async def _drain(self, end: float) -> None:
+        """Send everything and wait until it has landed or failed (a failure
+        is left in self.error), or the deadline passed."""
+        await self._send(end)
         while self._inflight:
-            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+            await self._wait(list(self._inflight), end, asyncio.ALL_COMPLETED)
+
+    def _settled_size(self) -> int:
+        """The size once every write this handle still holds lands: what the
+        metanode has, what landed, and what is buffered or in flight."""
+        ends = [o + len(b) for o, b in self._segments]
+        ends += [o + n for ranges, _ in self._inflight.values() for o, n in ranges]
+        return max([self._meta_size, self._landed_end] + ends)
 
     # ----- reads ----------------------------------------------------------------
     def _drop_read_cache(self) -> None:
@@ -116,85 +171,122 @@ class FileHandle:
             self._prefetch[1].cancel()
             self._prefetch = None
 
-    async def read(self, offset: int, size: int) -> bytes:
-        self._check(report_only=True)
+    async def read(self, offset: int, size: int, end: float | None = None) -> bytes:
+        end = self.deadline() if end is None else end
+        self._check()
         if self._segments or self._inflight:
-            await self._drain()  # read your own writes
-            self._check(report_only=True)
+            await self._drain(end)  # read your own writes
+            self._check()
         if size <= 0 or offset >= self.size:
             return b""
-        end = min(offset + size, self.size)
+        stop = min(offset + size, self.size)
         sequential = offset == self._next_seq
-        self._next_seq = end
-        if not (self._ra_off <= offset and end <= self._ra_off + len(self._ra)):
-            await self._fill(offset, end, sequential)
+        self._next_seq = stop
+        if not (self._ra_off <= offset and stop <= self._ra_off + len(self._ra)):
+            await self._fill(offset, stop, sequential, end)
         start = offset - self._ra_off
-        data = self._ra[start : start + (end - offset)]
+        data = self._ra[start : start + (stop - offset)]
         if sequential and self._prefetch is None and self._ra_off + len(self._ra) < self.size:
             nxt = self._ra_off + len(self._ra)
-            self._prefetch = (nxt, asyncio.ensure_future(
-                self.client.read_data(self.ino, nxt, self._window, self.size, self.known)))
+            # in the background, with a deadline of its own; a read that
+            # needs it waits for it only until that read's deadline
+            task = asyncio.ensure_future(self.client.read_data(self.ino, nxt, self._window, self.size,
+                                                               self.known))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failure is no news
+            self._prefetch = (nxt, task)
         return data
 
-    async def _fill(self, offset: int, end: int, sequential: bool) -> None:
+    async def _fill(self, offset: int, stop: int, sequential: bool, end: float) -> None:
+        failed: ShoalError | None = None
         if self._prefetch is not None:
             at, task = self._prefetch
             self._prefetch = None
             if at <= offset < at + self._window:
-                try:
-                    self._ra, self._ra_off = await task, at
-                except (ShoalError, asyncio.CancelledError):
-                    self._ra = b""
-                if self._ra_off <= offset and end <= self._ra_off + len(self._ra):
+                # it started earlier with the same op_deadline, so it ends first
+                # (up to the grace a call may overrun by); then its error stands
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, end + WAIT_GRACE - time.monotonic()))
+                self._ra = b""
+                if not done:
+                    task.cancel()
+                    raise ShoalError(Code.TIMEOUT, f"read of inode {self.ino}: no data within the deadline")
+                if not task.cancelled():
+                    exc = task.exception()
+                    if exc is None:
+                        self._ra, self._ra_off = task.result(), at
+                    elif isinstance(exc, ShoalError):
+                        failed = exc
+                if self._ra_off <= offset and stop <= self._ra_off + len(self._ra):
                     self._window = min(READ_AHEAD, self._window * 2)
                     return
             else:
                 task.cancel()
+        if failed is not None and time.monotonic() >= end:  # the prefetch used up the time
+            raise failed
         self._window = min(READ_AHEAD, self._window * 2) if sequential else FIRST_WINDOW
-        want = max(end - offset, self._window if sequential else 0)
+        want = max(stop - offset, self._window if sequential else 0)
         try:
-            self._ra = await self.client.read_data(self.ino, offset, want, self.size, self.known)
+            self._ra = await self.client.read_data(self.ino, offset, want, self.size, self.known, end)
         except ShoalError:
-            if want == end - offset:
+            if want == stop - offset or time.monotonic() >= end:
                 raise
-            # read-ahead must not fail a read whose own bytes are fine
-            self._ra = await self.client.read_data(self.ino, offset, end - offset, self.size, self.known)
+            # read-ahead must not fail a read whose own bytes are fine (a
+            # permanent error past them); this gets only the time left
+            self._ra = await self.client.read_data(self.ino, offset, stop - offset, self.size, self.known, end)
         self._ra_off = offset
 
     # ----- durability -------------------------------------------------------------
-    async def flush(self) -> None:
-        """Push buffered data and the new size to the cluster."""
-        self._check()
-        await self._drain()
-        self._check()
-        if self._size_dirty:
-            await self.client.setattr(self.ino, grow=self.size, mtime=time.time_ns())
-            self._size_dirty = False
+    async def flush(self, end: float | None = None) -> None:
+        """Push buffered data and the new size to the cluster. A write-back
+        failure is raised here once; what landed still gets its size."""
+        end = self.deadline() if end is None else end
+        if self.closed:
+            raise ShoalError(Code.INVALID, "file is closed")
+        await self._drain(end)  # first, so that nothing is left behind when it fails
+        err, self.error = self.error, None
+        if err is not None:  # the failed bytes are gone: stop counting them
+            self.size = self._settled_size()
+        if self._landed:
+            try:
+                await self.client.call(self.client.meta_partition(self.ino), Op.META_SET_ATTR,
+                                       {"ino": self.ino, "grow": self._landed_end, "mtime": time.time_ns()},
+                                       end)
+                self._landed = False
+                self._meta_size = max(self._meta_size, self._landed_end)
+            except ShoalError:
+                if err is None:
+                    raise
+        if err is not None:
+            raise err
 
-    async def fsync(self) -> None:
-        await self.flush()
-        await self.client.sync_chunks(self.ino, self._unsynced, self.known)
-        self._unsynced.clear()
+    async def fsync(self, end: float | None = None) -> None:
+        end = self.deadline() if end is None else end
+        await self.flush(end)
+        chunks = set(self._unsynced)
+        await self.client.sync_chunks(self.ino, chunks, self.known, end)
+        self._unsynced -= chunks
 
-    async def truncate(self, size: int) -> None:
-        await self.flush()
+    async def truncate(self, size: int, end: float | None = None) -> None:
+        await self.flush(end)
         attr = await self.client.truncate(self.ino, size)
         self.known = await self.client.extents(self.ino)
-        self.size = attr["size"]
+        self.size = self._meta_size = self._landed_end = attr["size"]
         self._drop_read_cache()
 
     async def refresh(self) -> None:
         """Re-read size and extents (close-to-open: an open sees prior closes)."""
         attr, self.known = await self.client.attr_and_extents(self.ino)
-        self.size = max(self.size, attr["size"]) if self._size_dirty else attr["size"]
+        self._meta_size = attr["size"]
+        if self._landed_end > self._meta_size and not self._landed:
+            self._landed_end = self._meta_size  # pushed before, cut since (truncate)
+        self.size = self._settled_size()
         self._drop_read_cache()
 
-    async def release(self) -> None:
+    async def release(self, end: float | None = None) -> None:
         """Close: flush, then drop the inode if it was unlinked while open."""
         if self.closed:
             return
         try:
-            await self.flush()
+            await self.flush(end)
         finally:
             self.closed = True
             self._drop_read_cache()
@@ -209,24 +301,21 @@ class FileHandle:
     def fail(self, err: ShoalError) -> None:
         """The volume is gone: drop buffered data; if anything written was not
         yet durable, the next flush/fsync/close reports `err` (never silent)."""
-        if self._segments or self._inflight or self._unsynced or self._size_dirty:
+        if self._segments or self._inflight or self._unsynced or self._landed:
             self.error = err
         self._segments = []
         self._dirty = 0
         for task in self._inflight:
             task.cancel()
         self._unsynced.clear()
-        self._size_dirty = False
+        self._landed = False
         self._drop_read_cache()
         self.known = {}
 
-    def _check(self, report_only: bool = False) -> None:
-        """Raise a pending write-back error. Writes and reads report it and keep
-        it; flush, fsync and close report it and clear it."""
+    def _check(self) -> None:
+        """Writes and reads raise a pending write-back error and keep it: the
+        next flush, fsync or close reports it again and clears it."""
         if self.error is not None:
-            err = self.error
-            if not report_only:
-                self.error = None
-            raise err
+            raise self.error
         if self.closed:
             raise ShoalError(Code.INVALID, "file is closed")
