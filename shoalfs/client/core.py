@@ -24,13 +24,13 @@ from typing import Any
 
 from shoalfs.client.master import MasterClient
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.layout import CHUNK, extent_id
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import EventCallback, RetryPolicy, RpcPool
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024 * 1024
-IO_PIECE = 4 * 1024 * 1024
+IO_PIECE = 4 * 1024 * 1024  # data per RPC (the servers take up to layout.MAX_IO)
 ROOT_INO = 1
 CALL_GRACE = 0.1  # how far past its deadline a hung call may run before it is cut off
 
@@ -43,10 +43,6 @@ class ClientOptions:
     backoff_cap: float = 2.0
     watch: bool = True  # SDK: run the lifecycle guard (deletion fences the handle)
     heartbeat_interval: float = 5.0
-
-
-def extent_id(ino: int, chunk: int) -> int:
-    return (ino << 20) | chunk
 
 
 class VolumeClient:
@@ -312,7 +308,7 @@ class VolumeClient:
                 raise ShoalError(Code.NOT_EMPTY, f"target directory {dn!r} is not empty")
         res = await self.call(src_part, Op.META_RENAME, {
             "src_parent": sp, "src_name": sn, "dst_parent": dp, "dst_name": dn,
-            "dst_pid": dst_part["pid"], "dst_addr": dst_part["replicas"][0], "noreplace": noreplace})
+            "dst_pid": dst_part["pid"], "noreplace": noreplace})
         if res.get("replaced"):
             await self.drop_link(res["replaced"][0])
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import io
+import logging
 import os
 import stat as stat_mod
 import threading
@@ -28,6 +29,8 @@ from shoalfs.client.core import ROOT_INO, ClientOptions, VolumeClient, split_pat
 from shoalfs.client.handle import FileHandle
 from shoalfs.client.lifecycle import GuardConfig, LifecycleGuard
 from shoalfs.proto.errors import Code, ShoalError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_SYMLINKS = 40
@@ -64,8 +67,21 @@ class _Loop:
         self.thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self.on_loop_thread():  # waiting here would wait on ourselves for ever
+            coro.close()
+            raise RuntimeError("a blocking SDK call on the SDK's own I/O thread")
         fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return fut.result()
+
+    def on_loop_thread(self) -> bool:
+        return threading.current_thread() is self.thread
+
+    def run_later(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+        """From the I/O thread itself: start it and do not wait; a failure is logged."""
+        def done(task: asyncio.Task[Any]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("%s failed: %s", what, task.exception())
+        self.loop.create_task(coro).add_done_callback(done)
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -398,6 +414,11 @@ class ShoalFile(io.RawIOBase):
         if self.closed:
             return
         if self._vol.closed:  # the volume went first: nothing left to flush to
+            super().close()
+            return
+        if self._vol._loop.on_loop_thread():
+            # a file never closed, collected by the garbage collector on the I/O thread
+            self._vol._loop.run_later(self._handle.release(), f"closing {self.name}")
             super().close()
             return
         try:

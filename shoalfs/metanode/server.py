@@ -51,7 +51,7 @@ CHUNK_NO = Int(0, MAX_CHUNK)
 XATTR_NAME = Str(MAX_XATTR_NAME)
 NEW_INODE: Schema = {"mode": MODE, "uid": Opt(ID, 0), "gid": Opt(ID, 0), "target": Opt(Str(MAX_SYMLINK)),
              "rdev": Opt(Int(0, U32), 0)}
-SET_ATTR: Schema = {"ino": INO, "mode": Opt(Int(0, 0o7777)), "uid": Opt(ID), "gid": Opt(ID),
+SET_ATTR: Schema = {"ino": INO, "mode": Opt(MODE), "uid": Opt(ID), "gid": Opt(ID),
             "size": Opt(Int(0, MAX_FILE_SIZE)), "grow": Opt(Int(0, MAX_FILE_SIZE)),
             "atime": Opt(TIME_NS), "mtime": Opt(TIME_NS), "ctime": Opt(TIME_NS)}
 RENAME: Schema = {"src_parent": INO, "src_name": NAME, "dst_parent": INO, "dst_name": NAME, "dst_pid": PID,
