@@ -191,6 +191,7 @@ class MountSession:
         import pyfuse3.asyncio
 
         pyfuse3.asyncio.enable()
+        pyfuse3.asyncio.notify_closing = _notify_closing  # type: ignore[attr-defined]
         check_mountpoint(self.opts.mountpoint)
         self.client = await self.open_volume()
         self.ops = self.make_ops(self.client)
@@ -234,6 +235,18 @@ class MountSession:
         if self.client is not None:
             await self.client.close()
         log.info("unmounted %s (%s)", self.opts.mountpoint, self.stop_reason)
+
+
+def _notify_closing(fd: Any) -> None:
+    """pyfuse3's asyncio layer sets an exception on every pending read of the
+    FUSE device at terminate(), even on one that has just fired, and then
+    fails with InvalidStateError half-way (seen at SIGTERM during a large
+    write): only futures still pending are told."""
+    import pyfuse3.asyncio
+
+    for fut in list(pyfuse3.asyncio._read_futures.get(fd, ())):
+        if not fut.done():
+            fut.set_exception(pyfuse3.asyncio.ClosedResourceError())
 
 
 def run_foreground(opts: MountOptions, ready_fd: int | None, session_cls: type[MountSession] = MountSession) -> int:
