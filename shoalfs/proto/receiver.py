@@ -149,5 +149,9 @@ class FrameReceiver(asyncio.BufferedProtocol):
             return
         self.transport.resume_reading()
 
+    @property
+    def writable(self) -> bool:
+        return self._can_write.is_set()
+
     async def drain(self) -> None:
         await self._can_write.wait()

@@ -86,9 +86,11 @@ class RpcConnection:
         frame = Frame(opcode=opcode, request_id=rid, partition_id=partition_id, body=body)
         for part in frame.encode_parts():
             proto.transport.write(part)
+        sent = time.monotonic()
         try:
-            await proto.drain()
-            result, reply = await asyncio.wait_for(fut, timeout)
+            if not proto.writable:  # the peer is not reading: wait for room, within the timeout
+                await asyncio.wait_for(proto.drain(), timeout)
+            result, reply = await asyncio.wait_for(fut, max(0.0, timeout - (time.monotonic() - sent)))
         except TimeoutError:
             raise ShoalError(Code.TIMEOUT, f"{self.addr}: no answer in {timeout:.1f}s") from None
         except (ConnectionError, OSError) as exc:
@@ -133,25 +135,34 @@ class RpcPool:
         self.closed = False
         self._closed_event = asyncio.Event()
 
-    async def connection(self, addr: str) -> RpcConnection:
+    async def connection(self, addr: str, timeout: float | None = None) -> RpcConnection:
+        """An open connection to addr; opening one takes at most `timeout` (3 s at most)."""
         conn = self._conns.get(addr)
         if conn is not None and not conn.closed:
             return conn
+        timeout = min(3.0, self.policy.attempt_timeout, timeout if timeout is not None else 3.0)
         lock = self._locks.setdefault(addr, asyncio.Lock())
-        async with lock:
+        try:
+            await asyncio.wait_for(lock.acquire(), timeout)
+        except TimeoutError:
+            raise ShoalError(Code.TIMEOUT, f"{addr}: no connection within {timeout:.1f}s") from None
+        try:
             conn = self._conns.get(addr)
             if conn is None or conn.closed:
                 if self.closed:
                     raise ShoalError(Code.UNAVAILABLE, "client is closed")
                 conn = RpcConnection(addr, self.on_event)
-                await conn.connect(min(3.0, self.policy.attempt_timeout))
+                await conn.connect(timeout)
                 self._conns[addr] = conn
             return conn
+        finally:
+            lock.release()
 
     async def call_once(self, addr: str, opcode: int, partition_id: int, body: Any,
                         timeout: float | None = None) -> Any:
-        conn = await self.connection(addr)
-        return await conn.call(opcode, partition_id, body, timeout or self.policy.attempt_timeout)
+        timeout = timeout or self.policy.attempt_timeout
+        conn = await self.connection(addr, timeout)
+        return await conn.call(opcode, partition_id, body, timeout)
 
     async def call(self, addr: str | Callable[[], str], opcode: int, partition_id: int, body: Any,
                    deadline: float | None = None) -> Any:
