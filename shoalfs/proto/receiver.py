@@ -17,11 +17,14 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-from shoalfs.proto.wire import HEADER_SIZE, FrameError, Header, parse_header
+from shoalfs.proto.wire import HEADER_SIZE, MAX_BODY, FrameError, Header, parse_header
 
 BUFFER = 256 * 1024
-WRITE_HIGH = 4 * 1024 * 1024  # send-buffer marks of a server connection (flow control)
-WRITE_LOW = 256 * 1024
+# Send-buffer marks of a server connection (flow control). Above the high
+# mark the peer's requests are not read: it is two of the largest answers, so
+# a client that reads keeps a request in flight behind the answer being sent.
+WRITE_HIGH = 2 * MAX_BODY
+WRITE_LOW = 1024 * 1024
 
 FrameHandler = Callable[[Header, bytes | bytearray, int], None]  # header, body, bytes reserved for it
 Reserve = Callable[[int, Callable[[], None]], bool]  # take n bytes now, or call back once taken
