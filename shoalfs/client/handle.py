@@ -202,19 +202,16 @@ class FileHandle:
             at, task = self._prefetch
             self._prefetch = None
             if at <= offset < at + self._window:
-                # it started earlier with the same op_deadline, so it ends first
-                # (up to the grace a call may overrun by); then its error stands
-                done, _ = await asyncio.wait({task}, timeout=max(0.0, end + WAIT_GRACE - time.monotonic()))
+                # it started earlier with the same op_deadline, and every call
+                # it makes ends by its own deadline: it is done before ours
                 self._ra = b""
-                if not done:
-                    task.cancel()
-                    raise ShoalError(Code.TIMEOUT, f"read of inode {self.ino}: no data within the deadline")
-                if not task.cancelled():
-                    exc = task.exception()
-                    if exc is None:
-                        self._ra, self._ra_off = task.result(), at
-                    elif isinstance(exc, ShoalError):
-                        failed = exc
+                try:
+                    self._ra, self._ra_off = await task, at
+                except ShoalError as exc:
+                    failed = exc
+                except asyncio.CancelledError:
+                    if not task.cancelled():  # we were cancelled, not the prefetch
+                        raise
                 if self._ra_off <= offset and stop <= self._ra_off + len(self._ra):
                     self._window = min(READ_AHEAD, self._window * 2)
                     return
