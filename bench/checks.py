@@ -6,7 +6,7 @@ commit, in one run, on one machine, alternating so drift hits both alike.
 The earlier commit is checked out into a temporary git worktree; each round
 runs the same workload (an embedded cluster, sequential write and read,
 creates and stats) in a fresh process importing one tree or the other, in
-ABBA order after one uncounted warm-up run. On this VM the same tree against
+ABBA order after an uncounted warm-up run of each. On this VM the same tree against
 itself differs by up to ±5 % (`--baseline HEAD` shows the noise).
 """
 
@@ -15,21 +15,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 from bench.common import show
 
 MiB = 1024 * 1024
-TOTAL = 128 * MiB
+TOTAL = 512 * MiB  # long enough that a heartbeat round or a GC pass is noise
 FILES = 2000
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of this process and the cluster's processes."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    total = own.ru_utime + own.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def workload() -> dict[str, float]:
-    """Runs inside the child process, against whichever shoalfs it imports."""
+    """Runs inside the child process, against whichever shoalfs it imports.
+    Each phase gives a rate and the CPU it cost across all processes (less
+    noisy than the rate on a shared 2-core VM)."""
     from shoalfs.cli.cluster import EmbeddedCluster
     from shoalfs.client import connect
 
@@ -39,28 +55,33 @@ def workload() -> dict[str, float]:
         try:
             c.up()
             c.create_volume("bench")
+            pids = [p for p in (c.pid(n) for n in c.names()) if p is not None]
             block = os.urandom(4 * MiB)
+
+            def phase(name: str, unit: str, amount: float, fn: Callable[[], None]) -> None:
+                cpu, t = cpu_seconds(pids), time.perf_counter()
+                fn()
+                took, used = time.perf_counter() - t, cpu_seconds(pids) - cpu
+                rates[f"{name} {unit}"] = amount / took
+                rates[f"{name} CPU ms per {'MiB' if unit == 'MiB/s' else 'op'}"] = used * 1000 / amount
+
             with connect(c.master_addr, "bench") as vol:
-                t = time.perf_counter()
-                with vol.open("/seq", "wb") as f:
-                    for _ in range(TOTAL // len(block)):
-                        f.write(block)
-                    f.fsync()
-                rates["write MiB/s"] = TOTAL / MiB / (time.perf_counter() - t)
-                t = time.perf_counter()
-                with vol.open("/seq", "rb") as f:
-                    while f.read(4 * MiB):
-                        pass
-                rates["read MiB/s"] = TOTAL / MiB / (time.perf_counter() - t)
+                def write() -> None:
+                    with vol.open("/seq", "wb") as f:
+                        for _ in range(TOTAL // len(block)):
+                            f.write(block)
+                        f.fsync()
+
+                def read() -> None:
+                    with vol.open("/seq", "rb") as f:
+                        while f.read(4 * MiB):
+                            pass
+
+                phase("write", "MiB/s", TOTAL / MiB, write)
+                phase("read", "MiB/s", TOTAL / MiB, read)
                 vol.mkdir("/meta")
-                t = time.perf_counter()
-                for i in range(FILES):
-                    vol.open(f"/meta/f{i}", "wb").close()
-                rates["creates/s"] = FILES / (time.perf_counter() - t)
-                t = time.perf_counter()
-                for i in range(FILES):
-                    vol.stat(f"/meta/f{i}")
-                rates["stats/s"] = FILES / (time.perf_counter() - t)
+                phase("create", "ops/s", FILES, lambda: [vol.open(f"/meta/f{i}", "wb").close() for i in range(FILES)])
+                phase("stat", "ops/s", FILES, lambda: [vol.stat(f"/meta/f{i}") for i in range(FILES)])
         finally:
             c.down()
     return rates
@@ -89,7 +110,8 @@ def main() -> None:
         try:
             trees = {"before": base, "after": HERE}
             runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
-            run_tree(HERE)  # warm-up, not counted: the first run of a session is always slow
+            for tree in (base, HERE):  # warm-up, not counted: a first run compiles and caches
+                run_tree(tree)
             for i in range(args.rounds):  # ABBA order, so drift and position hit both alike
                 for name in ("before", "after") if i % 2 == 0 else ("after", "before"):
                     runs[name].append(run_tree(trees[name]))
@@ -100,7 +122,8 @@ def main() -> None:
         before = [r[metric] for r in runs["before"]]
         after = [r[metric] for r in runs["after"]]
         change = (sum(after) / len(after)) / (sum(before) / len(before)) - 1
-        rows.append([metric, " / ".join(f"{v:,.0f}" for v in before), " / ".join(f"{v:,.0f}" for v in after),
+        fmt = "{:,.2f}" if "CPU" in metric else "{:,.0f}"
+        rows.append([metric, " / ".join(fmt.format(v) for v in before), " / ".join(fmt.format(v) for v in after),
                      f"{change:+.1%}"])
     show(f"cost of the integrity checks (SDK, {args.rounds} rounds, baseline {args.baseline})",
          ["metric", "before (each round)", "after (each round)", "change of the means"], rows)

@@ -104,15 +104,18 @@ class Extent:
                 start = offset - first * BLOCK
                 return data[start : start + (min(end, data_size) - offset)]
 
-    def write(self, offset: int, payload: bytes, sync: bool) -> None:
+    def write(self, offset: int, payload: bytes, sync: bool) -> bool:
+        """Returns True if this write created the extent: its name is durable
+        only once the directory is fsync'ed (at once if `sync`, else by the
+        caller before it answers a sync)."""
         if not payload:
-            return
+            return False
         try:
-            self._write(offset, payload, sync)
+            return self._write(offset, payload, sync)
         except OSError as exc:
             raise disk_error(exc, f"write to extent {self.path}") from None
 
-    def _write(self, offset: int, payload: bytes, sync: bool) -> None:
+    def _write(self, offset: int, payload: bytes, sync: bool) -> bool:
         created = not os.path.exists(self.path)
         dfd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -151,8 +154,9 @@ class Extent:
         finally:
             os.close(dfd)
             os.close(cfd)
-        if created:  # the new names must survive a crash too
+        if created and sync:  # the new names must survive a crash too
             fsync_dir(os.path.dirname(self.path))
+        return created
 
     def truncate(self, size: int) -> None:
         try:

@@ -10,10 +10,10 @@ import shutil
 from collections import defaultdict
 from typing import Any
 
-from shoalfs.common.files import atomic_write
+from shoalfs.common.files import atomic_write, fsync_dir
 from shoalfs.common.service import NodeService
 from shoalfs.datanode.extents import Extent
-from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.errors import Code, ShoalError, disk_error
 from shoalfs.proto.layout import CHUNK, MAX_IO
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.schema import U64, Bool, Bytes, Int, ListOf, Map, Opt, Schema, Str
@@ -32,6 +32,13 @@ class DataPartition:
         self.info = info
         self.dir = directory
         self.locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.names_unsynced = False  # an extent was created by a write not yet followed by a sync
+
+    def sync_names(self) -> None:
+        """Make the names of new extents durable (one directory fsync for all of them)."""
+        if self.names_unsynced:
+            self.names_unsynced = False  # before the fsync: a creation meanwhile sets it again
+            fsync_dir(self.dir)
 
     def extent(self, ext: int) -> Extent:
         return Extent(os.path.join(self.dir, f"e_{int(ext)}"))
@@ -125,7 +132,8 @@ class DataNode(NodeService):
             raise ShoalError(Code.NO_SPACE, f"datanode {self.listen} is out of space")
         ext = part.extent(body["ext"])
         async with part.locks[body["ext"]]:
-            await asyncio.to_thread(ext.write, offset, data, body["sync"])
+            if await asyncio.to_thread(ext.write, offset, data, body["sync"]) and not body["sync"]:
+                part.names_unsynced = True
         return {"written": len(data)}
 
     async def read(self, pid: int, body: Any, conn: Any) -> Any:
@@ -155,7 +163,15 @@ class DataNode(NodeService):
 
     async def sync(self, pid: int, body: Any, conn: Any) -> Any:
         part = self.part(pid)
-        await asyncio.to_thread(part.extent(body["ext"]).sync)
+
+        def sync() -> None:
+            part.extent(body["ext"]).sync()
+            part.sync_names()
+        try:
+            await asyncio.to_thread(sync)
+        except OSError as exc:
+            part.names_unsynced = True
+            raise disk_error(exc, f"sync of data partition {pid}") from None
         return {}
 
 
