@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shoalfs.proto.errors import Code, ShoalError
-from shoalfs.proto.receiver import FrameReceiver
+from shoalfs.proto.receiver import POOL, FrameReceiver
 from shoalfs.proto.wire import FLAG_EVENT, Frame, Header, decode_body
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,13 @@ class RpcConnection:
             self.closed = True
             raise ShoalError(Code.NODE_UNREACHABLE, f"{self.addr}: {exc!r}") from None
 
-    def _on_frame(self, header: Header, payload: bytes | bytearray, reserved: int) -> None:
+    def _on_frame(self, header: Header, payload: bytes | memoryview, reserved: int) -> None:
         try:
             body = decode_body(header, payload)
         except ShoalError as exc:
             body, header.result = {"msg": exc.msg}, Code.TRY_AGAIN
+        finally:
+            POOL.give(payload)
         if header.flags & FLAG_EVENT:
             if self.on_event is not None:
                 try:

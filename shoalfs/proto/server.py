@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoalfs.proto.errors import Code, ShoalError
-from shoalfs.proto.receiver import WRITE_HIGH, WRITE_LOW, FrameReceiver
+from shoalfs.proto.receiver import POOL, WRITE_HIGH, WRITE_LOW, FrameReceiver
 from shoalfs.proto.schema import Schema, validate
 from shoalfs.proto.wire import FLAG_EVENT, FLAG_RESPONSE, Frame, Header, decode_body
 
@@ -131,7 +131,7 @@ class ServerConnection:
         self.server.budget.take_later(n, on_grant)
         return False
 
-    def _on_frame(self, header: Header, payload: bytes | bytearray, reserved: int) -> None:
+    def _on_frame(self, header: Header, payload: bytes | memoryview, reserved: int) -> None:
         self.last_active = time.monotonic()
         self.requests += 1
         self.bytes += reserved
@@ -288,12 +288,15 @@ class RpcServer:
                     conn.close()
 
     # ----- requests ------------------------------------------------------------
-    async def dispatch(self, conn: ServerConnection, header: Header, payload: bytes | bytearray,
+    async def dispatch(self, conn: ServerConnection, header: Header, payload: bytes | memoryview,
                        reserved: int) -> None:
         held = reserved
         result = 0
         try:
-            body = decode_body(header, payload)
+            try:
+                body = decode_body(header, payload)
+            finally:
+                POOL.give(payload)  # decoded: msgpack copied what it needs
             del payload
             route = self.handlers.get(header.opcode)
             if route is None:

@@ -89,7 +89,7 @@ def parse_header(raw: bytes) -> Header:
     return Header(body_len, flags, opcode, result, rid, pid, crc)
 
 
-def decode_body(header: Header, payload: bytes | bytearray) -> Any:
+def decode_body(header: Header, payload: bytes | bytearray | memoryview) -> Any:
     """Decode a body; a checksum or msgpack failure is a per-request error."""
     if zlib.crc32(payload) != header.crc:
         raise ShoalError(Code.BAD_REQUEST, "frame checksum mismatch")
