@@ -86,7 +86,7 @@ class RpcConnection:
         fut: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         frame = Frame(opcode=opcode, request_id=rid, partition_id=partition_id, body=body)
-        for part in frame.encode_parts():
+        for part in frame.chunks():
             proto.transport.write(part)
         sent = time.monotonic()
         try:

@@ -185,7 +185,7 @@ class ServerConnection:
         transport = self.receiver.transport
         if self.closed or transport is None or transport.is_closing():
             return
-        for part in frame.encode_parts():
+        for part in frame.chunks():
             transport.write(part)
         self._flow()
 

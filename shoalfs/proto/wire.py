@@ -27,6 +27,8 @@ MAGIC = 0x5348  # "SH"
 VERSION = 1
 MAX_BODY = MAX_IO + 64 * 1024  # the largest body the protocol needs: one I/O piece and its fields
 
+JOIN_BELOW = 64 * 1024  # bodies up to this are sent in one write with their header
+
 FLAG_RESPONSE = 0x01
 FLAG_EVENT = 0x02  # server-initiated push (lifecycle events)
 
@@ -43,6 +45,13 @@ class Frame:
     def encode(self) -> bytes:
         header, payload = self.encode_parts()
         return header + payload
+
+    def chunks(self) -> tuple[bytes, ...]:
+        """What to hand the transport: one write for a small frame (a syscall
+        saved per message), header and body apart for a large one (never
+        copied to join them)."""
+        header, payload = self.encode_parts()
+        return (header + payload,) if len(payload) <= JOIN_BELOW else (header, payload)
 
     def encode_parts(self) -> tuple[bytes, bytes]:
         """Header and body apart, so a large body is never copied to join them."""
