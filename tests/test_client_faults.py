@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from conftest import wait_for
@@ -113,16 +114,22 @@ def test_read_that_waits_for_a_prefetch_fails_within_one_deadline(cluster_factor
     assert LOW <= took <= HIGH, f"the read took {took:.2f}s with op_deadline={DEADLINE}"
 
 
+def landed_then_datanode_killed(c, vol, path: str) -> tuple[Any, bytes]:
+    """An open file whose first 3 MiB are durable; then the only datanode dies."""
+    landed = os.urandom(3 * MiB)
+    f = vol.open(path, "wb")
+    f.write(landed)
+    f.fsync()
+    assert vol.stat(path).st_size == len(landed)
+    c.kill("datanode1")
+    return f, landed
+
+
 @pytest.mark.parametrize("unsent", ["buffered", "in-flight"])
 def test_failed_write_back_is_reported_by_close_and_does_not_grow_the_file(cluster_factory, unsent) -> None:
     c = small_cluster(cluster_factory)
-    landed = os.urandom(3 * MiB)
     with connect(c.master_addr, "v", options()) as vol:
-        f = vol.open("/g", "wb")
-        f.write(landed)
-        f.fsync()
-        assert vol.stat("/g").st_size == len(landed)
-        c.kill("datanode1")
+        f, landed = landed_then_datanode_killed(c, vol, "/g")
         if unsent == "buffered":
             f.write(os.urandom(3 * MiB))  # below the write-behind threshold: stays in memory
         else:
@@ -142,12 +149,8 @@ def test_failed_write_back_is_reported_by_close_and_does_not_grow_the_file(clust
 
 def test_close_after_flush_reported_the_error_does_not_grow_the_file(cluster_factory) -> None:
     c = small_cluster(cluster_factory)
-    landed = os.urandom(3 * MiB)
     with connect(c.master_addr, "v", options()) as vol:
-        f = vol.open("/h", "wb")
-        f.write(landed)
-        f.fsync()
-        c.kill("datanode1")
+        f, landed = landed_then_datanode_killed(c, vol, "/h")
         f.write(os.urandom(3 * MiB))
         err, took = timed(f.flush)
         assert err.errno == errno.EIO, err
