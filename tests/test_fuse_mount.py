@@ -76,7 +76,7 @@ def fio(directory: str, rw: str, size: str) -> None:
         ["fio", "--name=verify", f"--directory={directory}", f"--rw={rw}", "--bs=4k", f"--size={size}",
          "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--ioengine=psync", "--numjobs=1",
          "--output-format=terse", "--end_fsync=1"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=directory)  # fio saves its verify state in cwd
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "verify:" not in proc.stderr, proc.stderr
 
