@@ -93,3 +93,21 @@ def test_server_with_bad_config(tmp_path) -> None:
     cfg.write_text("{}")
     proc = shoal("datanode", "--config", str(cfg))
     assert proc.returncode != 0 and "lacks" in proc.stderr
+
+
+def test_mount_without_pyfuse3_says_what_to_install(tmp_path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['pyfuse3'] = None  # as if not installed\n")
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = shoal("mount", "vol", str(tmp_path), "--master", "127.0.0.1:1", env=env)
+    assert_one_line_error(proc, 1, "pip install 'shoalfs[fuse]'")
+
+
+def test_tables_read_as_a_person_reads_them() -> None:
+    from shoalfs.cli.main import cell
+
+    assert cell("disk_free", 79849820160) == "74.4 GiB"
+    assert cell("disk_free", 512) == "512 B"
+    assert cell("running", True) == "yes" and cell("running", False) == "no"
+    assert cell("partitions", 3) == "3"

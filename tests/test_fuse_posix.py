@@ -250,3 +250,45 @@ def test_mtime_changes_on_write(mnt: str) -> None:
     with open(p, "a") as f:
         f.write("b")
     assert os.stat(p).st_mtime_ns > t1
+
+
+def test_every_call_says_enametoolong_past_name_max(mnt: str) -> None:
+    os.mkdir(f"{mnt}/names")
+    ok, long = "a" * 255, "b" * 256
+    open(f"{mnt}/names/{ok}", "w").close()
+    assert os.stat(f"{mnt}/names/{ok}").st_size == 0  # 255 bytes work
+    p = f"{mnt}/names/{long}"
+    calls = {
+        "stat": lambda: os.stat(p), "lstat": lambda: os.lstat(p), "open": lambda: open(p),
+        "create": lambda: open(p, "w"), "mkdir": lambda: os.mkdir(p), "chmod": lambda: os.chmod(p, 0o600),
+        "chown": lambda: os.chown(p, 1, 1), "truncate": lambda: os.truncate(p, 0), "unlink": lambda: os.unlink(p),
+        "rmdir": lambda: os.rmdir(p), "link": lambda: os.link(f"{mnt}/names/{ok}", p),
+        "symlink": lambda: os.symlink("x", p), "rename to": lambda: os.rename(f"{mnt}/names/{ok}", p),
+        "rename from": lambda: os.rename(p, f"{mnt}/names/x"), "utime": lambda: os.utime(p),
+        "listxattr": lambda: os.listxattr(p),
+    }
+    for what, call in calls.items():
+        assert err(call) == errno.ENAMETOOLONG, what
+    assert os.listdir(f"{mnt}/names") == [ok]  # nothing changed
+
+
+def test_directory_link_counts(mnt: str) -> None:
+    base = f"{mnt}/links"
+    os.mkdir(base)
+    assert os.stat(base).st_nlink == 2
+    for i in range(3):
+        os.mkdir(f"{base}/d{i}")
+    open(f"{base}/file", "w").close()  # files do not count
+    assert os.stat(base).st_nlink == 5
+    os.rmdir(f"{base}/d2")
+    assert os.stat(base).st_nlink == 4
+    os.mkdir(f"{mnt}/links2")
+    os.rename(f"{base}/d1", f"{mnt}/links2/moved")  # across directories (and partitions, often)
+    assert (os.stat(base).st_nlink, os.stat(f"{mnt}/links2").st_nlink) == (3, 3)
+    os.mkdir(f"{base}/target")
+    os.rename(f"{mnt}/links2/moved", f"{base}/target")  # replaces an empty directory
+    assert (os.stat(base).st_nlink, os.stat(f"{mnt}/links2").st_nlink) == (4, 2)
+    os.rename(f"{base}/target", f"{base}/renamed")  # within one directory: no change
+    assert os.stat(base).st_nlink == 4
+    found = subprocess.run(["find", base, "-type", "d"], capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(found) == sorted([base, f"{base}/d0", f"{base}/renamed"])

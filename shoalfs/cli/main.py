@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import sys
@@ -69,13 +70,27 @@ def call_master(args: argparse.Namespace, method: str, path: str, params: dict[s
 
 
 TIME_COLUMNS = {"created_at", "purge_at", "mounted_at", "last_seen"}
+BYTE_COLUMNS = {"disk_free", "disk_total", "used_bytes", "capacity_bytes"}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def cell(column: str, value: Any) -> str:
+    """A value as a person reads it (--json keeps the raw values)."""
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if column in TIME_COLUMNS and isinstance(value, (int, float)):
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if column in BYTE_COLUMNS and isinstance(value, (int, float)):
+        return human_bytes(value)
     return str(value)
 
 
@@ -192,6 +207,9 @@ def delete_volume(args: argparse.Namespace) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> None:
+    if importlib.util.find_spec("pyfuse3") is None:
+        fail("shoal mount needs pyfuse3: apt-get install fuse3 libfuse3-dev pkg-config, "
+             "then pip install 'shoalfs[fuse]'")
     from shoalfs.client.deletion import DeletionAwareMount
     from shoalfs.client.mount import MountError, MountOptions, run_foreground, spawn_daemon
     from shoalfs.common.service import setup_logging

@@ -25,6 +25,7 @@ import pyfuse3
 from shoalfs.client.core import VolumeClient
 from shoalfs.client.handle import FileHandle
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.layout import MAX_NAME
 from shoalfs.proto.opcodes import Op
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,10 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @staticmethod
     def name(raw: bytes) -> str:
+        """Every call that takes a name says ENAMETOOLONG for one over NAME_MAX
+        (a lookup of it would otherwise say ENOENT to stat, chmod, unlink...)."""
+        if len(raw) > MAX_NAME:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         return os.fsdecode(raw)
 
     def _new_handle(self, attr: dict[str, Any], extents: dict[int, list[int]], flags: int) -> int:

@@ -32,6 +32,10 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+def _is_dir(mode: int) -> int:
+    return 1 if stat.S_ISDIR(mode) else 0
+
+
 def public_attr(inode: dict[str, Any]) -> dict[str, Any]:
     """The attributes a client sees (no extent map; only how many xattrs)."""
     attr = {k: v for k, v in inode.items() if k not in ("xattrs", "extents")}
@@ -154,9 +158,12 @@ class MetaPartition:
         node.update(changes)
         return node
 
-    def _dir_changed(self, parent: int) -> tuple[Any, ...]:
+    def _dir_changed(self, parent: int, subdirs: int = 0) -> tuple[Any, ...]:
+        """The parent's new times, and its link count when `subdirs`
+        subdirectories come or go (a directory has 2 + one per subdirectory)."""
         t = now_ns()
-        return ("I", parent, self._touched(parent, mtime=t, ctime=t))
+        nlink = self.inode(parent, staged=True)["nlink"] + subdirs
+        return ("I", parent, self._touched(parent, mtime=t, ctime=t, nlink=max(2, nlink)))
 
     # ----- inode operations --------------------------------------------
     def new_root(self, uid: int = 0, gid: int = 0) -> list[Any]:
@@ -196,7 +203,7 @@ class MetaPartition:
         node = self._new_inode(mode, uid, gid, target, rdev)
         ino = node["ino"]
         await self.commit([("C", ino + 1), ("I", ino, node), ("D", parent, name, ino, node["mode"]),
-                           self._dir_changed(parent)])
+                           self._dir_changed(parent, _is_dir(mode))])
         return public_attr(node)
 
     async def set_attr(self, ino: int, changes: dict[str, Any]) -> dict[str, Any]:
@@ -249,9 +256,11 @@ class MetaPartition:
         self.directory(parent, staged=True)
         if self.staged.dentry(parent, name) is not None:
             raise ShoalError(Code.EXISTS, f"{name!r} exists")
-        await self.commit([("D", parent, name, ino, mode), self._dir_changed(parent)])
+        await self.commit([("D", parent, name, ino, mode), self._dir_changed(parent, _is_dir(mode))])
 
     def lookup(self, parent: int, name: str, staged: bool = False) -> dict[str, Any]:
+        if len(name) > MAX_NAME and len(name.encode()) > MAX_NAME:
+            raise ShoalError(Code.NAME_TOO_LONG)
         self.directory(parent, staged)
         if staged:
             entry = self.staged.dentry(parent, name)
@@ -276,7 +285,7 @@ class MetaPartition:
             raise ShoalError(Code.NOT_DIR, f"{name!r} is not a directory")
         if want_dir is False and stat.S_ISDIR(found["mode"]):
             raise ShoalError(Code.IS_DIR, f"{name!r} is a directory")
-        effects: list[Any] = [("d", parent, name), self._dir_changed(parent)]
+        effects: list[Any] = [("d", parent, name), self._dir_changed(parent, -_is_dir(found["mode"]))]
         ino = found["ino"]
         node = self.staged.inode(ino)
         if node is not None and keep is not None and not stat.S_ISDIR(node["mode"]):
@@ -325,10 +334,13 @@ class MetaPartition:
             # rename onto another link of the same inode: POSIX says do nothing
             return {"ino": moving["ino"], "replaced": None}
         self._check_replace(moving["mode"], existing, noreplace)
-        effects: list[Any] = [("d", sp, sn), ("D", dp, dn, moving["ino"], moving["mode"]),
-                              self._dir_changed(sp)]
-        if dp != sp:
-            effects.append(self._dir_changed(dp))
+        # a directory moving takes a link from its old parent to its new one;
+        # a directory it replaces takes one from the new parent
+        subdirs = dict.fromkeys((sp, dp), 0)  # one key when both parents are the same
+        subdirs[sp] -= _is_dir(moving["mode"])
+        subdirs[dp] += _is_dir(moving["mode"]) - (_is_dir(existing[1]) if existing else 0)
+        effects: list[Any] = [("d", sp, sn), ("D", dp, dn, moving["ino"], moving["mode"])]
+        effects += [self._dir_changed(p, n) for p, n in subdirs.items()]
         await self.commit(effects)
         return {"ino": moving["ino"], "replaced": list(existing) if existing else None}
 
@@ -347,7 +359,7 @@ class MetaPartition:
         effects: list[Any] = [("t", txid)]
         current = self.staged.dentry(tx["sp"], tx["sn"])
         if current is not None and current[0] == tx["ino"]:
-            effects += [("d", tx["sp"], tx["sn"]), self._dir_changed(tx["sp"])]
+            effects += [("d", tx["sp"], tx["sn"]), self._dir_changed(tx["sp"], -_is_dir(tx["mode"]))]
         await self.commit(effects)
 
     async def abort_rename_tx(self, txid: str) -> None:
@@ -367,7 +379,8 @@ class MetaPartition:
             existing = None
         self._check_replace(mode, existing, noreplace)
         replaced = list(existing) if existing else None
-        await self.commit([("D", dp, dn, ino, mode), self._dir_changed(dp), ("A", txid, replaced)])
+        subdirs = _is_dir(mode) - (_is_dir(existing[1]) if existing else 0)
+        await self.commit([("D", dp, dn, ino, mode), self._dir_changed(dp, subdirs), ("A", txid, replaced)])
         return {"replaced": replaced}
 
     # ----- extents and xattrs -------------------------------------------
