@@ -59,6 +59,7 @@ class FileHandle:
         self._window = FIRST_WINDOW
         self._next_seq = 0
         self._prefetch: tuple[int, asyncio.Task[bytes]] | None = None
+        self._cache_gen = 0  # bumped whenever cached bytes may have gone stale
         self._unsynced: set[int] = set()
         self._meta_size: int = attr["size"]  # the size the metanode has, as far as we know
         self._landed_end = 0  # end of the furthest batch that landed on the datanodes
@@ -166,6 +167,7 @@ class FileHandle:
 
     # ----- reads ----------------------------------------------------------------
     def _drop_read_cache(self) -> None:
+        self._cache_gen += 1
         self._ra = b""
         if self._prefetch is not None:
             self._prefetch[1].cancel()
@@ -177,6 +179,8 @@ class FileHandle:
         if self._segments or self._inflight:
             await self._drain(end)  # read your own writes
             self._check()
+            self._drop_read_cache()  # a prefetch started before they landed has old bytes
+        gen = self._cache_gen
         if size <= 0 or offset >= self.size:
             return b""
         stop = min(offset + size, self.size)
@@ -186,6 +190,11 @@ class FileHandle:
             await self._fill(offset, stop, sequential, end)
         start = offset - self._ra_off
         data = self._ra[start : start + (stop - offset)]
+        if self._cache_gen != gen:
+            # a write or truncate came in while this read waited: what it read
+            # may predate it, so it is this read's answer but nobody's cache
+            self._drop_read_cache()
+            return data
         if sequential and self._prefetch is None and self._ra_off + len(self._ra) < self.size:
             nxt = self._ra_off + len(self._ra)
             # in the background, with a deadline of its own; a read that
