@@ -89,8 +89,29 @@ def test_held_frames_and_unread_answers_stay_within_the_budget(cluster_factory) 
     # documented bound: the budget plus per-connection buffers; without it this grew by 400 MB
     assert peak - base < budget + 32 * MiB, (base, peak)
     assert serving(addr)  # a well-behaved peer is still answered
-    wait_for(lambda: all(closed_by_peer(s) for s in held), 10, "held frames to be dropped (read timeout)")
+    # the non-reading peer goes after the write timeout; a held frame after the read timeout
+    # once it has budget (one still waiting for budget is not timed out: that is not its doing)
     wait_for(lambda: closed_by_peer(greedy), 15, "the non-reading peer to be dropped (write timeout)")
+    wait_for(lambda: all(closed_by_peer(s) for s in held), 15, "held frames to be dropped (read timeout)")
     for s in [*held, greedy]:
         s.close()
     assert rpc(addr, Op.DATA_READ, dpid, {"ext": ext, "offset": 0, "size": 4})[0] == 0
+
+
+def test_over_the_cap_with_none_idle_a_new_connection_is_closed(cluster_factory) -> None:
+    c: EmbeddedCluster = cluster_factory(metanodes=1, datanodes=1, datanode={
+        "rpc_max_connections": 20, "rpc_read_timeout": 30})
+    addr = c.layout["nodes"]["datanode1"]["listen"]
+    wait_for(lambda: serving(addr), 30, "the datanode to serve")
+    busy = open_sockets(addr, 30)
+    try:
+        for s in busy:  # each has a frame under way: none is idle, none may be evicted
+            s.sendall(HEADER.pack(1000, MAGIC, VERSION, 0, Op.PING, 0, 1, 0, 0) + b"\0" * 10)
+        late = open_sockets(addr, 1)[0]
+        wait_for(lambda: closed_by_peer(late), 5, "a connection over the cap to be closed")
+        late.close()
+        pid = c.pid("datanode1")
+        assert pid is not None and len(os.listdir(f"/proc/{pid}/fd")) < 20 + 64
+    finally:
+        for s in busy:
+            s.close()

@@ -59,6 +59,8 @@ RENAME: Schema = {"src_parent": INO, "src_name": NAME, "dst_parent": INO, "dst_n
 RENAME_LINK: Schema = {"txid": Str(64), "parent": INO, "name": NAME, "ino": INO, "mode": MODE,
                "noreplace": Opt(Bool, False)}
 MAX_SUBSCRIPTIONS = 64
+DENTRY_BYTES = MAX_NAME + 32  # the most one readdir entry takes in an answer
+ATTR_BYTES = 256  # about what one inode's attributes take
 TOKEN = Opt(Str(1024), "")  # absent: refused by check_master as UNAUTHORIZED
 MASTER_STATE: Schema = {"token": TOKEN, "read_only": Opt(ListOf(Str(64), 1_000_000), []), "volumes": Opt(Map, {})}
 CREATE_META_PARTITION: Schema = {"token": TOKEN, "vol_id": Str(64), "start": Int(0, U64), "end": Int(1, U64),
@@ -88,7 +90,9 @@ class MetaNode(NodeService):
             b["parent"], b["name"], b["mode"], b["uid"], b["gid"], b["target"], b["rdev"])),
           {"parent": INO, "name": NAME, **NEW_INODE})
         r(Op.META_GET_INODE, on(self._get_inode), {"ino": INO})
-        r(Op.META_BATCH_GET_INODE, on(self._batch_get), {"inos": ListOf(INO, 10_000)})
+        # answers that can be large draw their size from the server's budget first
+        r(Op.META_BATCH_GET_INODE, on(self._batch_get), {"inos": ListOf(INO, 10_000)},
+          cost=lambda b: len(b["inos"]) * ATTR_BYTES)
         r(Op.META_SET_ATTR, on(lambda p, b: p.set_attr(b["ino"], b)), SET_ATTR)
         r(Op.META_LINK_INODE, on(lambda p, b: p.link_inode(b["ino"])), {"ino": INO})
         r(Op.META_UNLINK_INODE, on(lambda p, b: p.unlink_inode(b["ino"])), {"ino": INO})
@@ -100,7 +104,8 @@ class MetaNode(NodeService):
             b["parent"], b["name"], b["dir"], b["keep"])),
           {"parent": INO, "name": NAME, "dir": Opt(Bool), "keep": Opt(ListOf(INO, 1_000_000))})
         r(Op.META_READDIR, on(self._readdir),
-          {"parent": INO, "after": Opt(NAME), "limit": Opt(Int(1, 10_000), 1000)})
+          {"parent": INO, "after": Opt(NAME), "limit": Opt(Int(1, 10_000), 1000)},
+          cost=lambda b: b["limit"] * DENTRY_BYTES)
         r(Op.META_RENAME, on(self.rename), RENAME)
         r(Op.META_RENAME_LINK_TX, on(lambda p, b: p.rename_link_tx(
             b["txid"], b["parent"], b["name"], b["ino"], b["mode"], b["noreplace"])), RENAME_LINK)
@@ -198,6 +203,7 @@ class MetaNode(NodeService):
         if mine is None:
             mine = self._subscriptions[conn] = set()
             conn.on_close.append(self._unsubscribe)
+            conn.keep = True  # it waits for pushes: not idle
         if vol_id not in mine:
             if len(mine) >= MAX_SUBSCRIPTIONS:  # one mount watches one volume; bound what a peer adds
                 raise ShoalError(Code.INVALID, f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection")

@@ -83,11 +83,18 @@ class FrameReceiver(asyncio.BufferedProtocol):
         self._can_write = asyncio.Event()
         self._can_write.set()
         self.lost = asyncio.Event()
-        self.on_writable: Callable[[], None] | None = None  # the send buffer fell below its low mark
+        # server hooks: the send buffer fell below its low mark / the budget wait began or ended
+        self.on_writable: Callable[[], None] | None = None
+        self.on_budget_wait: Callable[[], None] | None = None
+        self.accepting: Callable[[], bool] | None = None  # False: leave further frames buffered
+        self.refused = False  # over the connection cap: closed as soon as it is made
 
     # ----- asyncio callbacks ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self.refused:
+            self.transport.abort()
+            return
         if self.on_writable is not None:
             self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
 
@@ -136,24 +143,48 @@ class FrameReceiver(asyncio.BufferedProtocol):
         """True while a frame has begun but not finished arriving (and we are reading)."""
         return self.frame_started is not None and not self._waiting_budget
 
+    @property
+    def waiting_budget(self) -> bool:
+        return self._waiting_budget
+
+    def release_reservation(self) -> int:
+        """The budget held for a large body still arriving (the connection is gone)."""
+        granted, self._granted = self._granted, 0
+        return granted
+
+    def resume_parsing(self) -> None:
+        """Take the frames left buffered while the server was not accepting."""
+        try:
+            self._parse()
+        except FrameError:
+            if self.transport is not None:
+                self.transport.abort()
+
     # ----- framing ----------------------------------------------------------------
     def _parse(self) -> None:
+        if self._big is not None:  # a large body is arriving into its own buffer
+            return
         buf = self._buf
+        consumed = False
         while self._end - self._start >= HEADER_SIZE:
+            if self.accepting is not None and not self.accepting():
+                break  # the server has enough in flight from this peer: the rest waits here
             header = parse_header(bytes(buf[self._start:self._start + HEADER_SIZE]))
             total = HEADER_SIZE + header.body_len
             have = self._end - self._start
             if have >= total:
                 body = bytes(buf[self._start + HEADER_SIZE:self._start + total])
                 self._start += total
+                consumed = True
                 self.on_frame(header, body, 0)
                 continue
             if total > len(buf) - self._start and header.body_len > len(buf) // 2:
                 if not self._granted and self.reserve is not None:
                     if not self.reserve(header.body_len, self._budget_granted):
                         self._waiting_budget = True
-                        if self.transport is not None:
-                            self.transport.pause_reading()
+                        self.frame_started = time.monotonic()
+                        if self.on_budget_wait is not None:
+                            self.on_budget_wait()
                         return
                     self._granted = header.body_len
                 # a large body: give it its own buffer and let the socket fill it
@@ -162,29 +193,24 @@ class FrameReceiver(asyncio.BufferedProtocol):
                 big[:got] = buf[self._start + HEADER_SIZE:self._end]
                 self._start = self._end = 0
                 self._big, self._big_pos, self._big_len, self._big_header = big, got, header.body_len, header
-                break
+                self.frame_started = time.monotonic()
+                return
             break
-        if self._big is None and self._start == self._end:
+        if self._start == self._end:
             self._start = self._end = 0
             self.frame_started = None
-        elif self.frame_started is None:
+        elif consumed or self.frame_started is None:  # the unfinished frame began now
             self.frame_started = time.monotonic()
 
     def _budget_granted(self) -> None:
-        """The server's budget took the large body's bytes for us: go on reading."""
-        if self.transport is None or self.transport.is_closing():
-            return
+        """The server's budget took the large body's bytes for us: take the frame."""
         self._waiting_budget = False
-        self.frame_started = time.monotonic()
         assert self._big_header is None
         header = parse_header(bytes(self._buf[self._start:self._start + HEADER_SIZE]))
         self._granted = header.body_len
-        try:
-            self._parse()
-        except FrameError:
-            self.transport.abort()
-            return
-        self.transport.resume_reading()
+        self.resume_parsing()
+        if self.on_budget_wait is not None:
+            self.on_budget_wait()
 
     @property
     def writable(self) -> bool:

@@ -109,13 +109,17 @@ class ServerConnection:
         self.server = server
         self.receiver = FrameReceiver(self._on_frame, self._on_lost, SERVER_BUFFER, self._reserve)
         self.receiver.on_writable = self._flow
+        self.receiver.on_budget_wait = self._flow
+        self.receiver.accepting = self._accepting
         self.closed = False
         self.on_close: list[Callable[[ServerConnection], None]] = []
         self.last_active = time.monotonic()
         self.requests = 0
         self.bytes = 0  # budget held by this connection's requests in flight
         self.unsent_held = 0  # budget held by answers still in the send buffer
-        self.unsent_since: float | None = None  # answers waiting on a peer that does not read
+        self.unsent_since: float | None = None  # since when answers wait on a peer that takes none
+        self._unsent_last = 0
+        self.keep = False  # a subscriber: never closed for being idle
         self._paused = False
 
     # ----- receiving --------------------------------------------------------
@@ -124,8 +128,9 @@ class ServerConnection:
             return True
 
         def on_grant() -> None:
-            if self.closed:
-                self.server.budget.give(n)
+            transport = self.receiver.transport
+            if self.closed or transport is None or transport.is_closing():
+                self.server.budget.give(n)  # nobody left to take the frame
             else:
                 granted()
         self.server.budget.take_later(n, on_grant)
@@ -154,32 +159,49 @@ class ServerConnection:
     def _on_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         self.server.forget(self)
-        held, self.unsent_held = self.unsent_held + self.receiver._granted, 0
-        self.receiver._granted = 0  # a large frame may have been arriving when the peer went
+        held, self.unsent_held = self.unsent_held + self.receiver.release_reservation(), 0
         self.server.budget.give(held)
         for cb in self.on_close:
             cb(self)
 
     # ----- flow control -------------------------------------------------------
+    def _busy(self, unsent: int) -> bool:
+        limits = self.server.limits
+        return (self.requests >= limits.conn_requests or self.bytes >= limits.conn_bytes
+                or unsent > WRITE_HIGH)
+
+    def _accepting(self) -> bool:
+        transport = self.receiver.transport
+        return transport is not None and not self._busy(transport.get_write_buffer_size())
+
     def _flow(self) -> None:
-        """Read from the peer only while it has room for more in flight."""
+        """The one place that pauses and resumes reading from the peer: only
+        while it has room for more in flight and no large frame waits for budget."""
         transport = self.receiver.transport
         if transport is None or self.closed:
             return
-        limits = self.server.limits
         unsent = transport.get_write_buffer_size()
-        if unsent <= WRITE_LOW and self.unsent_held:
-            held, self.unsent_held = self.unsent_held, 0
-            self.server.budget.give(held)
-        self.unsent_since = (self.unsent_since or time.monotonic()) if unsent > WRITE_HIGH else None
-        busy = (self.requests >= limits.conn_requests or self.bytes >= limits.conn_bytes
-                or unsent > WRITE_HIGH)
-        if busy and not self._paused:
+        if unsent <= WRITE_LOW:
+            if self.unsent_held:
+                held, self.unsent_held = self.unsent_held, 0
+                self.server.budget.give(held)
+            self.unsent_since = None
+        elif self.unsent_since is None or unsent < self._unsent_last:  # the peer is taking answers
+            self.unsent_since = time.monotonic()
+        self._unsent_last = unsent
+        busy = self._busy(unsent)
+        if (busy or self.receiver.waiting_budget) and not self._paused:
             self._paused = True
             transport.pause_reading()
-        elif not busy and self._paused and not self.receiver._waiting_budget:
+        elif not busy and not self.receiver.waiting_budget and self._paused:
             self._paused = False
-            transport.resume_reading()
+            self.receiver.resume_parsing()  # frames left buffered while it was busy
+            if not self.closed and not self._paused:
+                transport.resume_reading()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def send(self, frame: Frame) -> None:
         transport = self.receiver.transport
@@ -194,7 +216,9 @@ class ServerConnection:
 
     @property
     def idle(self) -> bool:
-        return self.requests == 0 and self.receiver.frame_started is None
+        """Nothing in flight either way: the connection may be closed for room or age."""
+        return (self.requests == 0 and self.receiver.frame_started is None and self.unsent_since is None
+                and not self.keep)
 
     def close(self) -> None:
         """Reset the connection: the kernel drops whatever the peer never read
@@ -257,7 +281,7 @@ class RpcServer:
         if len(self._conns) >= self.max_connections():
             log.warning("%s: %d connections, none idle: refusing a new one", self.name, len(self._conns))
             conn.closed = True
-            asyncio.get_running_loop().call_soon(conn.close)
+            conn.receiver.refused = True  # aborted as soon as the transport exists
             return conn.receiver
         self._conns[conn] = None
         return conn.receiver
@@ -274,7 +298,8 @@ class RpcServer:
             for conn in list(self._conns):
                 r = conn.receiver
                 why = None
-                if r.receiving and r.frame_started is not None and now - r.frame_started > lim.read_timeout:
+                if (r.receiving and not conn.paused and r.frame_started is not None
+                        and now - r.frame_started > lim.read_timeout):
                     why = f"a frame unfinished after {lim.read_timeout:g}s"
                 elif conn.unsent_since is not None and now - conn.unsent_since > lim.write_timeout:
                     why = f"answers unread for {lim.write_timeout:g}s"
