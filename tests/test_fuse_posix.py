@@ -292,3 +292,20 @@ def test_directory_link_counts(mnt: str) -> None:
     assert os.stat(base).st_nlink == 4
     found = subprocess.run(["find", base, "-type", "d"], capture_output=True, text=True, check=True).stdout.split()
     assert sorted(found) == sorted([base, f"{base}/d0", f"{base}/renamed"])
+
+
+def test_past_the_largest_file_is_efbig_and_touches_no_other_file(mnt: str) -> None:
+    from shoalfs.proto.layout import MAX_FILE_SIZE
+
+    with open(f"{mnt}/neighbour", "wb") as f:
+        f.write(b"mine")
+    fd = os.open(f"{mnt}/huge", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"z", MAX_FILE_SIZE - 1)  # the last byte a file can hold
+        assert os.fstat(fd).st_size == MAX_FILE_SIZE
+        assert err(os.pwrite, fd, b"spill", MAX_FILE_SIZE) == errno.EFBIG
+        assert err(os.ftruncate, fd, MAX_FILE_SIZE + 1) == errno.EFBIG
+    finally:
+        os.close(fd)
+    assert open(f"{mnt}/neighbour", "rb").read() == b"mine"
+    os.unlink(f"{mnt}/huge")

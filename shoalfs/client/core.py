@@ -18,13 +18,13 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from shoalfs.client.master import MasterClient
 from shoalfs.proto.errors import Code, ShoalError
-from shoalfs.proto.layout import CHUNK, extent_id
+from shoalfs.proto.layout import CHUNK, MAX_FILE_SIZE, extent_id
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import EventCallback, RetryPolicy, RpcPool
 
@@ -348,7 +348,7 @@ class VolumeClient:
             jobs.append(self._write_piece(ino, chunk, within, data[pos:pos + n], known, end))
             touched.add(chunk)
             pos += n
-        await asyncio.gather(*jobs)
+        await all_or_none(jobs)
         return touched
 
     async def _write_piece(self, ino: int, chunk: int, within: int, piece: bytes,
@@ -402,9 +402,13 @@ class VolumeClient:
         """Set the size; data past it is freed so a later extension reads zeros."""
         if size < 0:
             raise ShoalError(Code.INVALID, "negative size")
+        check_file_size(size)
         known = await self.extents(ino)
         keep_chunk, within = divmod(size, CHUNK)
         drop = [c for c in known if c > keep_chunk or (c == keep_chunk and within == 0)]
+        # data first, then the map: a failure in between leaves map entries whose
+        # data is gone, which read as EIO (the truncate reported its error), never
+        # an extent that a later write to the same chunk would find with old bytes
         jobs = [self.call(self._dp_by_pid(known[c][0]), Op.DATA_DELETE_EXTENT, {"ext": known[c][1]})
                 for c in drop]
         if within and keep_chunk in known:
@@ -413,8 +417,7 @@ class VolumeClient:
         await asyncio.gather(*jobs)
         if drop:
             await self.meta(ino, Op.META_EXTENT_DROP, {"ino": ino, "chunks": drop})
-        t = time.time_ns()
-        return await self.setattr(ino, size=size, mtime=t)
+        return await self.setattr(ino, size=size, mtime=time.time_ns())
 
     async def statfs(self) -> dict[str, Any]:
         res: dict[str, Any] = await self.master.request("GET", "/volume/stat", {"name": self.volume_name})
@@ -423,6 +426,24 @@ class VolumeClient:
     async def close(self) -> None:
         await self.pool.close()
         await self.master.close()
+
+
+def check_file_size(end: int) -> None:
+    if end > MAX_FILE_SIZE:
+        raise ShoalError(Code.FILE_TOO_BIG, f"a file ends at {MAX_FILE_SIZE} bytes at most")
+
+
+async def all_or_none(coros: list[Coroutine[Any, Any, Any]]) -> list[Any]:
+    """Run together; on the first failure cancel the rest and wait for them,
+    so no piece of a failed write lands later, behind newer data."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def split_path(path: str) -> list[str]:

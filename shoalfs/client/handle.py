@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from shoalfs.client.core import CALL_GRACE, VolumeClient
+from shoalfs.client.core import CALL_GRACE, VolumeClient, check_file_size
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 
@@ -79,6 +79,7 @@ class FileHandle:
         self._check()
         if self.append:
             offset = self.size
+        check_file_size(offset + len(data))
         self._drop_read_cache()
         last = self._segments[-1] if self._segments else None
         if last is not None and last[0] + len(last[1]) == offset:

@@ -15,10 +15,12 @@ from typing import Any
 
 from shoalfs.common.files import atomic_write
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.layout import MAX_INO
 
 INODE_RANGE = 1 << 40  # inodes per meta partition
 MIN_META_PARTITIONS = 3
 MIN_DATA_PARTITIONS = 3
+MAX_META_PARTITIONS = (MAX_INO + 1) // INODE_RANGE
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 ACTIVE = "ACTIVE"
@@ -106,7 +108,8 @@ class MasterState:
         # rotate the starting node so consecutive volumes spread their load
         shift = len(self.volumes)
         mps, dps = [], []
-        for i in range(max(MIN_META_PARTITIONS, len(metanodes))):
+        # extent ids hold inode numbers below 2^44: at most 16 ranges of 2^40
+        for i in range(min(MAX_META_PARTITIONS, max(MIN_META_PARTITIONS, len(metanodes)))):
             start = 1 if i == 0 else i * INODE_RANGE
             mps.append({"pid": self._next_pid(), "start": start, "end": (i + 1) * INODE_RANGE,
                         "replicas": [metanodes[(i + shift) % len(metanodes)]]})

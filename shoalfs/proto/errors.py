@@ -36,6 +36,7 @@ class Code(IntEnum):
     NOT_PERMITTED = 100421
     TOO_MANY_LINKS = 100422
     DATA_LOST = 100423
+    FILE_TOO_BIG = 100424
     INTERNAL = 100500
     # transient: retried inside the operation's deadline
     TIMEOUT = 100600
@@ -72,6 +73,7 @@ REGISTRY: dict[Code, CodeInfo] = {
     Code.CORRUPTED: CodeInfo("data block checksum mismatch", False, errno.EIO),
     Code.IO_ERROR: CodeInfo("disk I/O error on the server", False, errno.EIO),
     Code.DATA_LOST: CodeInfo("extent missing or shorter than written on the datanode", False, errno.EIO),
+    Code.FILE_TOO_BIG: CodeInfo("file would exceed the largest size (64 TiB)", False, errno.EFBIG),
     Code.PARTITION_NOT_EXIST: CodeInfo("partition not on this node", True, errno.EIO),
     Code.NO_DATA: CodeInfo("no such attribute", False, errno.ENODATA),
     Code.NOT_PERMITTED: CodeInfo("operation not permitted", False, errno.EPERM),

@@ -22,4 +22,7 @@ MAX_XATTR_TOTAL = 256 * 1024  # all xattrs of one inode
 
 
 def extent_id(ino: int, chunk: int) -> int:
+    # a chunk past MAX_CHUNK would spill into the inode bits: another file's extent
+    if not 0 <= chunk <= MAX_CHUNK or not 0 < ino <= MAX_INO:
+        raise ValueError(f"no extent for chunk {chunk} of inode {ino}")
     return (ino << CHUNK_BITS) | chunk
