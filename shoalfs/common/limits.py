@@ -13,6 +13,7 @@ from typing import Any
 # server opens (logs, journals, state files, connections to other nodes):
 # one number for the RPC servers and the master's HTTP server.
 from shoalfs.proto.server import DESCRIPTOR_HEADROOM as FD_HEADROOM
+from shoalfs.proto.server import ServerLimits
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,15 @@ def config_count(cfg: Mapping[str, Any], key: str, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
     return value
+
+
+def server_limits(cfg: Mapping[str, Any]) -> ServerLimits:
+    """A node's RPC limits from its config keys `rpc_<field>` (ValueError if one is bad)."""
+    fields: dict[str, Any] = {}
+    for name, default in vars(ServerLimits()).items():
+        check = config_seconds if isinstance(default, float) else config_count
+        fields[name] = check(cfg, f"rpc_{name}", default)
+    return ServerLimits(**fields)
 
 
 def connection_cap(key: str, requested: int, fd_limit: int) -> int:

@@ -12,13 +12,12 @@ from typing import Any
 
 import aiohttp
 
-from shoalfs.common.limits import raise_nofile_limit
-from shoalfs.common.placement import VolumeMaps
+from shoalfs.common.limits import raise_nofile_limit, server_limits
 from shoalfs.common.tombstones import TombstoneStore
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import split_addr
-from shoalfs.proto.server import RpcServer, ServerLimits
+from shoalfs.proto.server import RpcServer
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +66,16 @@ class NodeService:
         self.data_dir: str = cfg["data_dir"]
         self.master: str = cfg["master"]
         self.token = read_secret(cfg["token_file"])
-        self.rpc = RpcServer(f"{self.role}@{self.listen}", ServerLimits.from_config(cfg))
+        try:
+            limits = server_limits(cfg)
+        except ValueError as exc:
+            raise SystemExit(f"shoal: config: {exc}") from None
+        self.rpc = RpcServer(f"{self.role}@{self.listen}", limits)
         self.rpc.route(Op.PING, self._ping)
         self._stop = asyncio.Event()
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         self.tombstones = TombstoneStore(os.path.join(self.data_dir, "tombstones.json"))
-        self.volume_maps = VolumeMaps(os.path.join(self.data_dir, "volumes.json"))
         self.read_only: set[str] = set()  # vol_ids pending deletion: mutations refused
 
     def apply_master_state(self, body: dict[str, Any]) -> None:
@@ -81,8 +83,6 @@ class NodeService:
         ro = body.get("read_only")
         if isinstance(ro, list):
             self.read_only = {v for v in ro if isinstance(v, str)}
-        hosted = {p.info["vol_id"] for p in getattr(self, "partitions", {}).values()}
-        self.volume_maps.update(body.get("volumes"), hosted)
 
     def check_writable(self, vol_id: str) -> None:
         if vol_id in self.read_only:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import shutil
-from collections import defaultdict
+from collections.abc import AsyncIterator
 from typing import Any
 
 from shoalfs.common.files import atomic_write, fsync_dir
@@ -21,7 +22,8 @@ from shoalfs.proto.schema import U64, Bool, Bytes, Int, ListOf, Map, Opt, Schema
 log = logging.getLogger(__name__)
 
 EXT = Int(0, U64)
-OFFSET = Int(0, CHUNK)
+OFFSET = Int(0, CHUNK)  # within an extent
+EXTENT_SIZE = Int(0, CHUNK)
 TOKEN = Opt(Str(1024), "")  # absent: refused by check_master as UNAUTHORIZED
 MASTER_STATE: Schema = {"token": TOKEN, "read_only": Opt(ListOf(Str(64), 1_000_000), []), "volumes": Opt(Map, {})}
 
@@ -31,8 +33,24 @@ class DataPartition:
         self.pid = pid
         self.info = info
         self.dir = directory
-        self.locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}  # ext -> (lock, users)
         self.names_unsynced = False  # an extent was created by a write not yet followed by a sync
+
+    @contextlib.asynccontextmanager
+    async def extent_lock(self, ext: int) -> AsyncIterator[None]:
+        """One operation at a time on an extent; the lock is dropped when
+        nobody holds or waits for it, so a peer naming many extents leaves nothing."""
+        lock, users = self._locks.get(ext, (asyncio.Lock(), 0))
+        self._locks[ext] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[ext]
+            if users == 1:
+                del self._locks[ext]
+            else:
+                self._locks[ext] = (lock, users - 1)
 
     def sync_names(self) -> None:
         """Make the names of new extents durable (one directory fsync for all of them)."""
@@ -68,7 +86,7 @@ class DataNode(NodeService):
         # a read's answer is held in memory: it draws its size from the server's budget first
         r(Op.DATA_READ, self.read, {"ext": EXT, "offset": OFFSET, "size": Int(0, MAX_IO)},
           cost=lambda b: int(b["size"]))
-        r(Op.DATA_TRUNCATE, self.truncate, {"ext": EXT, "size": OFFSET})
+        r(Op.DATA_TRUNCATE, self.truncate, {"ext": EXT, "size": EXTENT_SIZE})
         r(Op.DATA_DELETE_EXTENT, self.delete_extent, {"ext": EXT})
         r(Op.DATA_SYNC, self.sync, {"ext": EXT})
 
@@ -107,10 +125,10 @@ class DataNode(NodeService):
         if pid in self.partitions:
             return {"created": False}
         info = {"pid": pid, "vol_id": body["vol_id"], "replicas": body["replicas"]}
-        self.volume_maps.add(body["vol_id"], body["volume"])
         pdir = self._pdir(pid)
         os.makedirs(pdir, mode=0o700, exist_ok=True)
         atomic_write(os.path.join(pdir, "partition.json"), json.dumps(info).encode())
+        fsync_dir(self.data_dir)  # the partition's directory name too
         self.partitions[pid] = DataPartition(pid, info, pdir)
         log.info("created data partition %d", pid)
         return {"created": True}
@@ -131,7 +149,7 @@ class DataNode(NodeService):
         if shutil.disk_usage(part.dir).free < len(data) + self.reserve:
             raise ShoalError(Code.NO_SPACE, f"datanode {self.listen} is out of space")
         ext = part.extent(body["ext"])
-        async with part.locks[body["ext"]]:
+        async with part.extent_lock(body["ext"]):
             if await asyncio.to_thread(ext.write, offset, data, body["sync"]) and not body["sync"]:
                 part.names_unsynced = True
         return {"written": len(data)}
@@ -139,7 +157,7 @@ class DataNode(NodeService):
     async def read(self, pid: int, body: Any, conn: Any) -> Any:
         part = self.part(pid)
         ext = part.extent(body["ext"])
-        async with part.locks[body["ext"]]:
+        async with part.extent_lock(body["ext"]):
             try:
                 data = await asyncio.to_thread(ext.read, body["offset"], body["size"])
             except ShoalError as exc:
@@ -150,15 +168,14 @@ class DataNode(NodeService):
 
     async def truncate(self, pid: int, body: Any, conn: Any) -> Any:
         part = self.part(pid, writing=True)
-        async with part.locks[body["ext"]]:
+        async with part.extent_lock(body["ext"]):
             await asyncio.to_thread(part.extent(body["ext"]).truncate, body["size"])
         return {}
 
     async def delete_extent(self, pid: int, body: Any, conn: Any) -> Any:
         part = self.part(pid, writing=True)
-        async with part.locks[body["ext"]]:
+        async with part.extent_lock(body["ext"]):
             await asyncio.to_thread(part.extent(body["ext"]).delete)
-        part.locks.pop(body["ext"], None)
         return {}
 
     async def sync(self, pid: int, body: Any, conn: Any) -> Any:

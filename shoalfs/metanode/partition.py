@@ -20,7 +20,15 @@ from sortedcontainers import SortedDict
 from shoalfs.metanode.journal import Journal
 from shoalfs.metanode.staged import Staged
 from shoalfs.proto.errors import Code, ShoalError
-from shoalfs.proto.layout import MAX_CHUNK, MAX_NAME, MAX_XATTR_TOTAL, extent_id
+from shoalfs.proto.layout import (
+    MAX_CHUNK,
+    MAX_NAME,
+    MAX_SYMLINK,
+    MAX_XATTR_NAME,
+    MAX_XATTR_TOTAL,
+    MAX_XATTR_VALUE,
+    extent_id,
+)
 
 ROOT_INO = 1
 MAX_LINKS = 65000
@@ -177,15 +185,16 @@ class MetaPartition:
         ino = self.staged.next_cursor()
         if ino >= self.end:
             raise ShoalError(Code.NO_SPACE, f"meta partition {self.pid} has no free inodes")
-        if stat.S_IFMT(mode) not in FILE_TYPES:
-            raise ShoalError(Code.INVALID, f"mode {mode:#o} has no valid file type")
+        self.check_type(mode)
         if stat.S_ISLNK(mode) != (target is not None):
             raise ShoalError(Code.INVALID, "a symlink, and only a symlink, has a target")
+        if target is not None and len(target.encode()) > MAX_SYMLINK:
+            raise ShoalError(Code.NAME_TOO_LONG, f"a symlink target has at most {MAX_SYMLINK} bytes")
         t = now_ns()
-        return {"ino": ino, "mode": int(mode), "uid": int(uid), "gid": int(gid),
+        return {"ino": ino, "mode": mode, "uid": uid, "gid": gid,
                 "size": len(target.encode()) if target else 0,
                 "nlink": 2 if stat.S_ISDIR(mode) else 1, "atime": t, "mtime": t, "ctime": t,
-                "target": target, "rdev": int(rdev), "xattrs": {}, "extents": {}}
+                "target": target, "rdev": rdev, "xattrs": {}, "extents": {}}
 
     async def create_inode(self, mode: int, uid: int, gid: int, target: str | None = None,
                            rdev: int = 0) -> dict[str, Any]:
@@ -251,8 +260,21 @@ class MetaPartition:
         return {"extents": node["extents"]}
 
     # ----- dentries ----------------------------------------------------
+    @staticmethod
+    def check_type(mode: int) -> None:
+        if stat.S_IFMT(mode) not in FILE_TYPES:
+            raise ShoalError(Code.INVALID, f"mode {mode:#o} has no valid file type")
+
+    @staticmethod
+    def check_xattr(name: str, value: bytes | None = None) -> None:
+        if not name or len(name.encode()) > MAX_XATTR_NAME:
+            raise ShoalError(Code.OUT_OF_RANGE, f"an xattr name has 1 to {MAX_XATTR_NAME} bytes")
+        if value is not None and len(value) > MAX_XATTR_VALUE:
+            raise ShoalError(Code.TOO_BIG, f"an xattr value has at most {MAX_XATTR_VALUE} bytes")
+
     async def create_dentry(self, parent: int, name: str, ino: int, mode: int) -> None:
         self.check_name(name)
+        self.check_type(mode)
         self.directory(parent, staged=True)
         if self.staged.dentry(parent, name) is not None:
             raise ShoalError(Code.EXISTS, f"{name!r} exists")
@@ -305,7 +327,6 @@ class MetaPartition:
         entries = self.dentries.get(parent)
         if not entries:
             return {"entries": [], "more": False}
-        limit = max(1, min(int(limit), 10_000))
         start = entries.bisect_right(after) if after is not None else 0
         keys = entries.keys()[start : start + limit]
         out = [[k, *entries[k]] for k in keys]
@@ -373,6 +394,7 @@ class MetaPartition:
         if done:
             return {"replaced": replaced_before}
         self.check_name(dn)
+        self.check_type(mode)
         self.directory(dp, staged=True)
         existing = self.staged.dentry(dp, dn)
         if existing is not None and existing[0] == ino:
@@ -408,6 +430,7 @@ class MetaPartition:
         await self.commit([("I", ino, self._touched(ino, extents=extents))])
 
     async def set_xattr(self, ino: int, name: str, value: bytes, flags: int) -> None:
+        self.check_xattr(name, value)
         node = self.inode(ino, staged=True)
         exists = name in node["xattrs"]
         if flags == 1 and exists:  # XATTR_CREATE

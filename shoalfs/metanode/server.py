@@ -19,7 +19,8 @@ import shutil
 import uuid
 from typing import Any
 
-from shoalfs.common.files import atomic_write
+from shoalfs.common.files import atomic_write, fsync_dir
+from shoalfs.common.placement import VolumeMaps
 from shoalfs.common.service import NodeService
 from shoalfs.metanode.partition import MetaPartition, public_attr
 from shoalfs.proto.errors import Code, ShoalError
@@ -28,9 +29,6 @@ from shoalfs.proto.layout import (
     MAX_FILE_SIZE,
     MAX_INO,
     MAX_NAME,
-    MAX_SYMLINK,
-    MAX_XATTR_NAME,
-    MAX_XATTR_VALUE,
 )
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import RetryPolicy, RpcPool
@@ -39,17 +37,19 @@ from shoalfs.proto.server import ServerConnection
 
 log = logging.getLogger(__name__)
 
-# Request fields, checked before any handler runs. Names get a looser bound
-# here so that an over-long one is NAME_TOO_LONG (check_name), not BAD_REQUEST.
+# Request fields, checked before any handler runs. Names, symlink targets and
+# xattrs get a looser bound here so that the partition can answer what Linux
+# does for one too long (ENAMETOOLONG, ERANGE, E2BIG), not EINVAL.
+LONG_STRING = 1 << 20
 INO = Int(1, MAX_INO)
 PID = Int(1, U64)
-NAME = Str(4 * MAX_NAME + 4096)
+NAME = Str(LONG_STRING)
 MODE = Int(0, 0o177777)
 ID = Int(0, U32)
 TIME_NS = Int(I64_MIN, I64_MAX)
 CHUNK_NO = Int(0, MAX_CHUNK)
-XATTR_NAME = Str(MAX_XATTR_NAME)
-NEW_INODE: Schema = {"mode": MODE, "uid": Opt(ID, 0), "gid": Opt(ID, 0), "target": Opt(Str(MAX_SYMLINK)),
+XATTR_NAME = Str(LONG_STRING)
+NEW_INODE: Schema = {"mode": MODE, "uid": Opt(ID, 0), "gid": Opt(ID, 0), "target": Opt(Str(LONG_STRING)),
              "rdev": Opt(Int(0, U32), 0)}
 SET_ATTR: Schema = {"ino": INO, "mode": Opt(MODE), "uid": Opt(ID), "gid": Opt(ID),
             "size": Opt(Int(0, MAX_FILE_SIZE)), "grow": Opt(Int(0, MAX_FILE_SIZE)),
@@ -78,6 +78,7 @@ class MetaNode(NodeService):
         self._tasks: set[asyncio.Task[None]] = set()
         self.subscribers: dict[str, set[ServerConnection]] = {}
         self._subscriptions: dict[ServerConnection, set[str]] = {}  # the other way round
+        self.volume_maps = VolumeMaps(os.path.join(self.data_dir, "volumes.json"))
         r = self.rpc.route
         r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE)
         r(Op.CREATE_PARTITION, self.create_partition, CREATE_META_PARTITION)
@@ -115,7 +116,7 @@ class MetaNode(NodeService):
           {"ino": INO, "chunks": ListOf(CHUNK_NO, MAX_CHUNK + 1)})
         r(Op.META_EXTENT_LIST, on(self._extent_list), {"ino": INO})
         r(Op.META_SET_XATTR, on(lambda p, b: p.set_xattr(b["ino"], b["name"], b["value"], b["flags"])),
-          {"ino": INO, "name": XATTR_NAME, "value": Bytes(MAX_XATTR_VALUE), "flags": Opt(Int(0, 2), 0)})
+          {"ino": INO, "name": XATTR_NAME, "value": Bytes(LONG_STRING), "flags": Opt(Int(0, 2), 0)})
         r(Op.META_GET_XATTR, on(self._get_xattr), {"ino": INO, "name": XATTR_NAME})
         r(Op.META_LIST_XATTR, on(self._list_xattr), {"ino": INO})
         r(Op.META_REMOVE_XATTR, on(lambda p, b: p.remove_xattr(b["ino"], b["name"])),
@@ -163,6 +164,7 @@ class MetaNode(NodeService):
     async def heartbeat(self, pid: int, body: Any, conn: Any) -> Any:
         self.check_master(body)
         self.apply_master_state(body)
+        self.volume_maps.update(body["volumes"], {p.info["vol_id"] for p in self.partitions.values()})
         return {"partitions": {p: {"vol_id": mp.info["vol_id"], "inodes": len(mp.inodes)}
                                for p, mp in self.partitions.items()}}
 
@@ -174,13 +176,14 @@ class MetaNode(NodeService):
             raise ShoalError(Code.BAD_REQUEST, "a meta partition's range must not be empty")
         info = {"pid": pid, "vol_id": body["vol_id"], "start": body["start"],
                 "end": body["end"], "replicas": body["replicas"]}
-        self.volume_maps.add(body["vol_id"], body["volume"])
+        self.volume_maps.add(body["vol_id"], body["volume"])  # known before the next heartbeat
         pdir = self._pdir(pid)
         os.makedirs(pdir, mode=0o700, exist_ok=True)
         part = self._partition(info, pdir)
         if part.start <= 1 < part.end and 1 not in part.inodes:
             await part.commit(part.new_root())
         atomic_write(os.path.join(pdir, "partition.json"), json.dumps(info).encode())
+        fsync_dir(self.data_dir)  # the partition's directory name too
         self.partitions[pid] = part
         log.info("created meta partition %d [%d, %d)", pid, part.start, part.end)
         return {"created": True}
@@ -235,8 +238,6 @@ class MetaNode(NodeService):
             part = self.partitions.get(pid)
             if part is None:
                 raise self.tombstones.missing_partition(pid, self.listen)
-            if not isinstance(body, dict):
-                raise ShoalError(Code.BAD_REQUEST, "request body must be a map")
             result = fn(part, body)
             if asyncio.iscoroutine(result):
                 result = await result

@@ -37,6 +37,8 @@ class Code(IntEnum):
     TOO_MANY_LINKS = 100422
     DATA_LOST = 100423
     FILE_TOO_BIG = 100424
+    OUT_OF_RANGE = 100425
+    TOO_BIG = 100426
     INTERNAL = 100500
     # transient: retried inside the operation's deadline
     TIMEOUT = 100600
@@ -74,6 +76,8 @@ REGISTRY: dict[Code, CodeInfo] = {
     Code.IO_ERROR: CodeInfo("disk I/O error on the server", False, errno.EIO),
     Code.DATA_LOST: CodeInfo("extent missing or shorter than written on the datanode", False, errno.EIO),
     Code.FILE_TOO_BIG: CodeInfo("file would exceed the largest size (64 TiB)", False, errno.EFBIG),
+    Code.OUT_OF_RANGE: CodeInfo("name or value out of range", False, errno.ERANGE),
+    Code.TOO_BIG: CodeInfo("value too large", False, errno.E2BIG),
     Code.PARTITION_NOT_EXIST: CodeInfo("partition not on this node", True, errno.EIO),
     Code.NO_DATA: CodeInfo("no such attribute", False, errno.ENODATA),
     Code.NOT_PERMITTED: CodeInfo("operation not permitted", False, errno.EPERM),

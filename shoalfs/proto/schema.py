@@ -8,6 +8,7 @@ an unchecked value) with defaults filled in for optional fields.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +87,8 @@ def validate(schema: Schema, body: Any) -> dict[str, Any]:
     for name, spec in schema.items():
         value = body.get(name)
         if isinstance(spec, Opt):
-            out[name] = spec.default if value is None else spec.check(name, value)
+            # a fresh copy of a list or map default: a handler may not change the schema
+            out[name] = copy.copy(spec.default) if value is None else spec.check(name, value)
         elif name not in body:
             raise ShoalError(Code.BAD_REQUEST, f"missing field {name!r}")
         else:

@@ -53,17 +53,6 @@ class ServerLimits:
     idle_timeout: float = 300.0
     write_timeout: float = 30.0
 
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> ServerLimits:
-        """Keys `rpc_<field>` of a role's config; bad values stop the start."""
-        limits = cls()
-        for name, default in vars(cls()).items():
-            value = cfg.get(f"rpc_{name}", default)
-            if isinstance(value, bool) or not isinstance(value, type(default) | int) or value <= 0:
-                raise SystemExit(f"shoal: config rpc_{name} must be a positive number, not {value!r}")
-            setattr(limits, name, type(default)(value))
-        return limits
-
 
 class ByteBudget:
     """Bytes a server may hold for requests in flight; waiters are served in order."""
