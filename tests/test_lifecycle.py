@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -27,7 +28,7 @@ from shoalfs.proto.server import RpcServer
 pytestmark = pytest.mark.fuse
 
 RECORD_FIELDS = {"volume", "vol_id", "mountpoint", "detection", "deleted_at", "detected_at",
-                 "detection_latency_ms", "exit_duration_ms", "exit_code"}
+                 "detection_latency_ms", "exit_duration_ms", "exit_code", "open_files", "lingered_ms"}
 
 
 def lifecycle_opts(syslog: SyslogListener, audit: str, **extra: str) -> list[str]:
@@ -271,16 +272,22 @@ def test_writer_during_delete(cluster: EmbeddedCluster, mount_factory, syslog, t
              "the writer to get going")
     cluster.admin("/volume/delete", {"name": "busy"})
     expect_deleted_exit(m, syslog, audit, m_path_detection(m), vol)
+    exited = time.monotonic()
     assert writer.wait(30) == 0
     log = json.loads(out.read_text())["log"]
     errors = [e for e in log if e["errno"]]
     assert errors, "the writer must have seen the deletion"
     fence = min(e["start"] for e in errors)
     after = [e for e in log if e["start"] > fence + 0.001]
-    # ESTALE from us; once unmounted the kernel itself answers for the gone file
-    # system: ENOTCONN for new calls, ECONNABORTED for one in flight at that instant
-    odd = [e for e in after if e["errno"] not in (errno.ESTALE, errno.ENOTCONN, errno.ECONNABORTED)]
+    # the mount lingers while the files are open: every call after the fence,
+    # the last close included, gets ESTALE from us, never ENOTCONN from the kernel
+    odd = [e for e in after if e["errno"] != errno.ESTALE]
     assert after and not odd, odd[:5]
+    last_close = max(e["start"] + e["dur"] for e in log if e["kind"] == "close")
+    assert last_close <= exited < last_close + 1.0, (last_close, exited)  # linger ends at the last close
+    with open(audit) as f:
+        record = json.loads(f.readline())
+    assert record["open_files"] == 3 and 900 <= record["lingered_ms"] <= 5000, record
     assert [e for e in errors if e["start"] <= fence + 0.001][0]["errno"] == errno.ESTALE
     assert max(e["dur"] for e in log) < 5.0 + 1.0  # nothing blocks longer than the watchdog
     # no write that returned success is lost without an error from a later fsync or
@@ -295,6 +302,33 @@ def test_writer_during_delete(cluster: EmbeddedCluster, mount_factory, syslog, t
             confirm = next(c for c in mine[k + 1:] if c["kind"] in ("fsync", "close"))
             assert confirm["errno"] or confirm["start"] <= fence, \
                 f"file w{i}: a write succeeded and its {confirm['kind']} succeeded after the fence"
+
+
+def test_a_file_left_open_gets_estale_until_linger_ends(cluster: EmbeddedCluster, mount_factory, syslog,
+                                                       tmp_path) -> None:
+    vol = cluster.create_volume("held")
+    audit = str(tmp_path / "audit.log")
+    m = mount_factory(cluster, "held", lifecycle_opts(syslog, audit, linger="1.5"))
+    fd = os.open(f"{m.path}/held", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"before")
+        t0 = time.monotonic()
+        cluster.admin("/volume/delete", {"name": "held"})
+        wait_for(lambda: not is_mounted(m.path), 5, "the mountpoint to be detached")
+        assert m.proc is not None and m.proc.poll() is None  # detached, still answering the open file
+        for call in (lambda: os.pread(fd, 10, 0), lambda: os.write(fd, b"x"), lambda: os.fsync(fd)):
+            with pytest.raises(OSError) as err:
+                call()
+            assert err.value.errno == errno.ESTALE
+        expect_deleted_exit(m, syslog, audit, m_path_detection(m), vol)
+        took = time.monotonic() - t0
+        assert 1.4 <= took <= 3.0, took  # linger, then exit: the file was never closed
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    with open(audit) as f:
+        record = json.loads(f.readline())
+    assert record["open_files"] == 1 and 1400 <= record["lingered_ms"] <= 2000, record
 
 
 def test_pending_delete_undelete_then_purge(cluster: EmbeddedCluster, mount_factory, syslog, tmp_path) -> None:

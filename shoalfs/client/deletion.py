@@ -6,9 +6,12 @@ step hangs:
   2. close streams: fail buffered writes (their fsync/close report ESTALE),
      stop the guard, close every connection;
   3. drop every cache;
-  4. audit: RFC 5424 syslog record, JSON line in the audit log, sd_notify;
-  5. unmount (lazy if busy);
-  6. exit with the deleted-exit-code (143 by default).
+  4. unmount lazily: no new path reaches the volume;
+  5. linger: files still open keep getting ESTALE (never the kernel's
+     ENOTCONN) until they are closed or `linger` seconds pass;
+  6. audit: RFC 5424 syslog record, JSON line in the audit log, sd_notify
+     (with how long it lingered and how many files were open);
+  7. exit with the deleted-exit-code (143 by default).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from shoalfs.proto.errors import Code, ShoalError
 log = logging.getLogger(__name__)
 
 EXIT_DELETED = 143
+LINGER = 5.0  # seconds files still open keep getting ESTALE after a deletion
 
 
 def _iso(ts: float) -> str:
@@ -43,6 +47,7 @@ class DeletionAwareMount(MountSession):
         try:
             self.deleted_exit_code = int(x.get("deleted_exit_code", EXIT_DELETED))
             self.watchdog_s = float(x.get("watchdog", 5.0))
+            self.linger_s = float(x.get("linger", LINGER))
             paths = GuardConfig.parse_paths(x["detect"]) if "detect" in x else ALL_PATHS
             if x.get("push") in ("0", "no", "off"):
                 paths = tuple(p for p in paths if p != PUSH)
@@ -51,12 +56,15 @@ class DeletionAwareMount(MountSession):
             raise MountError(f"bad lifecycle option: {exc}") from None
         if not 0 <= self.deleted_exit_code <= 255:
             raise MountError("deleted_exit_code must be 0..255")
+        if not 0 <= self.linger_s <= 3600:
+            raise MountError("linger must be 0..3600 seconds")
         self.audit_log = x.get("audit_log") or audit.default_audit_log()
         self.syslog = x.get("syslog") or ("unix:/dev/log" if os.path.exists("/dev/log") else "off")
         self.guard: LifecycleGuard | None = None
         self.deletion: dict[str, Any] | None = None
         self.record: dict[str, Any] | None = None
         self._watchdog: threading.Timer | None = None
+        self._exiting: asyncio.Task[None] | None = None
 
     async def on_mounted(self) -> None:
         assert self.client is not None
@@ -70,10 +78,10 @@ class DeletionAwareMount(MountSession):
         if self.deletion is not None:
             return
         self.deletion = {"tomb": tomb, "path": path, "detected_at": time.time(), "t0": time.monotonic()}
-        self._watchdog = threading.Timer(self.watchdog_s, self._force_exit)
+        self._watchdog = threading.Timer(self.watchdog_s + self.linger_s, self._force_exit)
         self._watchdog.daemon = True
         self._watchdog.start()
-        asyncio.get_running_loop().create_task(self.graceful_exit())
+        self._exiting = asyncio.get_running_loop().create_task(self.graceful_exit())
 
     async def graceful_exit(self) -> None:
         assert self.deletion is not None and self.client is not None
@@ -89,10 +97,28 @@ class DeletionAwareMount(MountSession):
         await self.client.master.close()
         # 3. caches
         self.ops.drop_caches()
-        # 4. audit
+        # 4. unmount lazily: open files keep the FUSE session, and we keep answering them
+        self.deletion["open_files"] = open_files = len(self.ops.handles)
+        if is_mounted(self.opts.mountpoint):
+            lazy_unmount(self.opts.mountpoint)
+        # 5. linger until the last of them is closed, or linger seconds
+        t = time.monotonic()
+        if open_files and self.linger_s > 0:
+            log.warning("volume deleted: %d files still open get ESTALE for up to %.1fs", open_files, self.linger_s)
+            # until the files are closed, or the kernel ends the session (after
+            # the last close on the detached mount: no file can be open then)
+            while self.ops.handles and not self._stop.is_set() and time.monotonic() - t < self.linger_s:
+                await asyncio.sleep(0.02)
+        self.deletion["lingered"] = time.monotonic() - t
+        # 6. audit
         self.write_audit(forced=False)
-        # 5 and 6: the normal stop path unmounts and returns the exit code
+        # 7. the normal stop path finishes the unmount and returns the exit code
         self.request_stop("volume deleted", self.deleted_exit_code)
+
+    def request_stop(self, reason: str, code: int = 0) -> None:
+        # once deleted, whatever ends the session (the kernel ending it after the
+        # last close, a signal) ends it with the deleted-exit-code
+        super().request_stop(reason, self.deleted_exit_code if self.deletion is not None else code)
 
     def build_record(self, forced: bool) -> dict[str, Any]:
         assert self.deletion is not None
@@ -105,6 +131,8 @@ class DeletionAwareMount(MountSession):
             "exit_duration_ms": round((time.monotonic() - self.deletion["t0"]) * 1000, 1),
             "epoch": tomb["epoch"], "exit_code": self.deleted_exit_code, "pid": os.getpid(),
             "forced_by_watchdog": forced,
+            "open_files": self.deletion.get("open_files", 0),
+            "lingered_ms": round(self.deletion.get("lingered", 0.0) * 1000, 1),
         }
 
     def write_audit(self, forced: bool) -> None:
@@ -133,6 +161,10 @@ class DeletionAwareMount(MountSession):
             await super().before_unmount()
 
     async def shutdown(self, fuse_main: asyncio.Future[Any]) -> None:
+        if self._exiting is not None:
+            # the kernel may end the session first (the last open file closed on
+            # the detached mount): the exit still finishes, audit record included
+            await asyncio.gather(self._exiting, return_exceptions=True)
         if self.guard is not None and self.deletion is None:
             await self.guard.stop()
         await super().shutdown(fuse_main)

@@ -86,9 +86,11 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
             raise pyfuse3.FUSEError(errno.EROFS)
 
     def drop_caches(self) -> None:
-        self.handles.clear()
+        """Forget what was cached. Open handles stay (failed, their buffers and
+        read-ahead dropped): the mount lingers until the application closes them."""
         self.dir_cursors.clear()
         self._seen.clear()
+        self._no_xattrs.clear()
 
     # ----- helpers ------------------------------------------------------------------
     def entry(self, attr: dict[str, Any]) -> pyfuse3.EntryAttributes:

@@ -57,7 +57,7 @@ class MountOptions:
     FLAGS = {"writeback_cache": ("writeback_cache", True), "allow_other": ("allow_other", True),
              "no_allow_other": ("allow_other", False), "ro": ("read_only", True),
              "debug": ("debug", True), "no_auto_unmount": ("auto_unmount", False)}
-    GUARD_OPTIONS = ("heartbeat", "deleted_exit_code", "watchdog", "audit_log", "syslog", "push", "detect",
+    GUARD_OPTIONS = ("heartbeat", "deleted_exit_code", "watchdog", "linger", "audit_log", "syslog", "push", "detect",
                      "op_deadline")
 
     def apply(self, spec: str) -> None:
