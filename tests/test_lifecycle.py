@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -445,3 +446,25 @@ def test_watchdog_forces_the_exit_when_a_step_hangs(cluster: EmbeddedCluster, mo
     assert "forcing it" in m.log()
     wait_for(lambda: syslog.records, 5, "the syslog record sent before the hang")
     assert parse_sd(syslog.records[0])["vol_id"] == vol["vol_id"]
+
+
+def test_a_mount_back_after_the_retention_still_proves_the_deletion(cluster_factory, mount_factory, syslog,
+                                                                    tmp_path) -> None:
+    c = cluster_factory(metanodes=1, datanodes=1, master={"tombstone_retention": 1})
+    vol = c.create_volume("longago")
+    audit = str(tmp_path / "audit.log")
+    m = mount_factory(c, "longago", lifecycle_opts(syslog, audit, detect="heartbeat"))
+    assert m.proc is not None
+    m.proc.send_signal(signal.SIGSTOP)  # a suspended laptop
+    try:
+        c.admin("/volume/delete", {"name": "longago"})
+        state = os.path.join(c.dir, "data", "master", "master.json")
+
+        def forgotten() -> bool:
+            with open(state) as f:
+                doc = json.load(f)
+            return vol["vol_id"] not in doc["volumes"] and vol["vol_id"] in doc.get("graveyard", {})
+        wait_for(forgotten, 15, "the master to forget the volume but keep its tombstone")
+    finally:
+        m.proc.send_signal(signal.SIGCONT)
+    expect_deleted_exit(m, syslog, audit, "heartbeat", vol)

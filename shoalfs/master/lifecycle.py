@@ -101,28 +101,29 @@ class VolumeLifecycle:
         return self.sessions.for_volume(vol["vol_id"])
 
     async def get_tombstone(self, request: web.Request) -> Any:
-        vol = self.m.state.by_id(self.m.arg(request, "vol_id"))
+        vol_id = self.m.arg(request, "vol_id")
+        self.raise_if_deleted(vol_id)
+        vol = self.m.state.by_id(vol_id)
         if vol is None:
             raise ShoalError(Code.VOLUME_NOT_EXIST, "no such volume and no tombstone for it")
-        if vol["status"] == DELETED:
-            raise self.deleted_error(vol)
         return {"status": vol["status"]}
 
-    @staticmethod
-    def deleted_error(vol: dict[str, Any]) -> ShoalError:
-        return ShoalError(Code.VOLUME_NOT_EXIST, f"volume {vol['name']} was deleted",
-                          {"tombstone": vol["tombstone"]})
+    def raise_if_deleted(self, vol_id: Any) -> None:
+        """VOLUME_NOT_EXIST with the signed tombstone, however long ago the deletion."""
+        tomb = self.m.state.tombstone_of(vol_id)
+        if tomb is not None:
+            raise ShoalError(Code.VOLUME_NOT_EXIST, f"volume {tomb['name']} was deleted", {"tombstone": tomb})
 
     # ----- client heartbeats ---------------------------------------------------
     async def heartbeat(self, request: web.Request) -> Any:
         """Kept cheap: thousands of mounts call this every few seconds."""
         body = await self.m.body(request)
-        vol = self.m.state.by_id(body.get("vol_id"))  # type: ignore[arg-type]
-        if vol is None:
-            raise ShoalError(Code.VOLUME_NOT_EXIST, "unknown volume id")
-        if vol["status"] == DELETED:
+        if self.m.state.tombstone_of(body.get("vol_id")) is not None:
             self.sessions.drop(str(body.get("session")))
-            raise self.deleted_error(vol)
+            self.raise_if_deleted(body.get("vol_id"))
+        vol = self.m.state.by_id(body.get("vol_id"))  # type: ignore[arg-type]
+        if vol is None:  # unknown, no tombstone: proves nothing, the mount stays
+            raise ShoalError(Code.VOLUME_NOT_EXIST, "unknown volume id")
         self.sessions.touch(body)
         return {"status": vol["status"], "purge_at": vol.get("purge_at")}
 
@@ -139,7 +140,8 @@ class VolumeLifecycle:
         await self._background.stop()
 
     async def _loop(self) -> None:
-        """Purge pending deletes when due (also after a restart); forget old tombstones."""
+        """Purge pending deletes when due (also after a restart); after the
+        retention a deleted volume shrinks to its tombstone (kept for ever)."""
         while True:
             now = time.time()
             for vol in list(self.m.state.volumes.values()):

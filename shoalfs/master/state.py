@@ -129,8 +129,24 @@ class MasterState:
         self.save()
 
     def remove_volume(self, vol_id: str) -> None:
-        self.volumes.pop(vol_id, None)
+        """Forget a volume; a deleted one leaves its signed tombstone behind, for
+        ever (about 200 bytes), so a mount back after any absence can prove it."""
+        vol = self.volumes.pop(vol_id, None)
+        if vol is not None and vol.get("tombstone"):
+            self.graveyard[vol_id] = vol["tombstone"]
         self.save()
+
+    @property
+    def graveyard(self) -> dict[str, dict[str, Any]]:
+        return self.doc.setdefault("graveyard", {})  # type: ignore[no-any-return]
+
+    def tombstone_of(self, vol_id: Any) -> dict[str, Any] | None:
+        """The signed tombstone of a deleted volume, however long ago; None if
+        the vol_id is live or was never known here."""
+        vol = self.by_id(vol_id)
+        if vol is not None:
+            return vol.get("tombstone") if vol["status"] == DELETED else None
+        return self.graveyard.get(vol_id) if isinstance(vol_id, str) else None
 
     @staticmethod
     def volume_map(vol: dict[str, Any]) -> dict[str, Any]:
