@@ -232,3 +232,54 @@ def test_delete_volume_drops_partitions(cluster: EmbeddedCluster) -> None:
     wait_for(lambda: not (pids & on_disk()), 10, "partitions to be removed")
     with pytest.raises(ShoalError):
         cluster.admin("/volume/delete", {"name": "gone"})
+
+
+def test_rmdir_never_races_a_create(cluster_factory) -> None:
+    """Two clients: one removes and remakes /d, the other creates and then
+    removes a file in it. A create that succeeded must never find its
+    directory removed under it (the file would be lost)."""
+    import threading
+    import time as _time
+
+    c: EmbeddedCluster = cluster_factory(metanodes=2, datanodes=1)
+    c.create_volume("race")
+    stop = threading.Event()
+    counts = {"rmdir": 0, "created": 0, "lost": 0}
+
+    def remover() -> None:
+        with connect(c.master_addr, "race") as vol:
+            while not stop.is_set():
+                try:
+                    vol.mkdir("/d")
+                except FileExistsError:
+                    pass
+                try:
+                    vol.rmdir("/d")
+                    counts["rmdir"] += 1
+                except OSError as exc:
+                    assert exc.errno in (errno.ENOTEMPTY, errno.ENOENT), exc
+
+    def creator() -> None:
+        with connect(c.master_addr, "race") as vol:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    vol.open(f"/d/f{i}", "wb").close()
+                except FileNotFoundError:
+                    continue
+                counts["created"] += 1
+                try:
+                    vol.remove(f"/d/f{i}")
+                except FileNotFoundError:
+                    counts["lost"] += 1
+
+    threads = [threading.Thread(target=remover), threading.Thread(target=creator)]
+    for t in threads:
+        t.start()
+    _time.sleep(4)  # the duration of the race is what this test is about
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert counts["rmdir"] > 10 and counts["created"] > 10, counts  # both sides really raced
+    assert counts["lost"] == 0, counts

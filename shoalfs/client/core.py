@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import os
 import stat
@@ -252,13 +253,22 @@ class VolumeClient:
 
     async def unlink(self, parent: int, name: str, want_dir: bool) -> int:
         """Remove a name; drops the inode when its last link and handle go."""
+        dying = None
         if want_dir:
             found = await self.lookup(parent, name)
-            if stat.S_ISDIR(found["mode"]) and not await self.is_empty_dir(found["ino"]):
-                raise ShoalError(Code.NOT_EMPTY, f"directory {name!r} is not empty")
-        found = await self.meta(parent, Op.META_DELETE_DENTRY,
-                                {"parent": parent, "name": name, "dir": want_dir,
-                                 "keep": None if want_dir else list(self.open_counts)})
+            if stat.S_ISDIR(found["mode"]):
+                # empty, and refusing new entries, in one step at the directory's partition
+                dying = found["ino"]
+                await self.meta(dying, Op.META_RMDIR_PREPARE, {"ino": dying})
+        try:
+            found = await self.meta(parent, Op.META_DELETE_DENTRY,
+                                    {"parent": parent, "name": name, "dir": want_dir,
+                                     "keep": None if want_dir else list(self.open_counts)})
+        except ShoalError:
+            if dying is not None:
+                with contextlib.suppress(ShoalError):
+                    await self.meta(dying, Op.META_RMDIR_ABORT, {"ino": dying})
+            raise
         if "nlink" not in found:  # the inode lives elsewhere: a second step
             await self.drop_link(found["ino"])
         elif found["nlink"] == 0:

@@ -31,6 +31,7 @@ from shoalfs.proto.layout import (
 )
 
 ROOT_INO = 1
+DYING_NS = 30 * 10**9  # how long a directory being removed refuses new entries
 MAX_LINKS = 65000
 INODE_FIELDS = ("uid", "gid", "size", "atime", "mtime", "ctime")
 FILE_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK}
@@ -152,6 +153,27 @@ class MetaPartition:
             raise ShoalError(Code.NOT_DIR, f"inode {ino} is not a directory")
         return node
 
+    def open_directory(self, ino: int) -> dict[str, Any]:
+        """A directory that may take a new entry: not one being removed."""
+        node = self.directory(ino, staged=True)
+        if now_ns() - node.get("dying", -DYING_NS) < DYING_NS:
+            raise ShoalError(Code.NOT_FOUND, f"directory {ino} is being removed")
+        return node
+
+    async def prepare_rmdir(self, ino: int) -> None:
+        """Check a directory is empty and refuse new entries from now on, in
+        one step, so an rmdir cannot race a create. The mark expires after
+        DYING_NS, so a client that dies half-way leaves nothing stuck."""
+        self.directory(ino, staged=True)
+        if self.staged.has_entries(ino):
+            raise ShoalError(Code.NOT_EMPTY, f"directory {ino} is not empty")
+        await self.commit([("I", ino, self._touched(ino, dying=now_ns()))])
+
+    async def abort_rmdir(self, ino: int) -> None:
+        node = self.staged.inode(ino)
+        if node is not None and "dying" in node:
+            await self.commit([("I", ino, {k: v for k, v in node.items() if k != "dying"})])
+
     @staticmethod
     def check_name(name: str) -> None:
         if not isinstance(name, str):
@@ -206,7 +228,7 @@ class MetaPartition:
                      target: str | None = None, rdev: int = 0) -> dict[str, Any]:
         """Inode and dentry together: one journal record, so a create is atomic."""
         self.check_name(name)
-        self.directory(parent, staged=True)
+        self.open_directory(parent)
         if self.staged.dentry(parent, name) is not None:
             raise ShoalError(Code.EXISTS, f"{name!r} exists")
         node = self._new_inode(mode, uid, gid, target, rdev)
@@ -275,7 +297,7 @@ class MetaPartition:
     async def create_dentry(self, parent: int, name: str, ino: int, mode: int) -> None:
         self.check_name(name)
         self.check_type(mode)
-        self.directory(parent, staged=True)
+        self.open_directory(parent)
         if self.staged.dentry(parent, name) is not None:
             raise ShoalError(Code.EXISTS, f"{name!r} exists")
         await self.commit([("D", parent, name, ino, mode), self._dir_changed(parent, _is_dir(mode))])
@@ -347,7 +369,7 @@ class MetaPartition:
         """Both parents in this partition: one journal record, atomic."""
         self.check_name(dn)
         moving = self.lookup(sp, sn, staged=True)
-        self.directory(dp, staged=True)
+        self.open_directory(dp)
         existing = self.staged.dentry(dp, dn)
         if sp == dp and sn == dn:
             return {"ino": moving["ino"], "replaced": None}
@@ -395,7 +417,7 @@ class MetaPartition:
             return {"replaced": replaced_before}
         self.check_name(dn)
         self.check_type(mode)
-        self.directory(dp, staged=True)
+        self.open_directory(dp)
         existing = self.staged.dentry(dp, dn)
         if existing is not None and existing[0] == ino:
             existing = None

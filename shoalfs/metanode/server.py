@@ -101,6 +101,8 @@ class MetaNode(NodeService):
         r(Op.META_CREATE_DENTRY, on(lambda p, b: p.create_dentry(
             b["parent"], b["name"], b["ino"], b["mode"])), {"parent": INO, "name": NAME, "ino": INO, "mode": MODE})
         r(Op.META_LOOKUP, on(self._lookup), {"parent": INO, "name": NAME})
+        r(Op.META_RMDIR_PREPARE, on(lambda p, b: p.prepare_rmdir(b["ino"])), {"ino": INO})
+        r(Op.META_RMDIR_ABORT, on(lambda p, b: p.abort_rmdir(b["ino"])), {"ino": INO})
         r(Op.META_DELETE_DENTRY, on(lambda p, b: p.delete_dentry(
             b["parent"], b["name"], b["dir"], b["keep"])),
           {"parent": INO, "name": NAME, "dir": Opt(Bool), "keep": Opt(ListOf(INO, 1_000_000))})

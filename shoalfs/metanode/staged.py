@@ -51,6 +51,15 @@ class Staged:
         entries = self.base.dentries.get(parent)
         return entries.get(name) if entries is not None else None
 
+    def has_entries(self, parent: int) -> bool:
+        """Whether a directory will hold any entry once the queued records land."""
+        if any(k[0] == parent and v is not None for k, v in self.dentries.items()):
+            return True
+        if parent in self.dropped_dirs:
+            return False
+        entries = self.base.dentries.get(parent) or {}
+        return any(self.dentries.get((parent, name), True) is not None for name in entries)
+
     def next_cursor(self) -> int:
         return max(self.base.cursor, self.cursor)
 

@@ -36,6 +36,8 @@ class Op(IntEnum):
     META_REMOVE_XATTR = 118
     META_EXTENT_DROP = 120
     META_CREATE = 121  # inode + dentry in the parent's partition, one record
+    META_RMDIR_PREPARE = 122  # an empty directory refuses new entries while it is removed
+    META_RMDIR_ABORT = 123
     # datanode
     DATA_WRITE = 200
     DATA_READ = 201
