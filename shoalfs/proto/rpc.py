@@ -143,6 +143,7 @@ class RpcPool:
         if conn is not None and not conn.closed:
             return conn
         timeout = min(3.0, self.policy.attempt_timeout, timeout if timeout is not None else 3.0)
+        end = time.monotonic() + timeout  # waiting for the lock and connecting share it
         lock = self._locks.setdefault(addr, asyncio.Lock())
         try:
             await asyncio.wait_for(lock.acquire(), timeout)
@@ -154,7 +155,7 @@ class RpcPool:
                 if self.closed:
                     raise ShoalError(Code.UNAVAILABLE, "client is closed")
                 conn = RpcConnection(addr, self.on_event)
-                await conn.connect(timeout)
+                await conn.connect(max(0.01, end - time.monotonic()))
                 self._conns[addr] = conn
             return conn
         finally:
@@ -163,8 +164,9 @@ class RpcPool:
     async def call_once(self, addr: str, opcode: int, partition_id: int, body: Any,
                         timeout: float | None = None) -> Any:
         timeout = timeout or self.policy.attempt_timeout
+        end = time.monotonic() + timeout  # one attempt: connecting and the answer share it
         conn = await self.connection(addr, timeout)
-        return await conn.call(opcode, partition_id, body, timeout)
+        return await conn.call(opcode, partition_id, body, max(0.01, end - time.monotonic()))
 
     async def call(self, addr: str | Callable[[], str], opcode: int, partition_id: int, body: Any,
                    deadline: float | None = None) -> Any:
