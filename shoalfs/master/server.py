@@ -160,7 +160,7 @@ class GuardedRequestHandler(web.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         self._table.touch(self)
-        if self._deadline is None:
+        if self._deadline is None and data:  # aiohttp also calls this with b"" when it resumes reading
             self._arm()
         queued = len(self._messages)
         super().data_received(data)
