@@ -170,6 +170,36 @@ def cmd_volume(args: argparse.Namespace) -> None:
     elif args.action == "clients":
         emit(args, call_master(args, "GET", "/volume/clients", {"name": args.name}),
              f"clients of {args.name}", SESSION_COLUMNS)
+    elif args.action == "fsck":
+        fsck_volume(args)
+
+
+def fsck_volume(args: argparse.Namespace) -> None:
+    """Report (and with --repair, fix) orphans, dangling entries and link counts;
+    exit 1 while anything found is left unrepaired."""
+    from shoalfs.client.core import ClientOptions, VolumeClient
+    from shoalfs.client.fsck import check
+
+    async def go() -> Any:
+        client = VolumeClient(master_address(args), args.name, ClientOptions(op_deadline=30.0, watch=False))
+        try:
+            await client.open()
+            return await check(client, repair=args.repair, grace=args.grace)
+        finally:
+            await client.close()
+    try:
+        report = asyncio.run(go())
+    except ShoalError as exc:
+        fail(exc.msg)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        console.print(f"{args.name}: {report.inodes} inodes, {report.entries} entries, "
+                      f"{len(report.findings)} problems")
+        if report.findings:
+            print_table("fsck", [vars(f) for f in report.findings], ["kind", "ino", "detail", "repaired"])
+    if any(not f.repaired for f in report.findings):
+        raise SystemExit(1)
 
 
 SESSION_COLUMNS = ["host", "pid", "mountpoint", "version", "mounted_at", "last_seen"]
@@ -289,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     vd.add_argument("--delay", help="pending delete: purge after this long (e.g. 15m); undelete restores")
     vsub.add_parser("undelete", parents=[common]).add_argument("name")
     vsub.add_parser("clients", parents=[common]).add_argument("name")
+    vf = vsub.add_parser("fsck", parents=[common])
+    vf.add_argument("name")
+    vf.add_argument("--repair", action="store_true", help="fix what is found")
+    vf.add_argument("--grace", type=float, default=600.0,
+                    help="leave inodes changed in the last S seconds alone (operations under way)")
     v.set_defaults(func=cmd_volume)
 
     m = sub.add_parser("mount", help="mount a volume through FUSE")

@@ -31,6 +31,7 @@ from shoalfs.proto.layout import (
 )
 
 ROOT_INO = 1
+SCAN_ENTRIES = 10_000
 DYING_NS = 30 * 10**9  # how long a directory being removed refuses new entries
 MAX_LINKS = 65000
 INODE_FIELDS = ("uid", "gid", "size", "atime", "mtime", "ctime")
@@ -280,6 +281,27 @@ class MetaPartition:
             return {"extents": {}, "kept": True}
         await self.commit([("i", ino)])
         return {"extents": node["extents"]}
+
+    # ----- fsck ------------------------------------------------------------
+    def scan(self, after: int, limit: int) -> dict[str, Any]:
+        """Inodes after `after` (at most `limit`, fewer once their directories'
+        entries add up to SCAN_ENTRIES) with their directory entries."""
+        inos = sorted(i for i in self.inodes if i > after)
+        out: dict[str, Any] = {"inodes": [], "dentries": [], "more": False}
+        for ino in inos[:limit]:
+            node = self.inodes[ino]
+            out["inodes"].append([ino, node["mode"], node["nlink"], node["ctime"]])
+            for name, (child, mode) in (self.dentries.get(ino) or {}).items():
+                out["dentries"].append([ino, name, child, mode])
+            if len(out["dentries"]) >= SCAN_ENTRIES:
+                break
+        out["more"] = bool(out["inodes"]) and out["inodes"][-1][0] != inos[-1]
+        return out
+
+    async def set_nlink(self, ino: int, nlink: int) -> dict[str, Any]:
+        node = self._touched(ino, nlink=nlink, ctime=now_ns())
+        await self.commit([("I", ino, node)])
+        return public_attr(node)
 
     # ----- dentries ----------------------------------------------------
     @staticmethod

@@ -22,7 +22,7 @@ from typing import Any
 from shoalfs.common.files import atomic_write, fsync_dir
 from shoalfs.common.placement import VolumeMaps
 from shoalfs.common.service import NodeService
-from shoalfs.metanode.partition import MetaPartition, public_attr
+from shoalfs.metanode.partition import SCAN_ENTRIES, MetaPartition, public_attr
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import (
     MAX_CHUNK,
@@ -103,6 +103,11 @@ class MetaNode(NodeService):
         r(Op.META_LOOKUP, on(self._lookup), {"parent": INO, "name": NAME})
         r(Op.META_RMDIR_PREPARE, on(lambda p, b: p.prepare_rmdir(b["ino"])), {"ino": INO})
         r(Op.META_RMDIR_ABORT, on(lambda p, b: p.abort_rmdir(b["ino"])), {"ino": INO})
+        r(Op.META_SCAN, on(lambda p, b: p.scan(b["after"], b["limit"])),
+          {"after": Opt(Int(0, MAX_INO), 0), "limit": Opt(Int(1, 1000), 1000)},
+          cost=lambda b: b["limit"] * ATTR_BYTES + SCAN_ENTRIES * DENTRY_BYTES)
+        r(Op.META_SET_NLINK, on(lambda p, b: p.set_nlink(b["ino"], b["nlink"])),
+          {"ino": INO, "nlink": Int(0, 1 << 32)})
         r(Op.META_DELETE_DENTRY, on(lambda p, b: p.delete_dentry(
             b["parent"], b["name"], b["dir"], b["keep"])),
           {"parent": INO, "name": NAME, "dir": Opt(Bool), "keep": Opt(ListOf(INO, 1_000_000))})

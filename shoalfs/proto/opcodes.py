@@ -38,6 +38,8 @@ class Op(IntEnum):
     META_CREATE = 121  # inode + dentry in the parent's partition, one record
     META_RMDIR_PREPARE = 122  # an empty directory refuses new entries while it is removed
     META_RMDIR_ABORT = 123
+    META_SCAN = 124  # fsck: inodes and directory entries of a partition, page by page
+    META_SET_NLINK = 125  # fsck: repair a link count
     # datanode
     DATA_WRITE = 200
     DATA_READ = 201
