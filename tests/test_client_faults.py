@@ -125,6 +125,16 @@ def landed_then_datanode_killed(c, vol, path: str) -> tuple[Any, bytes]:
     return f, landed
 
 
+def assert_only_landed(c, vol, path: str, landed: bytes) -> None:
+    """The file holds what landed and did not grow by what failed, before and
+    after the datanode is back."""
+    assert vol.stat(path).st_size == len(landed)
+    restart_datanode(c)
+    assert vol.stat(path).st_size == len(landed)
+    with vol.open(path, "rb") as r:
+        assert r.read() == landed
+
+
 @pytest.mark.parametrize("unsent", ["buffered", "in-flight"])
 def test_failed_write_back_is_reported_by_close_and_does_not_grow_the_file(cluster_factory, unsent) -> None:
     c = small_cluster(cluster_factory)
@@ -140,11 +150,7 @@ def test_failed_write_back_is_reported_by_close_and_does_not_grow_the_file(clust
         assert err.errno == errno.EIO, err
         assert LOW <= took <= HIGH, f"close took {took:.2f}s with op_deadline={DEADLINE}"
         assert f.closed
-        assert vol.stat("/g").st_size == len(landed)
-        restart_datanode(c)
-        assert vol.stat("/g").st_size == len(landed)
-        with vol.open("/g", "rb") as r:
-            assert r.read() == landed
+        assert_only_landed(c, vol, "/g", landed)
 
 
 def test_close_after_flush_reported_the_error_does_not_grow_the_file(cluster_factory) -> None:
@@ -157,8 +163,4 @@ def test_close_after_flush_reported_the_error_does_not_grow_the_file(cluster_fac
         assert LOW <= took <= HIGH, f"flush took {took:.2f}s with op_deadline={DEADLINE}"
         f.close()  # the error was reported once, by flush; nothing new failed since
         assert f.closed
-        assert vol.stat("/h").st_size == len(landed)
-        restart_datanode(c)
-        assert vol.stat("/h").st_size == len(landed)
-        with vol.open("/h", "rb") as r:
-            assert r.read() == landed
+        assert_only_landed(c, vol, "/h", landed)
