@@ -107,3 +107,19 @@ def test_frame_receiver_reassembles_any_split() -> None:
             pos += n
         assert [g["i"] for g in got] == list(range(len(frames)))
         assert [g["d"] for g in got] == [f.body["d"] for f in frames]
+
+
+def test_rpc_limits_from_config_refuse_what_would_break_them() -> None:
+    import math
+
+    import pytest
+
+    from shoalfs.common.limits import server_limits
+    from shoalfs.proto.server import MIN_BUDGET
+
+    assert server_limits({}).budget_bytes == 128 * 1024 * 1024
+    assert server_limits({"rpc_read_timeout": 2}).read_timeout == 2.0
+    for bad in ({"rpc_read_timeout": math.nan}, {"rpc_idle_timeout": 0}, {"rpc_conn_requests": 1.5},
+                {"rpc_max_connections": True}, {"rpc_budget_bytes": MIN_BUDGET - 1}):
+        with pytest.raises(ValueError):
+            server_limits(bad)

@@ -32,7 +32,7 @@ from typing import Any
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.receiver import POOL, WRITE_HIGH, WRITE_LOW, FrameReceiver
 from shoalfs.proto.schema import Schema, validate
-from shoalfs.proto.wire import FLAG_EVENT, FLAG_RESPONSE, Frame, Header, decode_body
+from shoalfs.proto.wire import FLAG_EVENT, FLAG_RESPONSE, MAX_BODY, Frame, Header, decode_body
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ Handler = Callable[[int, Any, "ServerConnection"], Awaitable[Any]]
 Cost = Callable[[dict[str, Any]], int]  # bytes an answer will hold, from the checked body
 
 SERVER_BUFFER = 64 * 1024
+MIN_BUDGET = 2 * MAX_BODY  # the largest request plus its largest answer fits whole
 DESCRIPTOR_HEADROOM = 64  # kept for files, the listener and outgoing connections
 
 
