@@ -323,7 +323,7 @@ def test_a_file_left_open_gets_estale_until_linger_ends(cluster: EmbeddedCluster
             assert err.value.errno == errno.ESTALE
         expect_deleted_exit(m, syslog, audit, m_path_detection(m), vol)
         took = time.monotonic() - t0
-        assert 1.4 <= took <= 3.0, took  # linger, then exit: the file was never closed
+        assert 1.4 <= took <= 4.0, took  # linger, then exit: the file was never closed
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)
