@@ -120,40 +120,30 @@ class VolumeClient:
         (op_deadline from now if None): transient faults are retried until
         then and the call never runs past it, however many calls the
         operation makes."""
-        pid = part["pid"]
         if end is None:
             end = time.monotonic() + self.options.op_deadline
-        last: ShoalError | None = None
-        while True:
+        deadline = end
+
+        async def before_retry(exc: ShoalError) -> None:
+            self.check_fence()  # deleted while we waited: ESTALE now, not at the deadline
+            if exc.code == Code.PARTITION_NOT_EXIST:  # placement may have moved: ask the master
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.refresh(), max(0.0, deadline - time.monotonic()))
+
+        self.check_fence()
+        try:
+            # the pool bounds each attempt, its connect and its send by what is
+            # left, so no call outlives the deadline
+            return await self.pool.call(lambda: part["replicas"][0], op, part["pid"], body,
+                                        deadline=max(0.01, end - time.monotonic()), before_retry=before_retry)
+        except ShoalError as exc:
             self.check_fence()
-            remaining = end - time.monotonic()
-            if remaining <= 0 and last is not None:
-                raise last
-            try:
-                # the pool bounds each attempt, its connect and its send by what
-                # is left, so no call outlives the deadline. A call made when the
-                # time is already up still gets one quick try.
-                return await self.pool.call(lambda: part["replicas"][0], op, pid, body,
-                                            deadline=max(0.01, remaining))
-            except ShoalError as exc:
+            if exc.code == Code.VOLUME_NOT_EXIST and self.on_volume_error is not None:
+                self.on_volume_error(exc)
                 self.check_fence()
-                if exc.code == Code.VOLUME_NOT_EXIST and self.on_volume_error is not None:
-                    self.on_volume_error(exc)
-                    self.check_fence()
-                elif exc.code == Code.READ_ONLY:
-                    self.read_only = True
-                # the pool gives up early when its next backoff would not fit;
-                # a transient fault is retried for the whole deadline, then fails
-                if not exc.transient or self.pool.closed or time.monotonic() >= end:
-                    raise
-                last = exc
-                if exc.code == Code.PARTITION_NOT_EXIST:
-                    try:
-                        await asyncio.wait_for(self.refresh(), max(0.0, end - time.monotonic()))
-                    except TimeoutError:
-                        raise exc from None
-                await asyncio.sleep(min(0.2 if exc.code == Code.PARTITION_NOT_EXIST else 0.05,
-                                        max(0.0, end - time.monotonic())))
+            elif exc.code == Code.READ_ONLY:
+                self.read_only = True
+            raise
 
     def check_fence(self) -> None:
         if self.fenced:

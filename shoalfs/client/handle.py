@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from shoalfs.client.core import CALL_GRACE, VolumeClient, check_file_size
+from shoalfs.client.core import CALL_GRACE, VolumeClient, all_or_none, check_file_size
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 
@@ -138,8 +138,8 @@ class FileHandle:
 
     async def _write_batch(self, batch: list[list[Any]], end: float) -> None:
         try:
-            done = await asyncio.gather(*(self.client.write_data(self.ino, o, bytes(b), self.known, end)
-                                          for o, b in batch))
+            done = await all_or_none([self.client.write_data(self.ino, o, bytes(b), self.known, end)
+                                      for o, b in batch])
         except ShoalError as exc:
             self.error = self.error or exc
             return

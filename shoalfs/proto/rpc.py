@@ -9,7 +9,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shoalfs.proto.errors import Code, ShoalError
@@ -17,6 +17,9 @@ from shoalfs.proto.receiver import POOL, FrameReceiver
 from shoalfs.proto.wire import FLAG_EVENT, Frame, Header, decode_body
 
 log = logging.getLogger(__name__)
+
+BeforeRetry = Callable[[ShoalError], Awaitable[None]]
+
 
 def split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
@@ -169,8 +172,11 @@ class RpcPool:
         return await conn.call(opcode, partition_id, body, max(0.01, end - time.monotonic()))
 
     async def call(self, addr: str | Callable[[], str], opcode: int, partition_id: int, body: Any,
-                   deadline: float | None = None) -> Any:
-        """Call with retries of transient failures until the op's deadline."""
+                   deadline: float | None = None, before_retry: BeforeRetry | None = None) -> Any:
+        """Call with retries of transient failures for the whole deadline (the
+        last backoff is cut to what is left, then one last quick try), never
+        past it. `before_retry` runs after each transient failure: it may
+        refresh where to go, or raise to stop."""
         end = time.monotonic() + (deadline if deadline is not None else self.policy.deadline)
         attempt = 0
         while True:
@@ -182,11 +188,11 @@ class RpcPool:
                     timeout=max(0.05, min(self.policy.attempt_timeout, remaining)),
                 )
             except ShoalError as exc:
-                if not exc.transient or self.closed:
+                if not exc.transient or self.closed or time.monotonic() >= end:
                     raise
-                delay = self.policy.delay(attempt)
-                if time.monotonic() + delay >= end:
-                    raise
+                if before_retry is not None:
+                    await before_retry(exc)
+                delay = min(self.policy.delay(attempt), max(0.0, end - time.monotonic()))
                 log.debug("transient failure from %s (%s); retry in %.2fs", target, exc, delay)
                 attempt += 1
                 try:  # a close() ends the wait at once
