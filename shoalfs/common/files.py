@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of it at offset: a short write is continued, one that makes
+    no progress is an error (never a silently shorter file)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        view, offset = view[n:], offset + n
 
 
 def fsync_dir(path: str) -> None:
@@ -22,9 +34,7 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     try:
         try:
             os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            pwrite_all(fd, data, 0)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -17,7 +17,7 @@ import os
 import struct
 import zlib
 
-from shoalfs.common.files import fsync_dir
+from shoalfs.common.files import fsync_dir, pwrite_all
 from shoalfs.proto.errors import Code, ShoalError, disk_error
 
 BLOCK = 4096
@@ -30,16 +30,6 @@ def _reserve(fd: int, offset: int, length: int) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """A short write is retried; one that makes no progress is an error."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "write made no progress")
-        view, offset = view[n:], offset + n
 
 
 def _crc_entry(block: bytes) -> int:
@@ -146,8 +136,8 @@ class Extent:
             # take the space first: a disk that is full fails here, before any byte changes
             _reserve(dfd, offset, len(payload))
             _reserve(cfd, first * ENTRY.size, len(new_entries))
-            _pwrite_all(dfd, payload, offset)
-            _pwrite_all(cfd, new_entries, first * ENTRY.size)
+            pwrite_all(dfd, payload, offset)
+            pwrite_all(cfd, new_entries, first * ENTRY.size)
             if sync:
                 os.fdatasync(dfd)
                 os.fdatasync(cfd)

@@ -19,7 +19,6 @@ them. Once space is back, appends work again; nothing needs a restart.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import struct
@@ -29,7 +28,7 @@ from typing import Any
 
 import msgpack
 
-from shoalfs.common.files import atomic_write
+from shoalfs.common.files import atomic_write, pwrite_all
 from shoalfs.proto.errors import Code, ShoalError, disk_error
 
 log = logging.getLogger(__name__)
@@ -161,13 +160,7 @@ class Journal:
                 self._cut()
             except OSError as exc:
                 raise ShoalError(Code.IO_ERROR, f"journal cannot be cut back: {exc.strerror}") from None
-        view = memoryview(batch)
-        at = self._end
-        while view:
-            n = os.pwrite(self._fd, view, at)
-            if n <= 0:
-                raise OSError(errno.EIO, "short write")
-            view, at = view[n:], at + n
+        pwrite_all(self._fd, batch, self._end)
         os.fdatasync(self._fd)
 
     def wants_snapshot(self) -> bool:
