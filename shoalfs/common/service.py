@@ -17,9 +17,18 @@ from shoalfs.common.tombstones import TombstoneStore
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import split_addr
+from shoalfs.proto.schema import ListOf, Map, Opt, Schema, Str
 from shoalfs.proto.server import RpcServer
 
 log = logging.getLogger(__name__)
+
+# Schemas of the master's commands, the same on every node. An absent token
+# passes the schema so that check_master refuses it as UNAUTHORIZED.
+TOKEN = Opt(Str(1024), "")
+MASTER_STATE: Schema = {"token": TOKEN, "read_only": Opt(ListOf(Str(64), 1_000_000), []), "volumes": Opt(Map, {})}
+DELETE_PARTITION: Schema = {"token": TOKEN, "tombstone": Opt(Map)}
+NEW_PARTITION: Schema = {"token": TOKEN, "vol_id": Str(64), "replicas": Opt(ListOf(Str(256), 16), []),
+                         "volume": Opt(Map)}
 
 
 def load_config(path: str, required: tuple[str, ...]) -> dict[str, Any]:

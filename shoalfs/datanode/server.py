@@ -12,20 +12,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from shoalfs.common.files import atomic_write, fsync_dir
-from shoalfs.common.service import NodeService
+from shoalfs.common.service import DELETE_PARTITION, MASTER_STATE, NEW_PARTITION, NodeService
 from shoalfs.datanode.extents import Extent
 from shoalfs.proto.errors import Code, ShoalError, disk_error
 from shoalfs.proto.layout import CHUNK, MAX_IO
 from shoalfs.proto.opcodes import Op
-from shoalfs.proto.schema import U64, Bool, Bytes, Int, ListOf, Map, Opt, Schema, Str
+from shoalfs.proto.schema import U64, Bool, Bytes, Int, Opt
 
 log = logging.getLogger(__name__)
 
 EXT = Int(0, U64)
 OFFSET = Int(0, CHUNK)  # within an extent
 EXTENT_SIZE = Int(0, CHUNK)
-TOKEN = Opt(Str(1024), "")  # absent: refused by check_master as UNAUTHORIZED
-MASTER_STATE: Schema = {"token": TOKEN, "read_only": Opt(ListOf(Str(64), 1_000_000), []), "volumes": Opt(Map, {})}
 
 
 class DataPartition:
@@ -79,9 +77,8 @@ class DataNode(NodeService):
         self.partitions: dict[int, DataPartition] = {}
         r = self.rpc.route
         r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE)
-        r(Op.CREATE_PARTITION, self.create_partition,
-          {"token": TOKEN, "vol_id": Str(64), "replicas": Opt(ListOf(Str(256), 16), []), "volume": Opt(Map)})
-        r(Op.DELETE_PARTITION, self.delete_partition, {"token": TOKEN, "tombstone": Opt(Map)})
+        r(Op.CREATE_PARTITION, self.create_partition, NEW_PARTITION)
+        r(Op.DELETE_PARTITION, self.delete_partition, DELETE_PARTITION)
         r(Op.DATA_WRITE, self.write, {"ext": EXT, "offset": OFFSET, "data": Bytes(MAX_IO), "sync": Opt(Bool, False)})
         # a read's answer is held in memory: it draws its size from the server's budget first
         r(Op.DATA_READ, self.read, {"ext": EXT, "offset": OFFSET, "size": Int(0, MAX_IO)},

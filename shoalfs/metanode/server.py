@@ -21,7 +21,7 @@ from typing import Any
 
 from shoalfs.common.files import atomic_write, fsync_dir
 from shoalfs.common.placement import VolumeMaps
-from shoalfs.common.service import NodeService
+from shoalfs.common.service import DELETE_PARTITION, MASTER_STATE, NEW_PARTITION, NodeService
 from shoalfs.metanode.partition import SCAN_ENTRIES, MetaPartition, public_attr
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import (
@@ -32,7 +32,7 @@ from shoalfs.proto.layout import (
 )
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import RetryPolicy, RpcPool
-from shoalfs.proto.schema import I64_MAX, I64_MIN, U32, U64, Bool, Bytes, Int, ListOf, Map, Opt, Schema, Str
+from shoalfs.proto.schema import I64_MAX, I64_MIN, U32, U64, Bool, Bytes, Int, ListOf, Opt, Schema, Str
 from shoalfs.proto.server import ServerConnection
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,7 @@ RENAME_LINK: Schema = {"txid": Str(64), "parent": INO, "name": NAME, "ino": INO,
 MAX_SUBSCRIPTIONS = 64
 DENTRY_BYTES = MAX_NAME + 32  # the most one readdir entry takes in an answer
 ATTR_BYTES = 256  # about what one inode's attributes take
-TOKEN = Opt(Str(1024), "")  # absent: refused by check_master as UNAUTHORIZED
-MASTER_STATE: Schema = {"token": TOKEN, "read_only": Opt(ListOf(Str(64), 1_000_000), []), "volumes": Opt(Map, {})}
-CREATE_META_PARTITION: Schema = {"token": TOKEN, "vol_id": Str(64), "start": Int(0, U64), "end": Int(1, U64),
-                                 "replicas": Opt(ListOf(Str(256), 16), []), "volume": Opt(Map)}
-DELETE_PARTITION: Schema = {"token": TOKEN, "tombstone": Opt(Map)}
+CREATE_META_PARTITION: Schema = {**NEW_PARTITION, "start": Int(0, U64), "end": Int(1, U64)}
 
 
 class MetaNode(NodeService):
