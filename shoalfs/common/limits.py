@@ -13,7 +13,7 @@ from typing import Any
 # server opens (logs, journals, state files, connections to other nodes):
 # one number for the RPC servers and the master's HTTP server.
 from shoalfs.proto.server import DESCRIPTOR_HEADROOM as FD_HEADROOM
-from shoalfs.proto.server import MIN_BUDGET, ServerLimits
+from shoalfs.proto.server import ServerLimits
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,6 @@ def server_limits(cfg: Mapping[str, Any]) -> ServerLimits:
     for name, default in vars(ServerLimits()).items():
         check = config_seconds if isinstance(default, float) else config_count
         fields[name] = check(cfg, f"rpc_{name}", default)
-    if fields["budget_bytes"] < MIN_BUDGET:  # one request (a frame and its answer) must fit whole
-        raise ValueError(f"rpc_budget_bytes must be at least {MIN_BUDGET}, got {fields['budget_bytes']}")
     return ServerLimits(**fields)
 
 

@@ -122,21 +122,17 @@ class FrameReceiver(asyncio.BufferedProtocol):
         return memoryview(self._buf)[self._end:]
 
     def buffer_updated(self, nbytes: int) -> None:
-        try:
-            if self._big is not None:
-                self._big_pos += nbytes
-                if self._big_pos == self._big_len:
-                    header, body, granted = self._big_header, memoryview(self._big)[:self._big_len], self._granted
-                    self._big, self._big_header, self._granted = None, None, 0
-                    self.frame_started = None
-                    assert header is not None
-                    self.on_frame(header, body, granted)
-                return
+        if self._big is None:
             self._end += nbytes
-            self._parse()
-        except FrameError:
-            if self.transport is not None:
-                self.transport.abort()
+            self.resume_parsing()
+            return
+        self._big_pos += nbytes
+        if self._big_pos == self._big_len:
+            header, body, granted = self._big_header, memoryview(self._big)[:self._big_len], self._granted
+            self._big, self._big_header, self._granted = None, None, 0
+            self.frame_started = None
+            assert header is not None
+            self.on_frame(header, body, granted)
 
     @property
     def receiving(self) -> bool:
@@ -153,7 +149,8 @@ class FrameReceiver(asyncio.BufferedProtocol):
         return granted
 
     def resume_parsing(self) -> None:
-        """Take the frames left buffered while the server was not accepting."""
+        """Take the complete frames in the buffer (also those left there while
+        the server was not accepting); a stream not speaking our protocol is cut."""
         try:
             self._parse()
         except FrameError:

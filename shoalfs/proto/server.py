@@ -54,6 +54,10 @@ class ServerLimits:
     idle_timeout: float = 300.0
     write_timeout: float = 30.0
 
+    def __post_init__(self) -> None:
+        if self.budget_bytes < MIN_BUDGET:  # then a request and its answer always fit whole
+            raise ValueError(f"rpc_budget_bytes must be at least {MIN_BUDGET}, got {self.budget_bytes}")
+
 
 class ByteBudget:
     """Bytes a server may hold for requests in flight; waiters are served in order."""
@@ -64,14 +68,13 @@ class ByteBudget:
         self._waiters: deque[tuple[int, Callable[[], None]]] = deque()
 
     def try_take(self, n: int) -> bool:
-        n = min(n, self.limit)  # one request larger than the budget runs alone
         if self._waiters or self.used + n > self.limit:
             return False
         self.used += n
         return True
 
     def take_later(self, n: int, granted: Callable[[], None]) -> None:
-        self._waiters.append((min(n, self.limit), granted))
+        self._waiters.append((n, granted))
 
     async def take(self, n: int) -> None:
         if self.try_take(n):
@@ -85,7 +88,7 @@ class ByteBudget:
         await fut
 
     def give(self, n: int) -> None:
-        self.used -= min(n, self.limit)
+        self.used -= n
         while self._waiters and self.used + self._waiters[0][0] <= self.limit:
             n, granted = self._waiters.popleft()
             self.used += n
@@ -98,8 +101,8 @@ class ServerConnection:
     def __init__(self, server: RpcServer) -> None:
         self.server = server
         self.receiver = FrameReceiver(self._on_frame, self._on_lost, SERVER_BUFFER, self._reserve)
-        self.receiver.on_writable = self._flow
-        self.receiver.on_budget_wait = self._flow
+        self.receiver.on_writable = self.flow
+        self.receiver.on_budget_wait = self.flow
         self.receiver.accepting = self._accepting
         self.closed = False
         self.on_close: list[Callable[[ServerConnection], None]] = []
@@ -130,7 +133,7 @@ class ServerConnection:
         self.last_active = time.monotonic()
         self.requests += 1
         self.bytes += reserved
-        self._flow()
+        self.flow()
         task = asyncio.ensure_future(self.server.dispatch(self, header, payload, reserved))
         self.server.tasks.add(task)
         task.add_done_callback(self.server.tasks.discard)
@@ -144,7 +147,7 @@ class ServerConnection:
             return
         self.unsent_held += held
         self.last_active = time.monotonic()
-        self._flow()
+        self.flow()
 
     def _on_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -164,7 +167,7 @@ class ServerConnection:
         transport = self.receiver.transport
         return transport is not None and not self._busy(transport.get_write_buffer_size())
 
-    def _flow(self) -> None:
+    def flow(self) -> None:
         """The one place that pauses and resumes reading from the peer: only
         while it has room for more in flight and no large frame waits for budget."""
         transport = self.receiver.transport
@@ -199,10 +202,10 @@ class ServerConnection:
             return
         for part in frame.chunks():
             transport.write(part)
-        self._flow()
 
     def push_event(self, opcode: int, body: Any) -> None:
         self.send(Frame(opcode=opcode, request_id=0, flags=FLAG_EVENT, body=body))
+        self.flow()  # an answer's request_done does this for requests
 
     @property
     def idle(self) -> bool:
@@ -296,7 +299,7 @@ class RpcServer:
                 elif conn.idle and now - conn.last_active > lim.idle_timeout:
                     why = f"idle for {lim.idle_timeout:g}s"
                 else:
-                    conn._flow()  # answers drained since: maybe read again
+                    conn.flow()  # answers drained since: maybe read again
                 if why is not None:
                     log.info("%s: closing a connection: %s", self.name, why)
                     self.forget(conn)
@@ -328,8 +331,7 @@ class RpcServer:
                 raise ShoalError(Code.UNAVAILABLE, "the connection is gone")  # answered to nobody
             # the connection is now known to be in use: most recently active last
             self._conns.pop(conn, None)
-            if not conn.closed:
-                self._conns[conn] = None
+            self._conns[conn] = None
             reply = await handler(header.partition_id, body, conn)
         except ShoalError as exc:
             result = exc.code
