@@ -10,6 +10,7 @@ memory exactly as it was — then answered.
 
 from __future__ import annotations
 
+import heapq
 import stat
 import time
 from collections.abc import Callable
@@ -261,13 +262,13 @@ class MetaPartition:
             raise ShoalError(Code.NOT_PERMITTED, "hard links to directories are not allowed")
         if node["nlink"] >= MAX_LINKS:
             raise ShoalError(Code.TOO_MANY_LINKS)
-        node = self._touched(ino, nlink=node["nlink"] + 1, ctime=now_ns())
-        await self.commit([("I", ino, node)])
-        return public_attr(node)
+        return await self._relink(ino, node["nlink"] + 1)
 
     async def unlink_inode(self, ino: int) -> dict[str, Any]:
         node = self.inode(ino, staged=True)
-        nlink = 0 if stat.S_ISDIR(node["mode"]) else max(0, node["nlink"] - 1)
+        return await self._relink(ino, 0 if stat.S_ISDIR(node["mode"]) else max(0, node["nlink"] - 1))
+
+    async def _relink(self, ino: int, nlink: int) -> dict[str, Any]:
         node = self._touched(ino, nlink=nlink, ctime=now_ns())
         await self.commit([("I", ino, node)])
         return public_attr(node)
@@ -286,7 +287,8 @@ class MetaPartition:
     def scan(self, after: int, limit: int) -> dict[str, Any]:
         """Inodes after `after` (at most `limit`, fewer once their directories'
         entries add up to SCAN_ENTRIES) with their directory entries."""
-        inos = sorted(i for i in self.inodes if i > after)
+        # the next page only: a full sort per page would cost n log n on the event loop each time
+        inos = heapq.nsmallest(limit + 1, (i for i in self.inodes if i > after))
         out: dict[str, Any] = {"inodes": [], "dentries": [], "more": False}
         for ino in inos[:limit]:
             node = self.inodes[ino]
@@ -299,9 +301,7 @@ class MetaPartition:
         return out
 
     async def set_nlink(self, ino: int, nlink: int) -> dict[str, Any]:
-        node = self._touched(ino, nlink=nlink, ctime=now_ns())
-        await self.commit([("I", ino, node)])
-        return public_attr(node)
+        return await self._relink(ino, nlink)
 
     # ----- dentries ----------------------------------------------------
     @staticmethod
