@@ -118,9 +118,11 @@ class VolumeLifecycle:
     async def heartbeat(self, request: web.Request) -> Any:
         """Kept cheap: thousands of mounts call this every few seconds."""
         body = await self.m.body(request)
-        if self.m.state.tombstone_of(body.get("vol_id")) is not None:
-            self.sessions.drop(str(body.get("session")))
+        try:
             self.raise_if_deleted(body.get("vol_id"))
+        except ShoalError:
+            self.sessions.drop(str(body.get("session")))
+            raise
         vol = self.m.state.by_id(body.get("vol_id"))  # type: ignore[arg-type]
         if vol is None:  # unknown, no tombstone: proves nothing, the mount stays
             raise ShoalError(Code.VOLUME_NOT_EXIST, "unknown volume id")

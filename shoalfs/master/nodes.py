@@ -87,11 +87,14 @@ class NodeMonitor:
     async def beat_all(self) -> None:
         """One heartbeat round; also carries volume states (read-only while pending delete)."""
         nodes = list(self.state.nodes)
-        await asyncio.gather(*(self._beat(a) for a in nodes), return_exceptions=True)
+        placements, read_only = self.state.placements(), self.read_only_volumes()  # once per round
+        await asyncio.gather(*(self._beat(a, placements.get(a, {}), read_only) for a in nodes),
+                             return_exceptions=True)
 
-    async def _beat(self, addr: str) -> None:
-        vols = {vol["vol_id"]: vol for _, _, vol in self.state.placements().get(addr, {}).values()}
-        body = {"token": self.token, "read_only": self.read_only_volumes(),
+    async def _beat(self, addr: str, placed: dict[int, tuple[str, dict[str, Any], dict[str, Any]]],
+                    read_only: list[str]) -> None:
+        vols = {vol["vol_id"]: vol for _, _, vol in placed.values()}
+        body = {"token": self.token, "read_only": read_only,
                 "volumes": {vol_id: self.state.volume_map(vol) for vol_id, vol in vols.items()}}
         try:
             report = await self.pool.call_once(addr, Op.HEARTBEAT, 0, body, timeout=3.0)
