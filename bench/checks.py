@@ -47,7 +47,6 @@ def workload() -> dict[str, float]:
     Each phase gives a rate and the CPU it cost across all processes (less
     noisy than the rate on a shared 2-core VM)."""
     from shoalfs.cli.cluster import EmbeddedCluster
-    from shoalfs.client import connect
 
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as d:
@@ -65,7 +64,7 @@ def workload() -> dict[str, float]:
                 rates[f"{name} {unit}"] = amount / took
                 rates[f"{name} CPU ms per {'MiB' if unit == 'MiB/s' else 'op'}"] = used * 1000 / amount
 
-            with connect(c.master_addr, "bench") as vol:
+            with c.connect("bench") as vol:
                 def write() -> None:
                     with vol.open("/seq", "wb") as f:
                         for _ in range(TOTAL // len(block)):

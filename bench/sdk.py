@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 
 from bench.common import Timer, bench_cluster, show
-from shoalfs.client import connect
 
 MiB = 1024 * 1024
 TOTAL = 256 * MiB
@@ -20,7 +19,7 @@ def main() -> None:
     with bench_cluster() as c:
         c.create_volume("bench")
         block = os.urandom(4 * MiB)
-        with connect(c.master_addr, "bench") as vol:
+        with c.connect("bench") as vol:
             with Timer() as t:
                 with vol.open("/seq", "wb") as f:
                     for _ in range(TOTAL // len(block)):

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from shoalfs.cli.cluster import EmbeddedCluster
+from shoalfs.proto.errors import ShoalError
+from shoalfs.proto.rpc import RpcConnection
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
@@ -46,6 +52,40 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluste
         yield c
     finally:
         c.down()
+
+
+def volume_cap(c: EmbeddedCluster, volume: str, key: str | None = None) -> str:
+    """A capability of a volume, bought with its owner key (or `key`) as a client would."""
+    if key is None:
+        with open(c.key_file(volume)) as f:
+            key = f.read().strip()
+    req = urllib.request.Request(f"http://{c.master_addr}/client/session", method="POST",
+                                 data=json.dumps({"volume": volume, "key": key}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return str(json.load(r)["data"]["capability"])
+
+
+class RawRpc:
+    """Raw RPCs, each on a new connection that first presents `cap` (if any):
+    what a peer speaking our wire format can do. Returns (result code, reply or message)."""
+
+    def __init__(self, cap: str | None = None) -> None:
+        self.cap = cap
+
+    def __call__(self, addr: str, op: int, pid: int, body: Any, timeout: float = 10) -> tuple[int, Any]:
+        async def go() -> tuple[int, Any]:
+            conn = RpcConnection(addr)
+            await conn.connect(5)
+            try:
+                if self.cap is not None:
+                    await conn.authenticate(self.cap, 5)
+                return 0, await conn.call(op, pid, body, timeout)
+            except ShoalError as exc:
+                return exc.code, exc.msg
+            finally:
+                await conn.close()
+        return asyncio.run(go())
 
 
 def shoal_env(c: EmbeddedCluster) -> dict[str, str]:
@@ -88,6 +128,8 @@ class Mount:
         os.makedirs(self.path, exist_ok=True)
         args = [sys.executable, "-m", "shoalfs.cli", "mount", self.volume, self.path,
                 "--master", self.cluster.master_addr, "--foreground"]
+        if not any(o.startswith("key_file=") for o in self.options):
+            args += ["--key-file", self.cluster.key_file(self.volume)]  # the owner key unless told
         for o in self.options:
             args += ["-o", o]
         with open(self.log_path, "ab") as log:

@@ -11,9 +11,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import volume_cap
 
 from shoalfs.cli.cluster import EmbeddedCluster
-from shoalfs.client import connect
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import RpcConnection
@@ -74,6 +74,8 @@ def test_well_framed_nonsense_gets_error_codes(cluster: EmbeddedCluster) -> None
     meta = vol["meta_partitions"][0]
     data = vol["data_partitions"][0]
 
+    cap = volume_cap(cluster, "nonsense")
+
     async def go() -> list[int]:
         codes = []
         cases = [
@@ -91,6 +93,7 @@ def test_well_framed_nonsense_gets_error_codes(cluster: EmbeddedCluster) -> None
             conn = RpcConnection(addr)
             await conn.connect(5)
             try:
+                await conn.authenticate(cap, 5)
                 await conn.call(op, pid, body, 5)
                 codes.append(0)
             except ShoalError as exc:
@@ -101,7 +104,7 @@ def test_well_framed_nonsense_gets_error_codes(cluster: EmbeddedCluster) -> None
 
     codes = asyncio.run(go())
     assert codes == [Code.BAD_REQUEST, Code.BAD_REQUEST, Code.BAD_REQUEST, Code.BAD_REQUEST,
-                     Code.PARTITION_NOT_EXIST, Code.UNAUTHORIZED, Code.BAD_REQUEST, Code.BAD_REQUEST,
+                     Code.PARTITION_NOT_EXIST, Code.FORBIDDEN, Code.BAD_REQUEST, Code.BAD_REQUEST,
                      Code.BAD_REQUEST]
     for addr in node_addrs(cluster):
         assert ping(addr)["addr"] == addr
@@ -146,7 +149,7 @@ def test_bad_http_gets_an_envelope_not_a_500(cluster: EmbeddedCluster) -> None:
         assert isinstance(env["msg"], str) and env["msg"]
     status, env = http(cluster, "POST", "/volume/create", json.dumps({"name": "v", "owner": "x"}).encode())
     assert status == 401 and env["code"] == Code.UNAUTHORIZED
-    status, env = http(cluster, "GET", "/volume/info?name=nope")
+    status, env = http(cluster, "GET", "/volume/info?name=nope", token=tok)
     assert env["code"] == Code.VOLUME_NOT_EXIST
     assert http(cluster, "GET", "/cluster/info")[1]["code"] == 0
 
@@ -161,7 +164,7 @@ def test_secrets_are_private(cluster: EmbeddedCluster) -> None:
 
 def test_corrupted_block_is_detected_on_read(cluster: EmbeddedCluster) -> None:
     cluster.create_volume("corrupt")
-    with connect(cluster.master_addr, "corrupt") as vol:
+    with cluster.connect("corrupt") as vol:
         with vol.open("/victim", "wb") as f:
             f.write(b"A" * 100_000)
             f.fsync()
@@ -186,7 +189,7 @@ def test_disk_full_is_a_clear_error(cluster_factory) -> None:
     # a datanode whose reserve exceeds the free space behaves as a full disk
     c = cluster_factory(datanode={"reserve_bytes": 1 << 60})
     c.create_volume("full")
-    with connect(c.master_addr, "full") as vol:
+    with c.connect("full") as vol:
         f = vol.open("/x", "wb")
         f.write(b"data")
         with pytest.raises(OSError) as err:

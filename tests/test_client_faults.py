@@ -21,7 +21,6 @@ import pytest
 from conftest import wait_for
 
 from shoalfs.cli.cluster import EmbeddedCluster
-from shoalfs.client import connect
 from shoalfs.client.core import ClientOptions
 
 MiB = 1024 * 1024
@@ -65,7 +64,7 @@ def restart_datanode(c: EmbeddedCluster) -> None:
 def test_read_from_dead_datanode_fails_within_one_deadline(cluster_factory) -> None:
     c = small_cluster(cluster_factory)
     data = os.urandom(4 * MiB)
-    with connect(c.master_addr, "v", options()) as vol:
+    with c.connect("v", options()) as vol:
         with vol.open("/f", "wb") as f:
             f.write(data)
             f.fsync()
@@ -82,7 +81,7 @@ def test_read_that_waits_for_a_prefetch_fails_within_one_deadline(cluster_factor
     c = small_cluster(cluster_factory)
     data = os.urandom(4 * MiB)
     piece = 64 * KiB
-    with connect(c.master_addr, "v", options()) as vol:
+    with c.connect("v", options()) as vol:
         with vol.open("/f", "wb") as f:
             f.write(data)
             f.fsync()
@@ -138,7 +137,7 @@ def assert_only_landed(c, vol, path: str, landed: bytes) -> None:
 @pytest.mark.parametrize("unsent", ["buffered", "in-flight"])
 def test_failed_write_back_is_reported_by_close_and_does_not_grow_the_file(cluster_factory, unsent) -> None:
     c = small_cluster(cluster_factory)
-    with connect(c.master_addr, "v", options()) as vol:
+    with c.connect("v", options()) as vol:
         f, landed = landed_then_datanode_killed(c, vol, "/g")
         if unsent == "buffered":
             f.write(os.urandom(3 * MiB))  # below the write-behind threshold: stays in memory
@@ -155,7 +154,7 @@ def test_failed_write_back_is_reported_by_close_and_does_not_grow_the_file(clust
 
 def test_close_after_flush_reported_the_error_does_not_grow_the_file(cluster_factory) -> None:
     c = small_cluster(cluster_factory)
-    with connect(c.master_addr, "v", options()) as vol:
+    with c.connect("v", options()) as vol:
         f, landed = landed_then_datanode_killed(c, vol, "/h")
         f.write(os.urandom(3 * MiB))
         err, took = timed(f.flush)

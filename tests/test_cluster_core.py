@@ -12,7 +12,7 @@ import pytest
 from conftest import wait_for
 
 from shoalfs.cli.cluster import EmbeddedCluster
-from shoalfs.client import ClientOptions, VolumeClient, connect
+from shoalfs.client import ClientOptions, VolumeClient
 from shoalfs.proto.errors import ShoalError
 
 MiB = 1024 * 1024
@@ -46,7 +46,7 @@ def check_all(vol, digests: dict[str, str]) -> None:
 def test_crash_of_metanode_and_datanode_loses_nothing(cluster_factory) -> None:
     c: EmbeddedCluster = cluster_factory()
     c.create_volume("crash")
-    with connect(c.master_addr, "crash") as vol:
+    with c.connect("crash") as vol:
         digests = write_mixed(vol, 64 * MiB)
         assert len(digests) >= 10
         c.kill("metanode1")
@@ -55,7 +55,7 @@ def test_crash_of_metanode_and_datanode_loses_nothing(cluster_factory) -> None:
         c.start("datanode2")
         c.wait_ready()
         check_all(vol, digests)  # the same client reconnects by itself
-    with connect(c.master_addr, "crash") as vol:
+    with c.connect("crash") as vol:
         check_all(vol, digests)
         assert sorted(vol.listdir("/mixed")) == sorted(p.rsplit("/", 1)[1] for p in digests)
 
@@ -64,7 +64,7 @@ def test_whole_cluster_restart_keeps_everything(cluster_factory) -> None:
     c: EmbeddedCluster = cluster_factory()
     c.create_volume("keep")
     c.create_volume("other")
-    with connect(c.master_addr, "keep") as vol:
+    with c.connect("keep") as vol:
         vol.makedirs("/d1/d2/d3")
         with vol.open("/d1/d2/d3/file", "wb") as f:
             f.write(b"persist me" * 1000)
@@ -75,7 +75,7 @@ def test_whole_cluster_restart_keeps_everything(cluster_factory) -> None:
     c.up()
     names = {v["name"] for v in c.http_get("/volume/list")}
     assert names == {"keep", "other"}
-    with connect(c.master_addr, "keep") as vol:
+    with c.connect("keep") as vol:
         assert vol.open("/d1/d2/d3/file", "rb").read() == b"persist me" * 1000
         assert vol.readlink("/d1/link") == "d2"
         assert vol.listdir("/d1/link") == ["d3"]
@@ -86,7 +86,7 @@ def test_paged_readdir_of_20000_entries(cluster: EmbeddedCluster) -> None:
     cluster.create_volume("bigdir")
 
     async def go() -> list[str]:
-        client = VolumeClient(cluster.master_addr, "bigdir")
+        client = VolumeClient(cluster.master_addr, "bigdir", key=open(cluster.key_file("bigdir")).read().strip())
         await client.open()
         try:
             d = await client.create(1, "big", stat.S_IFDIR | 0o755)
@@ -108,7 +108,7 @@ def test_paged_readdir_of_20000_entries(cluster: EmbeddedCluster) -> None:
 
 def test_rename_semantics(cluster: EmbeddedCluster) -> None:
     cluster.create_volume("ren")
-    with connect(cluster.master_addr, "ren") as vol:
+    with cluster.connect("ren") as vol:
         # over an existing file: the target is replaced, its data freed
         with vol.open("/a", "wb") as f:
             f.write(b"AAA")
@@ -164,7 +164,7 @@ def test_rename_semantics(cluster: EmbeddedCluster) -> None:
 
 def test_file_api(cluster: EmbeddedCluster) -> None:
     cluster.create_volume("api")
-    with connect(cluster.master_addr, "api") as vol:
+    with cluster.connect("api") as vol:
         with vol.open("/f", "w+b") as f:
             f.write(b"0123456789")
             f.seek(3)
@@ -211,7 +211,7 @@ def test_file_api(cluster: EmbeddedCluster) -> None:
 
 def test_unknown_volume_is_a_clear_error(cluster: EmbeddedCluster) -> None:
     with pytest.raises(OSError) as err:
-        connect(cluster.master_addr, "no-such-volume", ClientOptions(op_deadline=5))
+        cluster.connect("no-such-volume", ClientOptions(op_deadline=5), key="shoal1-" + "0" * 16 + "-" + "0" * 64)
     assert err.value.errno == errno.ESTALE
 
 
@@ -247,7 +247,7 @@ def test_rmdir_never_races_a_create(cluster_factory) -> None:
     counts = {"rmdir": 0, "created": 0, "lost": 0}
 
     def remover() -> None:
-        with connect(c.master_addr, "race") as vol:
+        with c.connect("race") as vol:
             while not stop.is_set():
                 try:
                     vol.mkdir("/d")
@@ -260,7 +260,7 @@ def test_rmdir_never_races_a_create(cluster_factory) -> None:
                     assert exc.errno in (errno.ENOTEMPTY, errno.ENOENT), exc
 
     def creator() -> None:
-        with connect(c.master_addr, "race") as vol:
+        with c.connect("race") as vol:
             i = 0
             while not stop.is_set():
                 i += 1

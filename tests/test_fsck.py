@@ -9,19 +9,18 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import shoal_env
+from conftest import RawRpc, shoal_env, volume_cap
 from test_cli import shoal
-from test_integrity import rpc
 
 from shoalfs.cli.cluster import EmbeddedCluster
-from shoalfs.client import connect
 from shoalfs.proto.opcodes import Op
 
 HALF_MKDIR = textwrap.dedent("""
     import asyncio, stat, sys, time
     from shoalfs.client.core import ClientOptions, VolumeClient
     async def go():
-        client = VolumeClient(sys.argv[1], sys.argv[2], ClientOptions(watch=False))
+        key = open(sys.argv[3]).read().strip()
+        client = VolumeClient(sys.argv[1], sys.argv[2], ClientOptions(watch=False), key=key)
         await client.open()
         attr = await client._new_inode(stat.S_IFDIR | 0o755, 0, 0)  # the first of mkdir's two steps
         print(attr["ino"], flush=True)
@@ -38,7 +37,7 @@ def fsck(c: EmbeddedCluster, *extra: str) -> tuple[int, dict]:
 def test_fsck_finds_and_repairs(cluster_factory) -> None:
     c: EmbeddedCluster = cluster_factory(metanodes=2, datanodes=1)
     info = c.create_volume("fs")
-    with connect(c.master_addr, "fs") as vol:
+    with c.connect("fs") as vol:
         vol.makedirs("/a/b")
         with vol.open("/a/file", "wb") as f:
             f.write(b"keep me")
@@ -46,14 +45,15 @@ def test_fsck_finds_and_repairs(cluster_factory) -> None:
         a_ino = vol.stat("/a").st_ino
     assert fsck(c) == (0, {"inodes": 4, "entries": 3, "findings": []})
     # a client killed between mkdir's two steps leaks a directory inode
-    half = subprocess.Popen([sys.executable, "-c", HALF_MKDIR, c.master_addr, "fs"], stdout=subprocess.PIPE,
-                            text=True)
+    half = subprocess.Popen([sys.executable, "-c", HALF_MKDIR, c.master_addr, "fs", c.key_file("fs")],
+                            stdout=subprocess.PIPE, text=True)
     try:
         leaked = int(half.stdout.readline())
     finally:
         half.send_signal(signal.SIGKILL)
         half.wait()
     # a dangling entry, and a link count one too high
+    rpc = RawRpc(volume_cap(c, "fs"))
     a_part = next(p for p in info["meta_partitions"] if p["start"] <= a_ino < p["end"])
     missing = a_part["end"] - 7
     assert rpc(a_part["replicas"][0], Op.META_CREATE_DENTRY, a_part["pid"],
@@ -69,7 +69,7 @@ def test_fsck_finds_and_repairs(cluster_factory) -> None:
     code, report = fsck(c, "--repair")
     assert code == 0 and all(f["repaired"] for f in report["findings"]) and len(report["findings"]) == 3
     assert fsck(c) == (0, {"inodes": 4, "entries": 3, "findings": []})
-    with connect(c.master_addr, "fs") as vol:
+    with c.connect("fs") as vol:
         assert sorted(vol.listdir("/a")) == ["b", "file"]
         assert vol.open("/a/file", "rb").read() == b"keep me"
         assert vol.stat("/a/file").st_nlink == 1
@@ -79,7 +79,7 @@ def test_fsck_leaves_recent_changes_alone(cluster_factory) -> None:
     c: EmbeddedCluster = cluster_factory(metanodes=1, datanodes=1)
     info = c.create_volume("fs")
     part = info["meta_partitions"][0]
-    code, inode = rpc(part["replicas"][0], Op.META_CREATE_INODE, part["pid"], {"mode": 0o100644})
+    code, inode = RawRpc(volume_cap(c, "fs"))(part["replicas"][0], Op.META_CREATE_INODE, part["pid"], {"mode": 0o100644})
     assert code == 0
     proc = shoal("volume", "fsck", "fs", "--json", env=shoal_env(c))  # the default grace: 10 minutes
     assert proc.returncode == 0 and json.loads(proc.stdout)["findings"] == [], proc.stdout

@@ -155,21 +155,22 @@ def test_daemon_mount_and_errors(cluster: EmbeddedCluster, tmp_path) -> None:
     mp = tmp_path / "mp"
     mp.mkdir()
     addr = cluster.master_addr
-    proc = shoal("mount", "daemon", str(mp), "--master", addr, "--log-file", str(tmp_path / "log"))
+    key = ["--key-file", cluster.key_file("daemon")]
+    proc = shoal("mount", "daemon", str(mp), "--master", addr, *key, "--log-file", str(tmp_path / "log"))
     try:
         assert proc.returncode == 0, proc.stderr
         assert is_mounted(str(mp))  # live when the command returns
         open(f"{mp}/hello", "w").write("hi")
-        busy = shoal("mount", "daemon", str(mp), "--master", addr)
+        busy = shoal("mount", "daemon", str(mp), "--master", addr, *key)
         assert busy.returncode == 1 and "busy" in busy.stderr
     finally:
         subprocess.run(["umount", str(mp)])
     wait_for(lambda: "unmounted" in (tmp_path / "log").read_text(), 10, "the daemon to log its exit")
     missing = shoal("mount", "nope-volume", str(mp), "--master", addr)
     assert missing.returncode == 1 and "does not exist" in missing.stderr, missing.stderr
-    nodir = shoal("mount", "daemon", str(tmp_path / "absent"), "--master", addr)
+    nodir = shoal("mount", "daemon", str(tmp_path / "absent"), "--master", addr, *key)
     assert nodir.returncode == 1 and "does not exist" in nodir.stderr
-    unreachable = shoal("mount", "daemon", str(mp), "--master", f"127.0.0.1:{free_port()}",
+    unreachable = shoal("mount", "daemon", str(mp), "--master", f"127.0.0.1:{free_port()}", *key,
                         "-o", "op_deadline=3")
     assert unreachable.returncode == 1 and "unreachable" in unreachable.stderr, unreachable.stderr
     badopt = shoal("mount", "daemon", str(mp), "--master", addr, "-o", "frobnicate")
@@ -186,7 +187,8 @@ def test_mount_helper_for_fstab(cluster: EmbeddedCluster, tmp_path) -> None:
     helper = shutil.which("mount.fuse.shoal")
     assert helper, "pip install puts mount.fuse.shoal on PATH"
     # what mount(8) runs for `mount -t fuse.shoal fstab MP -o master=ADDR,_netdev`
-    proc = subprocess.run([helper, "fstab", str(mp), "-o", f"rw,_netdev,master={cluster.master_addr}"],
+    key = f"key_file={cluster.key_file('fstab')}"
+    proc = subprocess.run([helper, "fstab", str(mp), "-o", f"rw,_netdev,master={cluster.master_addr},{key}"],
                           capture_output=True, text=True, timeout=60)
     try:
         assert proc.returncode == 0, proc.stderr
@@ -197,7 +199,7 @@ def test_mount_helper_for_fstab(cluster: EmbeddedCluster, tmp_path) -> None:
     if not os.path.exists("/sbin/mount.fuse.shoal"):
         os.symlink(helper, "/sbin/mount.fuse.shoal")
     proc = subprocess.run(["mount", "-t", "fuse.shoal", "fstab", str(mp), "-o",
-                           f"master={cluster.master_addr},_netdev"], capture_output=True, text=True, timeout=60)
+                           f"master={cluster.master_addr},_netdev,{key}"], capture_output=True, text=True, timeout=60)
     try:
         assert proc.returncode == 0, proc.stderr
         assert is_mounted(str(mp))

@@ -20,9 +20,9 @@ from conftest import Mount, SyslogListener, shoal_env, wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shoalfs.cli.cluster import EmbeddedCluster
-from shoalfs.client import connect
 from shoalfs.client.mount import is_mounted
 from shoalfs.proto import tombstone
+from shoalfs.proto.capability import Access
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.server import RpcServer
 
@@ -119,9 +119,13 @@ class Impostor:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = RpcServer("impostor")
-        self.server.route(Op.SUBSCRIBE, self.on_subscribe)
+        self.server.route(Op.AUTH, self.on_auth, access=Access.OPEN)  # it takes any capability
+        self.server.route(Op.SUBSCRIBE, self.on_subscribe, access=Access.OPEN)
         host, port = addr.rsplit(":", 1)
         asyncio.run_coroutine_threadsafe(self.server.start(host, int(port)), self.loop).result(10)
+
+    async def on_auth(self, pid, body, conn):
+        return {}
 
     async def on_subscribe(self, pid, body, conn):
         def push() -> None:
@@ -388,7 +392,7 @@ def test_delete_confirmation_and_clients(cluster: EmbeddedCluster, mount_factory
 
 def test_sdk_learns_of_deletion(cluster: EmbeddedCluster) -> None:
     cluster.create_volume("sdkdel")
-    with connect(cluster.master_addr, "sdkdel") as vol:
+    with cluster.connect("sdkdel") as vol:
         with vol.open("/f", "wb") as f:
             f.write(b"x")
         cluster.admin("/volume/delete", {"name": "sdkdel"})

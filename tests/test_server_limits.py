@@ -8,11 +8,10 @@ import resource
 import socket
 import time
 
-from conftest import rss_bytes, wait_for
-from test_integrity import rpc, serving
+from conftest import RawRpc, rss_bytes, volume_cap, wait_for
+from test_integrity import serving
 
 from shoalfs.cli.cluster import EmbeddedCluster
-from shoalfs.client import connect
 from shoalfs.proto.layout import MAX_IO
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.wire import HEADER, MAGIC, MAX_BODY, VERSION, Frame
@@ -23,6 +22,44 @@ MiB = 1024 * 1024
 def open_sockets(addr: str, count: int) -> list[socket.socket]:
     host, port = addr.rsplit(":", 1)
     return [socket.create_connection((host, int(port)), timeout=5) for _ in range(count)]
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        assert chunk, "connection closed"
+        data += chunk
+    return data
+
+
+def authenticated_sockets(addr: str, count: int, cap: str) -> list[socket.socket]:
+    """Raw connections that have presented a capability (and read its answer)."""
+    socks = open_sockets(addr, count)
+    for s in socks:
+        s.sendall(Frame(Op.AUTH, 1, 0, body={"cap": cap}).encode())
+        header = HEADER.unpack(recv_exactly(s, HEADER.size))
+        recv_exactly(s, header[0])
+        assert header[5] == 0, header  # result OK
+    return socks
+
+
+def test_strangers_may_send_only_small_frames(cluster_factory) -> None:
+    """Before it presents a capability a peer can announce no large frame,
+    so it holds none of the budget."""
+    c: EmbeddedCluster = cluster_factory(metanodes=1, datanodes=1)
+    c.create_volume("anon")
+    addr = c.layout["nodes"]["datanode1"]["listen"]
+    stranger = open_sockets(addr, 1)[0]
+    stranger.sendall(HEADER.pack(MAX_BODY, MAGIC, VERSION, 0, Op.DATA_WRITE, 0, 1, 1, 0) + b"\0" * 1000)
+    wait_for(lambda: closed_by_peer(stranger), 10, "the stranger's large frame to cut its connection")
+    stranger.close()
+    member = authenticated_sockets(addr, 1, volume_cap(c, "anon"))[0]
+    member.sendall(HEADER.pack(MAX_BODY, MAGIC, VERSION, 0, Op.DATA_WRITE, 0, 1, 1, 0) + b"\0" * 1000)
+    time.sleep(0.5)  # give the server time to (wrongly) cut it
+    assert not closed_by_peer(member)
+    member.close()
+    assert serving(addr)
 
 
 def closed_by_peer(s: socket.socket) -> bool:
@@ -42,7 +79,7 @@ def test_idle_connections_cannot_starve_clients_of_descriptors(cluster_factory) 
     addr = c.layout["nodes"]["datanode1"]["listen"]
     idle = open_sockets(addr, 1100)
     try:
-        with connect(c.master_addr, "fds") as vol:
+        with c.connect("fds") as vol:
             for i in range(5):  # the client reads and writes while 1,100 idle connections are open
                 data = os.urandom(MiB + i)
                 with vol.open(f"/f{i}", "wb") as f:
@@ -61,7 +98,7 @@ def test_held_frames_and_unread_answers_stay_within_the_budget(cluster_factory) 
     c: EmbeddedCluster = cluster_factory(metanodes=1, datanodes=1, datanode={
         "rpc_budget_bytes": budget, "rpc_read_timeout": 3, "rpc_write_timeout": 3})
     vol_info = c.create_volume("mem")
-    with connect(c.master_addr, "mem") as vol:
+    with c.connect("mem") as vol:
         with vol.open("/big", "wb") as f:
             f.write(os.urandom(MAX_IO))
             f.fsync()
@@ -70,13 +107,14 @@ def test_held_frames_and_unread_answers_stay_within_the_budget(cluster_factory) 
     addr, dpid = dp["replicas"][0], dp["pid"]
     pid = c.pid("datanode1")
     assert pid is not None
+    cap = volume_cap(c, "mem")
     base = rss_bytes(pid)
     # six connections announce the largest frame and send half of it
-    held = open_sockets(addr, 6)
+    held = authenticated_sockets(addr, 6, cap)
     for s in held:
         s.sendall(HEADER.pack(MAX_BODY, MAGIC, VERSION, 0, Op.DATA_WRITE, 0, 1, dpid, 0) + b"\0" * (MAX_BODY // 2))
     # one pipelines 24 reads of MAX_IO bytes and never reads the answers
-    greedy = open_sockets(addr, 1)[0]
+    greedy = authenticated_sockets(addr, 1, cap)[0]
     greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     ext = (ino << 20) | 0
     for rid in range(24):
@@ -95,7 +133,7 @@ def test_held_frames_and_unread_answers_stay_within_the_budget(cluster_factory) 
     wait_for(lambda: all(closed_by_peer(s) for s in held), 15, "held frames to be dropped (read timeout)")
     for s in [*held, greedy]:
         s.close()
-    assert rpc(addr, Op.DATA_READ, dpid, {"ext": ext, "offset": 0, "size": 4})[0] == 0
+    assert RawRpc(cap)(addr, Op.DATA_READ, dpid, {"ext": ext, "offset": 0, "size": 4})[0] == 0
 
 
 def test_over_the_cap_with_none_idle_a_new_connection_is_closed(cluster_factory) -> None:

@@ -16,7 +16,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from shoalfs.common.files import atomic_write
+from shoalfs.client.keys import save_key, store_path
+from shoalfs.common.files import atomic_write, open_private_log
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -70,6 +71,15 @@ class EmbeddedCluster:
         return os.path.join(self.dir, "data", "master", "admin.token")
 
     @property
+    def node_token_file(self) -> str:
+        """The nodes' credential (registration), not the admin token."""
+        return os.path.join(self.dir, "data", "master", "node.token")
+
+    def key_file(self, volume: str) -> str:
+        """Where this cluster keeps a volume's owner key (0600)."""
+        return store_path(self.dir, volume)
+
+    @property
     def token(self) -> str:
         with open(self.token_file) as f:
             return f.read().strip()
@@ -88,8 +98,10 @@ class EmbeddedCluster:
 
     def create(self, metanodes: int = 3, datanodes: int = 3, extra: dict[str, Any] | None = None) -> None:
         """Write configs for a new cluster (ports chosen once, kept across restarts)."""
-        for sub in ("conf", "run", "logs", "data"):
-            os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        os.chmod(self.dir, 0o700)  # configs, keys, logs and data: the owner's only
+        for sub in ("conf", "run", "logs", "data", "keys"):
+            os.makedirs(os.path.join(self.dir, sub), mode=0o700, exist_ok=True)
         master = f"127.0.0.1:{free_port()}"
         nodes: dict[str, dict[str, str]] = {}
         for role, count in (("metanode", metanodes), ("datanode", datanodes)):
@@ -102,7 +114,7 @@ class EmbeddedCluster:
         for name, node in nodes.items():
             self._write_conf(name, {"listen": node["listen"], "master": master,
                                     "data_dir": os.path.join(self.dir, "data", name),
-                                    "token_file": self.token_file,
+                                    "token_file": self.node_token_file,
                                     **(extra or {}).get(node["role"], {})})
         atomic_write(self.layout_path, json.dumps(self.layout, indent=2).encode())
 
@@ -140,7 +152,7 @@ class EmbeddedCluster:
             return
         if name == "master" and not os.path.exists(self.token_file):
             os.makedirs(os.path.dirname(self.token_file), exist_ok=True)
-        log = open(self.log_path(name), "ab")
+        log = open_private_log(self.log_path(name))
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "shoalfs.cli", self.role(name), "--config", self._conf(name)],
@@ -185,7 +197,7 @@ class EmbeddedCluster:
             self.create(metanodes, datanodes, extra)
         # the master first so it writes the token the nodes read
         self.start("master")
-        self._wait(lambda: os.path.exists(self.token_file), timeout, "master to write its token")
+        self._wait(lambda: os.path.exists(self.node_token_file), timeout, "master to write its tokens")
         for name in self.names()[1:]:
             self.start(name)
         self.wait_ready(timeout)
@@ -211,8 +223,11 @@ class EmbeddedCluster:
         raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
 
     def http_get(self, path: str) -> Any:
+        """A GET as the operator (the admin token, once the master has written it)."""
+        headers = {"Authorization": f"Bearer {self.token}"} if os.path.exists(self.token_file) else {}
         try:
-            with urllib.request.urlopen(f"http://{self.master_addr}{path}", timeout=2) as r:
+            req = urllib.request.Request(f"http://{self.master_addr}{path}", headers=headers)
+            with urllib.request.urlopen(req, timeout=2) as r:
                 env = json.load(r)
         except (OSError, ValueError, urllib.error.URLError):
             return None
@@ -236,7 +251,17 @@ class EmbeddedCluster:
         return env["data"]
 
     def create_volume(self, name: str, owner: str = "test", capacity_gib: float = 10) -> dict[str, Any]:
-        return dict(self.admin("/volume/create", {"name": name, "owner": owner, "capacity_gib": capacity_gib}))
+        """Create it and keep its owner key in the cluster's key store."""
+        vol = dict(self.admin("/volume/create", {"name": name, "owner": owner, "capacity_gib": capacity_gib}))
+        save_key(self.key_file(name), vol.pop("owner_key"))
+        return vol
+
+    def connect(self, volume: str, options: Any = None, **kwargs: Any) -> Any:
+        """The SDK on one of this cluster's volumes, with its owner key."""
+        from shoalfs.client.sdk import connect
+
+        kwargs.setdefault("key_file", self.key_file(volume))
+        return connect(self.master_addr, volume, options, **kwargs)
 
     def down(self) -> None:
         if not self.layout:

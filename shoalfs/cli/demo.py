@@ -26,6 +26,7 @@ from rich.table import Table
 
 from shoalfs.cli.cluster import ClusterError, EmbeddedCluster
 from shoalfs.client.mount import is_mounted, lazy_unmount
+from shoalfs.common.files import open_private_log
 from shoalfs.proto.errors import ShoalError
 
 console = Console()
@@ -124,8 +125,9 @@ def run_demo(data_dir: str | None) -> int:
         console.print(f"[bold]2.[/] mounting it on {mnt}")
         opts = f"syslog=unix:{sock.getsockname()},audit_log={audit_log}"
         mount = subprocess.Popen([sys.executable, "-m", "shoalfs.cli", "mount", "demo", mnt, "--master",
-                                  cluster.master_addr, "--foreground", "-o", opts],
-                                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "mount.log"), "wb"))
+                                  cluster.master_addr, "--key-file", cluster.key_file("demo"),
+                                  "--foreground", "-o", opts],
+                                 stdout=subprocess.DEVNULL, stderr=open_private_log(os.path.join(work, "mount.log")))
         end = time.monotonic() + 30
         while not is_mounted(mnt) and mount.poll() is None and time.monotonic() < end:
             time.sleep(0.05)

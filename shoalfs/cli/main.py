@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shoalfs.cli.cluster import ClusterError, EmbeddedCluster
+from shoalfs.client.keys import embedded_master, find_key_file, save_key, store_path
 from shoalfs.client.master import MasterClient
 from shoalfs.proto.errors import ShoalError
 
@@ -148,6 +149,8 @@ def cmd_volume(args: argparse.Namespace) -> None:
     if args.action == "create":
         data = call_master(args, "POST", "/volume/create",
                            body={"name": args.name, "owner": args.owner, "capacity_gib": args.capacity})
+        store = embedded_key_store(args, args.name)
+        hand_over_key(args, data, "owner_key", args.out or store)
         emit(args, data, "volume created", cols)
     elif args.action == "list":
         emit(args, call_master(args, "GET", "/volume/list"), "volumes", cols)
@@ -174,14 +177,60 @@ def cmd_volume(args: argparse.Namespace) -> None:
         fsck_volume(args)
 
 
+def embedded_key_store(args: argparse.Namespace, volume: str) -> str | None:
+    """Where the embedded cluster keeps owner keys, if the master is its master."""
+    if embedded_master(args.data) != master_address(args):
+        return None
+    return store_path(args.data, volume)
+
+
+def hand_over_key(args: argparse.Namespace, data: dict[str, Any], field: str, path: str | None) -> None:
+    """A new key is shown once, or written to a 0600 file (and then not shown)."""
+    key = data.get(field)
+    if not isinstance(key, str):
+        return
+    if path is None:
+        if not args.json:
+            print(f"key (shown once, keep it secret): {key}", file=sys.stderr)
+        return
+    try:
+        save_key(path, key)
+    except OSError as exc:
+        fail(f"cannot write key file {path}: {exc.strerror}; the key, shown once: {key}")
+    data.pop(field)
+    data[f"{field}_file"] = os.path.abspath(path)
+    if not args.json:
+        print(f"key written to {os.path.abspath(path)} (mode 0600)", file=sys.stderr)
+
+
+def cmd_key(args: argparse.Namespace) -> None:
+    """Access keys of a volume (DESIGN.md §7): admin token required."""
+    cols = ["name", "key_id", "rights", "created_at"]
+    if args.action == "create":
+        data = call_master(args, "POST", "/key/create",
+                           body={"volume": args.volume, "name": args.name, "read_only": args.read_only})
+        hand_over_key(args, data, "key", args.out)
+        emit(args, data, f"key of {args.volume}", cols + (["key_file"] if args.out else []))
+    elif args.action == "list":
+        emit(args, call_master(args, "GET", "/key/list", {"volume": args.volume}), f"keys of {args.volume}", cols)
+    else:
+        data = call_master(args, "POST", "/key/revoke", body={"volume": args.volume, "name": args.name})
+        emit(args, data, "revoked (its sessions lose access at once)", ["revoked", "key_id"])
+
+
 def fsck_volume(args: argparse.Namespace) -> None:
     """Report (and with --repair, fix) orphans, dangling entries and link counts;
     exit 1 while anything found is left unrepaired."""
     from shoalfs.client.core import ClientOptions, VolumeClient
     from shoalfs.client.fsck import check
 
+    token = admin_token(args)
+    if token is None:
+        fail("fsck needs the admin token: --token-file or SHOAL_TOKEN_FILE")
+
     async def go() -> Any:
-        client = VolumeClient(master_address(args), args.name, ClientOptions(op_deadline=30.0, watch=False))
+        client = VolumeClient(master_address(args), args.name, ClientOptions(op_deadline=30.0, watch=False),
+                              admin_token=token)
         try:
             await client.open()
             return await check(client, repair=args.repair, grace=args.grace)
@@ -253,6 +302,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
     if args.deleted_exit_code is not None:
         opts.extra["deleted_exit_code"] = str(args.deleted_exit_code)
     opts.master = args.master or opts.master or master_address(args)
+    # the key's file, never the key, is handed on (a command line is public)
+    opts.key_file = find_key_file(opts.master, opts.volume, args.key_file or opts.key_file or None, args.data) or ""
     try:
         DeletionAwareMount(opts)  # validates the lifecycle options before mounting
     except MountError as exc:
@@ -263,6 +314,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
     log_file = args.log_file or os.path.join(
         os.path.expanduser("~/.cache/shoalfs"), f"mount-{args.volume}.log")
     argv = ["mount", args.volume, opts.mountpoint, "--master", opts.master]
+    if opts.key_file:
+        argv += ["--key-file", opts.key_file]
     if args.deleted_exit_code is not None:
         argv += ["--deleted-exit-code", str(args.deleted_exit_code)]
     for spec in args.o or []:
@@ -311,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("name")
     vc.add_argument("--owner", required=True)
     vc.add_argument("--capacity", type=float, default=100.0, help="GiB")
+    vc.add_argument("--out", help="write the owner key to this file (0600) instead of showing it "
+                                  "(the embedded cluster keeps it in DIR/keys/NAME.key)")
     vsub.add_parser("list", parents=[common])
     vsub.add_parser("info", parents=[common]).add_argument("name")
     vd = vsub.add_parser("delete", parents=[common])
@@ -326,6 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave inodes changed in the last S seconds alone (operations under way)")
     v.set_defaults(func=cmd_volume)
 
+    k = sub.add_parser("key", help="access keys of a volume (admin)")
+    ksub = k.add_subparsers(dest="action", required=True, parser_class=Parser)
+    kc = ksub.add_parser("create", parents=[common], help="issue a key (shown once, or --out FILE)")
+    kc.add_argument("volume")
+    kc.add_argument("--name", help="a name to revoke it by (default key1, key2, ...)")
+    kc.add_argument("--read-only", action="store_true", help="mounts read-only; nodes refuse every change")
+    kc.add_argument("--out", help="write the key to this file (0600) instead of showing it")
+    ksub.add_parser("list", parents=[common]).add_argument("volume")
+    kr = ksub.add_parser("revoke", parents=[common], help="its sessions lose access within a second")
+    kr.add_argument("volume")
+    kr.add_argument("name")
+    k.set_defaults(func=cmd_key)
+
     m = sub.add_parser("mount", help="mount a volume through FUSE")
     m.add_argument("volume")
     m.add_argument("mountpoint")
@@ -333,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data", default=DEFAULT_DATA, help=argparse.SUPPRESS)
     m.add_argument("--foreground", "-f", action="store_true", help="stay attached, log to stderr")
     m.add_argument("-o", action="append", metavar="OPTIONS", help="comma-separated mount options")
+    m.add_argument("--key-file", help="the volume's access key (or -o key_file=, SHOAL_KEY_FILE; default: "
+                                      "the embedded cluster's key store)")
     m.add_argument("--log-file", help="log of the background mount process")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--deleted-exit-code", type=int, help="exit code when the volume is deleted (143)")

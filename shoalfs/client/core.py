@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from shoalfs.client.credential import ClientCredential
 from shoalfs.client.master import MasterClient
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import CHUNK, MAX_FILE_SIZE, extent_id
@@ -48,13 +49,16 @@ class ClientOptions:
 
 class VolumeClient:
     def __init__(self, master: str, volume: str, options: ClientOptions | None = None,
-                 on_event: EventCallback | None = None) -> None:
+                 on_event: EventCallback | None = None, key: str | None = None,
+                 admin_token: str | None = None) -> None:
+        """`key` buys the capability; without one, `admin_token` must stand in."""
         self.options = options or ClientOptions()
-        self.master = MasterClient(master)
+        self.master = MasterClient(master, admin_token)
         self.volume_name = volume
+        self.credential = ClientCredential(self.master, volume, key)
         self.pool = RpcPool(RetryPolicy(self.options.op_deadline, self.options.backoff_first,
                                         self.options.backoff_cap, self.options.attempt_timeout),
-                            on_event=on_event)
+                            on_event=on_event, credential=self.credential)
         self.vol: dict[str, Any] = {}
         self._mp_starts: list[int] = []
         self._mps: list[dict[str, Any]] = []
@@ -65,12 +69,29 @@ class VolumeClient:
         self.pending_evict: set[int] = set()
         # lifecycle: set by the guard (client/lifecycle.py)
         self.fenced = False  # the volume is deleted: every call fails at once
-        self.read_only = False  # the volume is pending deletion
-        self.on_volume_error: Callable[[ShoalError], None] | None = None
+        self.pending_delete = False  # the volume is pending deletion: read-only for now
+        self._on_volume_error: Callable[[ShoalError], None] | None = None
+
+    @property
+    def read_only(self) -> bool:
+        """Writes fail with EROFS: a read-only key, or a volume pending deletion."""
+        return self.pending_delete or self.credential.read_only
+
+    @property
+    def on_volume_error(self) -> Callable[[ShoalError], None] | None:
+        """Told of every VOLUME_NOT_EXIST, from a node or from the master."""
+        return self._on_volume_error
+
+    @on_volume_error.setter
+    def on_volume_error(self, callback: Callable[[ShoalError], None] | None) -> None:
+        self._on_volume_error = self.credential.on_volume_error = callback
 
     # ----- volume and routing ------------------------------------------------
     async def open(self) -> None:
-        self._install(await self.master.volume_info(self.volume_name, deadline=self.options.op_deadline))
+        """Buy a capability with the key; learn where the volume lives. A key
+        the master refuses is PermissionError-worthy: UNAUTHORIZED."""
+        self._install(await self.credential.open(deadline=self.options.op_deadline))
+        self.credential.start()
 
     def _install(self, vol: dict[str, Any]) -> None:
         if self.vol and vol["vol_id"] != self.vol["vol_id"]:
@@ -141,13 +162,16 @@ class VolumeClient:
             if exc.code == Code.VOLUME_NOT_EXIST and self.on_volume_error is not None:
                 self.on_volume_error(exc)
                 self.check_fence()
-            elif exc.code == Code.READ_ONLY:
-                self.read_only = True
+            elif exc.code == Code.READ_ONLY and not self.credential.read_only:
+                self.pending_delete = True
+            elif exc.code == Code.UNAUTHORIZED:  # a node refuses the key: it was revoked
+                self.credential.refused(exc)
             raise
 
     def check_fence(self) -> None:
         if self.fenced:
             raise ShoalError(Code.VOLUME_NOT_EXIST, f"volume {self.volume_name} was deleted")
+        self.credential.check()
 
     async def meta(self, ino: int, op: int, body: dict[str, Any]) -> Any:
         return await self.call(self.meta_partition(ino), op, body)
@@ -424,6 +448,7 @@ class VolumeClient:
         return res
 
     async def close(self) -> None:
+        await self.credential.stop()
         await self.pool.close()
         await self.master.close()
 

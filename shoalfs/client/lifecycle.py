@@ -13,12 +13,12 @@ at most triggers an immediate extra heartbeat; it never ends the mount.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,7 +63,6 @@ class LifecycleGuard:
         self.on_deleted = on_deleted
         self.vol_id = client.vol_id
         self.public_key: str = client.vol["master_pubkey"]
-        self.session = uuid.uuid4().hex
         self.deleted = False
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: dict[str, RpcConnection] = {}
@@ -101,24 +100,32 @@ class LifecycleGuard:
 
     # ----- heartbeat ----------------------------------------------------------
     def heartbeat_body(self) -> dict[str, Any]:
-        return dict(self.config.session_info, session=self.session, vol_id=self.vol_id,
-                    host=socket.gethostname(), pid=os.getpid(), version=VERSION)
+        """What `shoal volume clients` shows; the capability names the session."""
+        return dict(self.config.session_info, host=socket.gethostname(), pid=os.getpid(), version=VERSION)
 
     async def beat(self) -> None:
+        """Also renews the session's capability (DESIGN.md §7)."""
+        credential = self.client.credential
         try:
             res = await self.client.master.request_once("POST", "/client/heartbeat", body=self.heartbeat_body())
         except ShoalError as exc:
             if exc.code == Code.VOLUME_NOT_EXIST:
                 tomb = exc.data.get("tombstone") if isinstance(exc.data, dict) else None
                 self.claim(tomb, HEARTBEAT)
+            elif exc.code == Code.UNAUTHORIZED:
+                credential.refused(exc)
+            elif exc.code == Code.EXPIRED:
+                with contextlib.suppress(ShoalError):
+                    await credential.renew()
             else:
                 self._warn("master", f"heartbeat to the master failed (transient): {exc.msg}")
             return
+        credential.install(res.get("capability"))
         pending = res.get("status") == "PENDING_DELETE"
-        if pending != self.client.read_only:
+        if pending != self.client.pending_delete:
             log.warning("volume %s is %s", self.client.volume_name,
                         "pending deletion: read-only" if pending else "active again: writable")
-        self.client.read_only = pending
+        self.client.pending_delete = pending
 
     async def _heartbeat_loop(self) -> None:
         interval = self.config.heartbeat_interval
@@ -146,6 +153,7 @@ class LifecycleGuard:
             try:
                 await conn.connect(3.0)
                 self._subs[addr] = conn
+                await conn.authenticate(self.client.credential.token() or "", 5.0)
                 await conn.call(Op.SUBSCRIBE, 0, {"vol_id": self.vol_id}, 5.0)
                 attempt = 0
                 await conn.wait_closed()
@@ -177,6 +185,6 @@ class LifecycleGuard:
             await conn.close()
         if goodbye and not self.deleted and self.config.heartbeat_interval > 0:
             try:
-                await self.client.master.request_once("POST", "/client/goodbye", body={"session": self.session})
+                await self.client.master.request_once("POST", "/client/goodbye", body={})
             except ShoalError:
                 pass

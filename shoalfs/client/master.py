@@ -15,7 +15,8 @@ from shoalfs.proto.errors import Code, ShoalError
 class MasterClient:
     def __init__(self, addr: str, token: str | None = None, timeout: float = 5.0) -> None:
         self.addr = addr.removeprefix("http://").rstrip("/")
-        self.token = token
+        # the Authorization header: the admin token, or a session's capability once it has one
+        self.authorization: str | None = f"Bearer {token}" if token else None
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
@@ -27,7 +28,7 @@ class MasterClient:
     async def request_once(self, method: str, path: str, params: dict[str, Any] | None = None,
                            body: dict[str, Any] | None = None) -> Any:
         """One request; transport failures become transient ShoalErrors."""
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers = {"Authorization": self.authorization} if self.authorization else {}
         try:
             session = await self._http()
             async with session.request(method, f"http://{self.addr}{path}", params=params,

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoalfs.client.core import ClientOptions, VolumeClient
-from shoalfs.proto.errors import ShoalError
+from shoalfs.client.keys import KeyFileError, find_key
+from shoalfs.common.files import open_private_log
+from shoalfs.proto.errors import Code, ShoalError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class MountOptions:
     read_only: bool = False
     debug: bool = False
     auto_unmount: bool = True
+    key_file: str = ""  # the volume's access key (DESIGN.md §7)
     extra: dict[str, str] = field(default_factory=dict)  # options for the lifecycle guard
 
     # -o flags that set one field: option -> (field, value)
@@ -66,6 +69,8 @@ class MountOptions:
             key, _, value = item.partition("=")
             if key == "master":
                 self.master = value
+            elif key == "key_file":
+                self.key_file = value
             elif key in self.FLAGS:
                 setattr(self, *self.FLAGS[key])
             elif key in GENERIC_OPTIONS or key.startswith("x-") or key.startswith("comment="):
@@ -149,12 +154,22 @@ class MountSession:
             self.ready_fd = None
 
     async def open_volume(self) -> VolumeClient:
-        client = VolumeClient(self.opts.master, self.opts.volume, self.client_options())
+        denied = f"access denied to volume {self.opts.volume}"
         try:
-            await client.open()
+            key = find_key(self.opts.master, self.opts.volume, key_file=self.opts.key_file or None)
+        except KeyFileError as exc:
+            raise MountError(f"{denied}: {exc}") from None
+        client = VolumeClient(self.opts.master, self.opts.volume, self.client_options(), key=key)
+        try:
+            await client.open()  # without a key too: the master says whether the volume exists
         except ShoalError as exc:
             await client.close()
+            if exc.code in (Code.UNAUTHORIZED, Code.FORBIDDEN):
+                raise MountError(denied if key else f"{denied}: no key (-o key_file=PATH, --key-file or "
+                                                    "SHOAL_KEY_FILE)") from None
             raise MountError(f"cannot open volume {self.opts.volume!r}: {exc.msg}") from None
+        if client.credential.read_only:
+            self.opts.read_only = True  # a read-only key: the kernel refuses writes with EROFS
         return client
 
     def make_ops(self, client: VolumeClient) -> Any:
@@ -264,9 +279,8 @@ def run_foreground(opts: MountOptions, ready_fd: int | None, session_cls: type[M
 
 def spawn_daemon(argv: list[str], log_file: str, timeout: float = 60.0) -> int:
     """Start the mount in the background; return once it is live (or failed)."""
-    os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
     r, w = os.pipe()
-    with open(log_file, "ab") as logf:
+    with open_private_log(log_file) as logf:
         proc = subprocess.Popen([sys.executable, "-m", "shoalfs.cli", *argv, "--foreground",
                                  "--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
                                 stdout=logf, stderr=logf, start_new_session=True)

@@ -1,7 +1,7 @@
 """The synchronous Python SDK: a path-based file API over the async core.
 
     from shoalfs.client import connect
-    with connect("127.0.0.1:17010", "photos") as vol:
+    with connect("127.0.0.1:17010", "photos", key_file="photos.key") as vol:
         with vol.open("/a.txt", "wb") as f:
             f.write(b"hello")
 
@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from shoalfs.client.core import ROOT_INO, ClientOptions, VolumeClient, split_path
 from shoalfs.client.handle import FileHandle
+from shoalfs.client.keys import KeyFileError, find_key
 from shoalfs.client.lifecycle import GuardConfig, LifecycleGuard
 from shoalfs.proto.errors import Code, ShoalError
 
@@ -93,14 +94,28 @@ def _oserror(exc: ShoalError, path: str | None) -> OSError:
     return exc.to_oserror(path)
 
 
+def access_denied(volume: str, why: str) -> PermissionError:
+    return PermissionError(errno.EACCES, f"access denied to volume {volume}: {why}")
+
+
 class Volume:
-    def __init__(self, master: str, volume: str, options: ClientOptions | None = None) -> None:
+    def __init__(self, master: str, volume: str, options: ClientOptions | None = None,
+                 key: str | None = None, key_file: str | None = None) -> None:
+        try:
+            key = find_key(master, volume, key, key_file)
+        except KeyFileError as exc:
+            raise access_denied(volume, str(exc)) from None
         self._loop = _Loop()
-        self.client = VolumeClient(master, volume, options)
+        self.client = VolumeClient(master, volume, options, key=key)
         self.guard: LifecycleGuard | None = None
         self.deleted_by: str | None = None  # detection path, once the volume is deleted
         try:
-            self._run(self.client.open())
+            try:  # without a key too: the master says whether the volume exists
+                self._loop.run(self.client.open())
+            except ShoalError as exc:
+                if exc.code == Code.UNAUTHORIZED and key is None:
+                    raise access_denied(volume, "no key (pass key= or key_file=, or set SHOAL_KEY_FILE)") from None
+                raise _oserror(exc, None) from None
             if self.client.options.watch:
                 self._run(self._start_guard())
         except BaseException:
@@ -427,6 +442,9 @@ class ShoalFile(io.RawIOBase):
             super().close()
 
 
-def connect(master: str, volume: str, options: ClientOptions | None = None) -> Volume:
-    """Open a volume by master address and name."""
-    return Volume(master, volume, options)
+def connect(master: str, volume: str, options: ClientOptions | None = None, *,
+            key: str | None = None, key_file: str | None = None) -> Volume:
+    """Open a volume by master address and name with one of its keys: `key`,
+    `key_file`, $SHOAL_KEY_FILE, or the embedded cluster's key store
+    (client/keys.py). No key, or one the master refuses: PermissionError."""
+    return Volume(master, volume, options, key, key_file)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from typing import BinaryIO
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -44,3 +45,12 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def open_private_log(path: str) -> BinaryIO:
+    """A log to append to, readable by its owner only (logs name volumes,
+    paths and addresses): 0600 in a directory made 0700 if new."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")

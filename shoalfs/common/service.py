@@ -8,27 +8,33 @@ import json
 import logging
 import os
 import signal
-from typing import Any
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import aiohttp
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from shoalfs.common.files import atomic_write
 from shoalfs.common.limits import raise_nofile_limit, server_limits
 from shoalfs.common.tombstones import TombstoneStore
+from shoalfs.proto import capability
+from shoalfs.proto.capability import MAX_TOKEN, Access, Capability
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import split_addr
 from shoalfs.proto.schema import ListOf, Map, Opt, Schema, Str
-from shoalfs.proto.server import RpcServer
+from shoalfs.proto.server import RpcServer, ServerConnection
 
 log = logging.getLogger(__name__)
 
-# Schemas of the master's commands, the same on every node. An absent token
-# passes the schema so that check_master refuses it as UNAUTHORIZED.
-TOKEN = Opt(Str(1024), "")
-MASTER_STATE: Schema = {"token": TOKEN, "read_only": Opt(ListOf(Str(64), 1_000_000), []), "volumes": Opt(Map, {})}
-DELETE_PARTITION: Schema = {"token": TOKEN, "tombstone": Opt(Map)}
-NEW_PARTITION: Schema = {"token": TOKEN, "vol_id": Str(64), "replicas": Opt(ListOf(Str(256), 16), []),
-                         "volume": Opt(Map)}
+# Schemas of the master's commands, the same on every node (the connection's
+# capability, not a field, proves they come from the master).
+KEY_IDS = ListOf(Str(64), 1_000_000)
+MASTER_STATE: Schema = {"read_only": Opt(ListOf(Str(64), 1_000_000), []), "volumes": Opt(Map, {}),
+                        "revoked": Opt(KEY_IDS, []), "node_cap": Opt(Str(MAX_TOKEN))}
+DELETE_PARTITION: Schema = {"tombstone": Opt(Map)}
+NEW_PARTITION: Schema = {"vol_id": Str(64), "replicas": Opt(ListOf(Str(256), 16), []), "volume": Opt(Map)}
 
 
 def load_config(path: str, required: tuple[str, ...]) -> dict[str, Any]:
@@ -64,34 +70,51 @@ def install_loop_policy() -> None:
         pass
 
 
+class Partition(Protocol):
+    @property
+    def info(self) -> dict[str, Any]:
+        """pid, vol_id, replicas, ..."""
+
+
 class NodeService:
     """Base of metanode and datanode."""
 
     role = "node"
+    partitions: Mapping[int, Partition]
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
         self.listen: str = cfg["listen"]
         self.data_dir: str = cfg["data_dir"]
         self.master: str = cfg["master"]
-        self.token = read_secret(cfg["token_file"])
+        self.token = read_secret(cfg["token_file"])  # the node credential: registers with the master
         try:
             limits = server_limits(cfg)
         except ValueError as exc:
             raise SystemExit(f"shoal: config: {exc}") from None
         self.rpc = RpcServer(f"{self.role}@{self.listen}", limits)
-        self.rpc.route(Op.PING, self._ping)
+        self.rpc.authorize = self.authorize
+        self.rpc.route(Op.PING, self._ping, access=Access.OPEN)
+        self.rpc.route(Op.AUTH, self._authenticate, {"cap": Str(MAX_TOKEN)}, access=Access.OPEN)
+        # learned when the master accepts our registration
+        self.master_key: Ed25519PublicKey | None = None
+        self.node_cap: str | None = None  # what this node presents to other nodes
+        self.revoked: set[str] = set()  # key ids whose capabilities are refused
+        self.credential = NodeCredential(self)
         self._stop = asyncio.Event()
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         self.tombstones = TombstoneStore(os.path.join(self.data_dir, "tombstones.json"))
+        self._master_file = os.path.join(self.data_dir, "master.json")
+        self._load_master_key()
         self.read_only: set[str] = set()  # vol_ids pending deletion: mutations refused
 
     def apply_master_state(self, body: dict[str, Any]) -> None:
         """Volume states the master sends with each heartbeat."""
-        ro = body.get("read_only")
-        if isinstance(ro, list):
-            self.read_only = {v for v in ro if isinstance(v, str)}
+        self.read_only = set(body["read_only"])
+        self.revoked = set(body["revoked"])
+        if body.get("node_cap"):
+            self.node_cap = body["node_cap"]
 
     def check_writable(self, vol_id: str) -> None:
         if vol_id in self.read_only:
@@ -100,10 +123,49 @@ class NodeService:
     async def _ping(self, pid: int, body: Any, conn: Any) -> Any:
         return {"role": self.role, "addr": self.listen}
 
-    def check_master(self, body: Any) -> None:
-        """Partition placement commands come only from the master."""
-        if not isinstance(body, dict) or body.get("token") != self.token:
-            raise ShoalError(Code.UNAUTHORIZED, "placement commands need the cluster token")
+    # ----- authorization (DESIGN.md §7) ----------------------------------------
+    async def _authenticate(self, pid: int, body: Any, conn: ServerConnection) -> Any:
+        """Op.AUTH: the capability applies to every later request on this connection."""
+        if self.master_key is None:
+            raise ShoalError(Code.TRY_AGAIN, "this node has not registered with the master yet")
+        cap = capability.verify(self.master_key, body["cap"])
+        if cap.key_id in self.revoked:
+            raise ShoalError(Code.UNAUTHORIZED, "the key of this capability was revoked")
+        conn.grant(cap)
+        return {"rights": cap.rights, "expires": cap.expires}
+
+    def partition_volume(self, pid: int) -> str | None:
+        """The vol_id partition `pid` belongs (or belonged) to; None if unknown."""
+        part = self.partitions.get(pid)
+        return str(part.info["vol_id"]) if part is not None else self.tombstones.partitions.get(pid)
+
+    def authorize(self, conn: ServerConnection, access: Access, pid: int) -> None:
+        """Raise unless the connection's capability grants `access` on partition `pid`."""
+        if access is Access.OPEN:
+            return
+        cap = conn.capability
+        if cap is None:
+            raise ShoalError(Code.UNAUTHORIZED, "this connection has not presented a capability")
+        if cap.expires < time.time():
+            raise ShoalError(Code.EXPIRED, "capability expired: renew it")
+        if cap.key_id in self.revoked:
+            raise ShoalError(Code.UNAUTHORIZED, "the key of this capability was revoked")
+        if access is Access.MASTER or access is Access.PEER:
+            if cap.rights == capability.MASTER or (access is Access.PEER and cap.rights == capability.NODE):
+                return
+            raise ShoalError(Code.FORBIDDEN, f"this request is for the {access.value} only")
+        if not cap.on_volume:
+            raise ShoalError(Code.FORBIDDEN, "volume data needs a volume capability")
+        vol_id = self.partition_volume(pid)
+        if vol_id is not None:
+            self.check_volume(cap, vol_id)
+        if access is Access.WRITE and cap.rights == capability.READ_ONLY:
+            raise ShoalError(Code.READ_ONLY, "read-only key: changes are refused")
+
+    @staticmethod
+    def check_volume(cap: Capability | None, vol_id: str) -> None:
+        if cap is None or cap.vol_id != vol_id:
+            raise ShoalError(Code.FORBIDDEN, "the capability is for another volume")
 
     async def open(self) -> None:
         """Load local state (subclasses)."""
@@ -111,23 +173,49 @@ class NodeService:
     async def close(self) -> None:
         """Flush and release local state (subclasses)."""
 
-    async def register(self) -> None:
-        """Tell the master we exist; retried until it answers (it may start later)."""
+    async def register_once(self) -> None:
+        """Prove ourselves to the master with the node credential; learn its
+        public key (which signs every capability) and our node capability."""
         url = f"http://{self.master}/node/register"
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(url, json={"role": self.role, "addr": self.listen},
+                                  headers={"Authorization": f"Bearer {self.token}"},
+                                  timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    env = await r.json(content_type=None)
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            raise ShoalError(Code.NODE_UNREACHABLE, f"master {self.master} not reachable ({exc!r})") from None
+        if not isinstance(env, dict) or env.get("code") != 0:
+            msg = env.get("msg") if isinstance(env, dict) else "no envelope"
+            raise ShoalError(Code.UNAUTHORIZED, f"master refused registration: {msg}")
+        data = env.get("data") or {}
+        try:
+            self.master_key = capability.load_public(data["master_pubkey"])
+            self.node_cap = str(data["node_cap"])
+        except (KeyError, TypeError, ValueError):
+            raise ShoalError(Code.UNAVAILABLE, "master answered registration without its key") from None
+        # kept, so that after a restart this node serves clients before the master is back
+        atomic_write(self._master_file, json.dumps({"master_pubkey": data["master_pubkey"]}).encode())
+
+    def _load_master_key(self) -> None:
+        try:
+            with open(self._master_file) as f:
+                self.master_key = capability.load_public(json.load(f)["master_pubkey"])
+        except FileNotFoundError:
+            pass  # never registered: capabilities are refused until we are
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring %s (%s): waiting for the master", self._master_file, exc)
+
+    async def register(self) -> None:
+        """Register; retried until the master answers (it may start later)."""
         delay = 0.1
         while not self._stop.is_set():
             try:
-                async with aiohttp.ClientSession() as s:
-                    async with s.post(url, json={"role": self.role, "addr": self.listen},
-                                      headers={"Authorization": f"Bearer {self.token}"},
-                                      timeout=aiohttp.ClientTimeout(total=5)) as r:
-                        env = await r.json()
-                if env.get("code") == 0:
-                    log.info("registered with master %s", self.master)
-                    return
-                log.error("master refused registration: %s", env.get("msg"))
-            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-                log.info("master %s not reachable yet (%r)", self.master, exc)
+                await self.register_once()
+                log.info("registered with master %s", self.master)
+                return
+            except ShoalError as exc:
+                log.log(logging.ERROR if exc.code == Code.UNAUTHORIZED else logging.INFO, "%s", exc.msg)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
@@ -146,3 +234,17 @@ class NodeService:
         reg.cancel()
         await self.rpc.stop()
         await self.close()
+
+
+class NodeCredential:
+    """What a node presents to other nodes: the node capability the master
+    gave it at registration and renews with every heartbeat."""
+
+    def __init__(self, node: NodeService) -> None:
+        self.node = node
+
+    def token(self) -> str | None:
+        return self.node.node_cap
+
+    async def renew(self) -> None:
+        await self.node.register_once()

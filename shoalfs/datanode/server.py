@@ -14,6 +14,7 @@ from typing import Any
 from shoalfs.common.files import atomic_write, fsync_dir
 from shoalfs.common.service import DELETE_PARTITION, MASTER_STATE, NEW_PARTITION, NodeService
 from shoalfs.datanode.extents import Extent
+from shoalfs.proto.capability import Access
 from shoalfs.proto.errors import Code, ShoalError, disk_error
 from shoalfs.proto.layout import CHUNK, MAX_IO
 from shoalfs.proto.opcodes import Op
@@ -76,16 +77,17 @@ class DataNode(NodeService):
         self.reserve = int(cfg.get("reserve_bytes", 32 * 1024 * 1024))
         self.partitions: dict[int, DataPartition] = {}
         r = self.rpc.route
-        r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE)
-        r(Op.CREATE_PARTITION, self.create_partition, NEW_PARTITION)
-        r(Op.DELETE_PARTITION, self.delete_partition, DELETE_PARTITION)
-        r(Op.DATA_WRITE, self.write, {"ext": EXT, "offset": OFFSET, "data": Bytes(MAX_IO), "sync": Opt(Bool, False)})
+        r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE, access=Access.MASTER)
+        r(Op.CREATE_PARTITION, self.create_partition, NEW_PARTITION, access=Access.MASTER)
+        r(Op.DELETE_PARTITION, self.delete_partition, DELETE_PARTITION, access=Access.MASTER)
+        r(Op.DATA_WRITE, self.write, {"ext": EXT, "offset": OFFSET, "data": Bytes(MAX_IO), "sync": Opt(Bool, False)},
+          access=Access.WRITE)
         # a read's answer is held in memory: it draws its size from the server's budget first
         r(Op.DATA_READ, self.read, {"ext": EXT, "offset": OFFSET, "size": Int(0, MAX_IO)},
-          cost=lambda b: int(b["size"]))
-        r(Op.DATA_TRUNCATE, self.truncate, {"ext": EXT, "size": EXTENT_SIZE})
-        r(Op.DATA_DELETE_EXTENT, self.delete_extent, {"ext": EXT})
-        r(Op.DATA_SYNC, self.sync, {"ext": EXT})
+          cost=lambda b: int(b["size"]), access=Access.READ)
+        r(Op.DATA_TRUNCATE, self.truncate, {"ext": EXT, "size": EXTENT_SIZE}, access=Access.WRITE)
+        r(Op.DATA_DELETE_EXTENT, self.delete_extent, {"ext": EXT}, access=Access.WRITE)
+        r(Op.DATA_SYNC, self.sync, {"ext": EXT}, access=Access.WRITE)
 
     def _pdir(self, pid: int) -> str:
         return os.path.join(self.data_dir, f"dp_{pid}")
@@ -108,7 +110,6 @@ class DataNode(NodeService):
         return part
 
     async def heartbeat(self, pid: int, body: Any, conn: Any) -> Any:
-        self.check_master(body)
         self.apply_master_state(body)
         usage = shutil.disk_usage(self.data_dir)
         used = await asyncio.to_thread(
@@ -118,7 +119,6 @@ class DataNode(NodeService):
                 "disk_total": usage.total, "disk_free": usage.free}
 
     async def create_partition(self, pid: int, body: Any, conn: Any) -> Any:
-        self.check_master(body)
         if pid in self.partitions:
             return {"created": False}
         info = {"pid": pid, "vol_id": body["vol_id"], "replicas": body["replicas"]}
@@ -131,7 +131,6 @@ class DataNode(NodeService):
         return {"created": True}
 
     async def delete_partition(self, pid: int, body: Any, conn: Any) -> Any:
-        self.check_master(body)
         if body.get("tombstone") is not None:
             self.tombstones.add(pid, body["tombstone"])
         part = self.partitions.pop(pid, None)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from shoalfs.common.tasks import BackgroundTask
-from shoalfs.master.sessions import SessionTable
+from shoalfs.master.access import Auth
 from shoalfs.master.state import ACTIVE, DELETED, PENDING_DELETE
 from shoalfs.proto import tombstone
 from shoalfs.proto.errors import Code, ShoalError
@@ -33,18 +33,14 @@ class VolumeLifecycle:
     def __init__(self, master: Master) -> None:
         self.m = master
         cfg = master.cfg
-        self.key = tombstone.load_or_create_key(cfg.get("key_file") or f"{master.data_dir}/master.key")
+        self.key = master.signing_key
         self.public_key = tombstone.public_hex(self.key)
         self.retention = float(cfg.get("tombstone_retention", 7 * 24 * 3600))
-        self.sessions = SessionTable(float(cfg.get("session_ttl", 20.0)))
         self._background = BackgroundTask(self._loop)
         m = master
-        m.add("POST", "/volume/delete", self.delete, auth=True)
-        m.add("POST", "/volume/undelete", self.undelete, auth=True)
-        m.add("GET", "/volume/clients", self.clients)
-        m.add("GET", "/volume/tombstone", self.get_tombstone)
-        m.add("POST", "/client/heartbeat", self.heartbeat)
-        m.add("POST", "/client/goodbye", self.goodbye)
+        m.add("POST", "/volume/delete", self.delete, Auth.ADMIN)
+        m.add("POST", "/volume/undelete", self.undelete, Auth.ADMIN)
+        m.add("GET", "/volume/tombstone", self.get_tombstone, Auth.VOLUME)
 
     # ----- admin calls -------------------------------------------------------
     async def delete(self, request: web.Request) -> Any:
@@ -96,12 +92,9 @@ class VolumeLifecycle:
         await self.m.drop_partitions(vol, {"tombstone": tomb})
         return tomb
 
-    async def clients(self, request: web.Request) -> Any:
-        vol = self.m.state.by_name(self.m.arg(request, "name"))
-        return self.sessions.for_volume(vol["vol_id"])
-
     async def get_tombstone(self, request: web.Request) -> Any:
         vol_id = self.m.arg(request, "vol_id")
+        self.m.caller(request).check_volume(vol_id)
         self.raise_if_deleted(vol_id)
         vol = self.m.state.by_id(vol_id)
         if vol is None:
@@ -113,26 +106,6 @@ class VolumeLifecycle:
         tomb = self.m.state.tombstone_of(vol_id)
         if tomb is not None:
             raise ShoalError(Code.VOLUME_NOT_EXIST, f"volume {tomb['name']} was deleted", {"tombstone": tomb})
-
-    # ----- client heartbeats ---------------------------------------------------
-    async def heartbeat(self, request: web.Request) -> Any:
-        """Kept cheap: thousands of mounts call this every few seconds."""
-        body = await self.m.body(request)
-        try:
-            self.raise_if_deleted(body.get("vol_id"))
-        except ShoalError:
-            self.sessions.drop(str(body.get("session")))
-            raise
-        vol = self.m.state.by_id(body.get("vol_id"))  # type: ignore[arg-type]
-        if vol is None:  # unknown, no tombstone: proves nothing, the mount stays
-            raise ShoalError(Code.VOLUME_NOT_EXIST, "unknown volume id")
-        self.sessions.touch(body)
-        return {"status": vol["status"], "purge_at": vol.get("purge_at")}
-
-    async def goodbye(self, request: web.Request) -> Any:
-        body = await self.m.body(request)
-        self.sessions.drop(str(body.get("session")))
-        return {}
 
     # ----- background ------------------------------------------------------------
     async def start(self) -> None:
@@ -155,5 +128,5 @@ class VolumeLifecycle:
                 elif vol["status"] == DELETED and vol.get("retain_until", 0) <= now:
                     async with self.m.lock:
                         self.m.state.remove_volume(vol["vol_id"])
-            self.sessions.expire()
+            self.m.sessions.table.expire()
             await asyncio.sleep(0.2)

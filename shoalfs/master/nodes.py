@@ -19,19 +19,19 @@ from shoalfs.common.tasks import BackgroundTask
 from shoalfs.master.state import MasterState
 from shoalfs.proto.errors import ShoalError
 from shoalfs.proto.opcodes import Op
-from shoalfs.proto.rpc import RetryPolicy, RpcPool
+from shoalfs.proto.rpc import Credential, RetryPolicy, RpcPool
 
 log = logging.getLogger(__name__)
 
 
 class NodeMonitor:
-    def __init__(self, state: MasterState, token: str, interval: float = 1.0,
+    def __init__(self, state: MasterState, credential: Credential, interval: float = 1.0,
                  node_timeout: float = 5.0) -> None:
         self.state = state
-        self.token = token
         self.interval = interval
         self.node_timeout = node_timeout
-        self.pool = RpcPool(RetryPolicy(deadline=5.0, attempt_timeout=3.0))
+        # every connection presents the master's capability: nodes obey no one else
+        self.pool = RpcPool(RetryPolicy(deadline=5.0, attempt_timeout=3.0), credential=credential)
         self.last_ok: dict[str, float] = {}
         self.reports: dict[str, dict[str, Any]] = {}
         self._background = BackgroundTask(self._loop)
@@ -39,6 +39,8 @@ class NodeMonitor:
         self.read_only_volumes: Callable[[], list[str]] = lambda: []
         # extra fields sent when dropping a partition of a volume that is gone
         self.orphan_context: Callable[[int, dict[str, Any]], dict[str, Any]] = lambda pid, report: {}
+        # more fields for one node's heartbeat (revoked keys, its node capability)
+        self.node_state: Callable[[str], dict[str, Any]] = lambda addr: {}
 
     def is_up(self, addr: str) -> bool:
         return time.monotonic() - self.last_ok.get(addr, -1e9) < self.node_timeout
@@ -60,7 +62,7 @@ class NodeMonitor:
         self.last_ok[addr] = time.monotonic()
 
     async def command(self, addr: str, op: Op, pid: int, body: dict[str, Any]) -> Any:
-        return await self.pool.call(addr, op, pid, dict(body, token=self.token), deadline=5.0)
+        return await self.pool.call(addr, op, pid, body, deadline=5.0)
 
     async def create_partition(self, addr: str, kind: str, part: dict[str, Any], vol: dict[str, Any]) -> None:
         body: dict[str, Any] = {"vol_id": vol["vol_id"], "replicas": part["replicas"], "kind": kind,
@@ -94,7 +96,7 @@ class NodeMonitor:
     async def _beat(self, addr: str, placed: dict[int, tuple[str, dict[str, Any], dict[str, Any]]],
                     read_only: list[str]) -> None:
         vols = {vol["vol_id"]: vol for _, _, vol in placed.values()}
-        body = {"token": self.token, "read_only": read_only,
+        body = {"read_only": read_only, **self.node_state(addr),
                 "volumes": {vol_id: self.state.volume_map(vol) for vol_id, vol in vols.items()}}
         try:
             report = await self.pool.call_once(addr, Op.HEARTBEAT, 0, body, timeout=3.0)

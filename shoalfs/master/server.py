@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
-import secrets
 import signal
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -15,11 +13,14 @@ from typing import Any
 
 from aiohttp import StreamReader, web
 
-from shoalfs.common.files import atomic_write
 from shoalfs.common.limits import config_count, config_seconds, connection_cap, raise_nofile_limit
+from shoalfs.master.access import Auth, Authority, Caller, MasterCredential
+from shoalfs.master.keys import OWNER, KeyRing
 from shoalfs.master.lifecycle import VolumeLifecycle
 from shoalfs.master.nodes import NodeMonitor
+from shoalfs.master.sessions import ClientSessions
 from shoalfs.master.state import DELETED, MasterState
+from shoalfs.proto import tombstone
 from shoalfs.proto.errors import Code, ShoalError, info
 from shoalfs.proto.rpc import split_addr
 
@@ -41,15 +42,6 @@ def http_status(code: int) -> int:
     if code == Code.INTERNAL:
         return 500
     return 503 if info(code).transient else 400
-
-
-def ensure_token(path: str) -> str:
-    """The admin token: generated once, kept in a 0600 file."""
-    if not os.path.exists(path):
-        atomic_write(path, (secrets.token_hex(32) + "\n").encode(), mode=0o600)
-    os.chmod(path, 0o600)
-    with open(path) as f:
-        return f.read().strip()
 
 
 # ----- what one HTTP client can make the master hold ------------------------------
@@ -199,38 +191,48 @@ class Master:
         self.http_limits = http_limits or HttpLimits()
         self.listen: str = cfg["listen"]
         self.data_dir: str = cfg["data_dir"]
-        os.makedirs(self.data_dir, exist_ok=True)
-        self.token = ensure_token(cfg.get("token_file") or os.path.join(self.data_dir, "admin.token"))
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        # signs tombstones and capabilities
+        self.signing_key = tombstone.load_or_create_key(cfg.get("key_file") or f"{self.data_dir}/master.key")
+        self.authority = Authority(cfg, self.data_dir, self.signing_key)
         self.state = MasterState(os.path.join(self.data_dir, "master.json"))
-        self.nodes = NodeMonitor(self.state, self.token, float(cfg.get("heartbeat_interval", 1.0)),
-                                 float(cfg.get("node_timeout", 5.0)))
+        self.keys = KeyRing(self.state, self.authority.capability_ttl)
+        self.nodes = NodeMonitor(self.state, MasterCredential(self.authority),
+                                 float(cfg.get("heartbeat_interval", 1.0)), float(cfg.get("node_timeout", 5.0)))
         self.lock = asyncio.Lock()
         self.app = web.Application(middlewares=[self._envelope_mw], client_max_size=1 << 20)
-        self.routes: dict[tuple[str, str], tuple[Handler, bool]] = {}
-        self.add("GET", "/cluster/info", self.cluster_info)
-        self.add("GET", "/cluster/nodes", self.cluster_nodes)
-        self.add("POST", "/node/register", self.node_register, auth=True)
-        self.add("POST", "/volume/create", self.volume_create, auth=True)
-        self.add("GET", "/volume/list", self.volume_list)
-        self.add("GET", "/volume/info", self.volume_info)
-        self.add("GET", "/volume/stat", self.volume_stat)
+        self.routes: dict[tuple[str, str], tuple[Handler, Auth]] = {}
+        self.add("GET", "/cluster/info", self.cluster_info, Auth.OPEN)
+        self.add("GET", "/cluster/nodes", self.cluster_nodes, Auth.ADMIN)
+        self.add("POST", "/node/register", self.node_register, Auth.NODE)
+        self.add("POST", "/volume/create", self.volume_create, Auth.ADMIN)
+        self.add("GET", "/volume/list", self.volume_list, Auth.ADMIN)
+        self.add("GET", "/volume/info", self.volume_info, Auth.VOLUME)
+        self.add("GET", "/volume/stat", self.volume_stat, Auth.VOLUME)
+        self.add("POST", "/key/create", self.key_create, Auth.ADMIN)
+        self.add("GET", "/key/list", self.key_list, Auth.ADMIN)
+        self.add("POST", "/key/revoke", self.key_revoke, Auth.ADMIN)
         self.lifecycle = VolumeLifecycle(self)
+        self.sessions = ClientSessions(self)
         self.nodes.read_only_volumes = self.state.read_only_volumes
         self.nodes.orphan_context = self._orphan_context
+        self.nodes.node_state = self._node_state
 
-    def add(self, method: str, path: str, handler: Handler, auth: bool = False) -> None:
+    def add(self, method: str, path: str, handler: Handler, auth: Auth) -> None:
         self.routes[(method, path)] = (handler, auth)
         self.app.router.add_route(method, path, self._wrap(handler, auth))
 
-    def _wrap(self, handler: Handler, auth: bool) -> Handler:
+    def _wrap(self, handler: Handler, auth: Auth) -> Handler:
         async def wrapped(request: web.Request) -> web.Response:
-            if auth:
-                given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-                if not hmac.compare_digest(given.encode(), self.token.encode()):
-                    raise ShoalError(Code.UNAUTHORIZED, "this call needs the admin token")
+            request["caller"] = self.authority.caller(request, auth)
             data = await handler(request)
             return envelope(0, "ok", data)
         return wrapped
+
+    @staticmethod
+    def caller(request: web.Request) -> Caller:
+        return request["caller"]  # type: ignore[no-any-return]
 
     @web.middleware
     async def _envelope_mw(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -280,10 +282,17 @@ class Master:
 
     async def node_register(self, request: web.Request) -> Any:
         body = await self.body(request)
-        async with self.lock:
-            new = self.state.register_node(body.get("role"), body.get("addr"))  # type: ignore[arg-type]
+        # not under self.lock: a volume create holds it while it waits for nodes,
+        # perhaps for this very node to register (no await here: nothing interleaves)
+        new = self.state.register_node(body.get("role"), body.get("addr"))  # type: ignore[arg-type]
         self.nodes.reports.pop(body["addr"], None)
-        return {"new": new}
+        return {"new": new, "master_pubkey": self.lifecycle.public_key,
+                "node_cap": self.authority.node_capability(body["addr"])}
+
+    def _node_state(self, addr: str) -> dict[str, Any]:
+        """What each heartbeat tells a node besides volume states: the keys
+        whose capabilities to refuse, and a fresh node capability."""
+        return {"revoked": self.keys.revoked_ids(), "node_cap": self.authority.node_capability(addr)}
 
     async def volume_create(self, request: web.Request) -> Any:
         body = await self.body(request)
@@ -300,9 +309,10 @@ class Master:
             if failed:
                 await self.drop_partitions(vol)
                 raise ShoalError(Code.UNAVAILABLE, f"could not place volume: {failed[0]}")
+            owner_key = self.keys.create(vol, OWNER, read_only=False)
             self.state.add_volume(vol)
         log.info("created volume %s (%s)", vol["name"], vol["vol_id"])
-        return self.describe(vol)
+        return dict(self.describe(vol), owner_key=owner_key)
 
     async def drop_partitions(self, vol: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
         """Best effort; nodes that miss it drop orphans at their next heartbeat."""
@@ -316,18 +326,24 @@ class Master:
         return {"tombstone": tomb} if tomb else {}
 
     def describe(self, vol: dict[str, Any]) -> dict[str, Any]:
-        return dict(vol, master_pubkey=self.lifecycle.public_key)
+        return dict({k: v for k, v in vol.items() if k != "keys"}, master_pubkey=self.lifecycle.public_key)
 
     async def volume_list(self, request: web.Request) -> Any:
-        return [{k: v for k, v in vol.items() if k not in ("meta_partitions", "data_partitions", "tombstone")}
+        return [{k: v for k, v in vol.items() if k not in ("meta_partitions", "data_partitions", "tombstone", "keys")}
                 for vol in sorted(self.state.volumes.values(), key=lambda v: v["name"])
                 if vol["status"] != DELETED]
 
+    def visible_volume(self, request: web.Request, name: str) -> dict[str, Any]:
+        """The volume of that name, if the caller may see it."""
+        vol = self.state.by_name(name)
+        self.caller(request).check_volume(vol["vol_id"])
+        return vol
+
     async def volume_info(self, request: web.Request) -> Any:
-        return self.describe(self.state.by_name(self.arg(request, "name")))
+        return self.describe(self.visible_volume(request, self.arg(request, "name")))
 
     async def volume_stat(self, request: web.Request) -> Any:
-        vol = self.state.by_name(self.arg(request, "name"))
+        vol = self.visible_volume(request, self.arg(request, "name"))
         used = 0
         for part in vol["data_partitions"]:
             for addr in part["replicas"][:1]:
@@ -339,6 +355,33 @@ class Master:
             inodes += int(report.get(part["pid"], {}).get("inodes", 0))
         return {"capacity_bytes": int(vol["capacity_gib"] * (1 << 30)), "used_bytes": used,
                 "inodes": inodes}
+
+    # ----- access keys --------------------------------------------------------
+    async def key_create(self, request: web.Request) -> Any:
+        body = await self.body(request)
+        read_only = body.get("read_only", False)
+        if not isinstance(read_only, bool):
+            raise ShoalError(Code.BAD_REQUEST, "read_only must be true or false")
+        async with self.lock:
+            vol = self.state.by_name(body.get("volume"))  # type: ignore[arg-type]
+            key = self.keys.create(vol, body.get("name"), read_only)
+            self.state.save()
+        entry = self.keys.listing(vol)[-1]
+        log.info("issued %s key %r of volume %s", entry["rights"], entry["name"], vol["name"])
+        return dict(entry, key=key)
+
+    async def key_list(self, request: web.Request) -> Any:
+        return self.keys.listing(self.state.by_name(self.arg(request, "volume")))
+
+    async def key_revoke(self, request: web.Request) -> Any:
+        body = await self.body(request)
+        async with self.lock:
+            vol = self.state.by_name(body.get("volume"))  # type: ignore[arg-type]
+            key_id = self.keys.revoke(vol, body.get("name"))
+            self.state.save()
+        log.info("revoked key %r (%s) of volume %s", body.get("name"), key_id, vol["name"])
+        await self.nodes.beat_all()  # nodes refuse its capabilities from now on
+        return {"revoked": body.get("name"), "key_id": key_id}
 
     # ----- life cycle --------------------------------------------------------
     async def run(self) -> None:

@@ -1,42 +1,141 @@
-"""Client sessions: every mount registers through its heartbeat.
+"""Client sessions: a key buys a capability, the capability speaks for its session.
 
-Sessions live in memory only: after a master restart every live mount
-re-registers within one heartbeat interval, and a session whose heartbeats
+POST /client/session  {volume, key}  -> a capability (rights of the key) and
+                      the volume's description; the admin token may stand
+                      in for a key (fsck, repairs).
+POST /client/heartbeat (capability)  -> registers or refreshes the session
+                      named in the capability, answers the volume's status
+                      and a renewed capability.
+POST /client/renew    (capability)   -> a renewed capability only (a client
+                      that does not heartbeat).
+POST /client/goodbye  (capability)   -> ends that session, and only that one.
+
+Every stored field is checked, so listing sessions never fails on what a
+client sent; session ids never leave the master. Sessions live in memory
+only: after a master restart every live mount re-registers at its next
+heartbeat (its capability still verifies), and a session whose heartbeats
 stop expires after `ttl` seconds.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
-from typing import Any
+from collections import Counter
+from typing import TYPE_CHECKING, Any
 
+from aiohttp import web
+
+from shoalfs.master.access import Auth
+from shoalfs.master.keys import ADMIN_KEY_ID
+from shoalfs.proto.capability import READ_WRITE, Capability
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.schema import Int, Number, Opt, Str, validate
 
-SESSION_FIELDS = ("host", "pid", "mountpoint", "version", "mounted_at")
+if TYPE_CHECKING:
+    from shoalfs.master.server import Master
+
+SESSION_FIELDS = {"host": Opt(Str(255), ""), "pid": Opt(Int(0, (1 << 31) - 1), 0),
+                  "mountpoint": Opt(Str(4096), ""), "version": Opt(Str(32), ""),
+                  "mounted_at": Opt(Number(0, 1e11), 0.0)}
+MAX_SESSIONS_PER_KEY = 4096
 
 
 class SessionTable:
     def __init__(self, ttl: float = 20.0) -> None:
         self.ttl = ttl
         self._sessions: dict[str, dict[str, Any]] = {}
+        self._per_key: Counter[tuple[str, str]] = Counter()
 
-    def touch(self, body: dict[str, Any]) -> None:
-        sid = body.get("session")
-        if not isinstance(sid, str) or not 8 <= len(sid) <= 64:
-            raise ShoalError(Code.BAD_REQUEST, "heartbeat needs a session id")
-        entry = {k: body.get(k) for k in SESSION_FIELDS}
-        entry.update(session=sid, vol_id=body.get("vol_id"), last_seen=time.time())
-        self._sessions[sid] = entry
+    def touch(self, cap: Capability, key_name: str, fields: dict[str, Any]) -> None:
+        entry = self._sessions.get(cap.session)
+        if entry is None:
+            if self._per_key[cap.vol_id, cap.key_id] >= MAX_SESSIONS_PER_KEY:
+                raise ShoalError(Code.UNAVAILABLE, f"key {key_name} has {MAX_SESSIONS_PER_KEY} live sessions")
+            self._per_key[cap.vol_id, cap.key_id] += 1
+        self._sessions[cap.session] = dict(fields, vol_id=cap.vol_id, key=key_name, rights=cap.rights,
+                                           key_id=cap.key_id, last_seen=time.time())
 
-    def drop(self, sid: str) -> None:
-        self._sessions.pop(sid, None)
+    def drop(self, session: str) -> None:
+        entry = self._sessions.pop(session, None)
+        if entry is not None:
+            self._per_key[entry["vol_id"], entry["key_id"]] -= 1
 
     def for_volume(self, vol_id: str) -> list[dict[str, Any]]:
         self.expire()
-        return sorted((s for s in self._sessions.values() if s["vol_id"] == vol_id),
-                      key=lambda s: s["mounted_at"] or 0)
+        return sorted(({k: v for k, v in s.items() if k not in ("vol_id", "key_id")}
+                       for s in self._sessions.values() if s["vol_id"] == vol_id),
+                      key=lambda s: s["mounted_at"])
 
     def expire(self) -> None:
         cutoff = time.time() - self.ttl
         for sid in [sid for sid, s in self._sessions.items() if s["last_seen"] < cutoff]:
-            del self._sessions[sid]
+            self.drop(sid)
+
+
+class ClientSessions:
+    def __init__(self, master: Master) -> None:
+        self.m = master
+        self.table = SessionTable(float(master.cfg.get("session_ttl", 20.0)))
+        master.add("POST", "/client/session", self.open, Auth.OPEN)
+        master.add("POST", "/client/heartbeat", self.heartbeat, Auth.SESSION)
+        master.add("POST", "/client/renew", self.renew, Auth.SESSION)
+        master.add("POST", "/client/goodbye", self.goodbye, Auth.SESSION)
+        master.add("GET", "/volume/clients", self.clients, Auth.ADMIN)
+
+    async def open(self, request: web.Request) -> Any:
+        """A key (or the admin token) for a capability of a new session."""
+        body = await self.m.body(request)
+        vol = self.m.state.by_name(body.get("volume"))  # type: ignore[arg-type]
+        if body.get("key") is None:
+            self.m.authority.caller(request, Auth.ADMIN)  # no key: only the operator
+            key_id, rights = ADMIN_KEY_ID, READ_WRITE
+        else:
+            key_id, rights = self.m.keys.check(vol, body["key"])
+        cap = self.m.authority.issue(vol["vol_id"], rights, secrets.token_hex(16), key_id)
+        return {"capability": cap, "rights": rights, "ttl": self.m.authority.capability_ttl,
+                "volume": self.m.describe(vol)}
+
+    def _still_valid(self, cap: Capability) -> dict[str, Any]:
+        """The volume of a capability being renewed: not deleted, key not revoked."""
+        try:
+            self.m.lifecycle.raise_if_deleted(cap.vol_id)
+        except ShoalError:
+            self.table.drop(cap.session)
+            raise
+        vol = self.m.state.by_id(cap.vol_id)
+        if vol is None:  # unknown, no tombstone: proves nothing, the mount stays
+            raise ShoalError(Code.VOLUME_NOT_EXIST, "unknown volume id")
+        if not self.m.keys.valid(vol, cap.key_id):
+            self.table.drop(cap.session)
+            raise ShoalError(Code.UNAUTHORIZED, f"the key of this session was revoked: access denied to "
+                                                f"volume {vol['name']}")
+        return vol
+
+    def _renewed(self, cap: Capability) -> str:
+        return self.m.authority.issue(cap.vol_id, cap.rights, cap.session, cap.key_id)
+
+    async def heartbeat(self, request: web.Request) -> Any:
+        """Kept cheap: thousands of mounts call this every few seconds."""
+        cap = self.m.caller(request).cap
+        assert cap is not None
+        fields = validate(SESSION_FIELDS, await self.m.body(request))
+        vol = self._still_valid(cap)
+        self.table.touch(cap, self.m.keys.name_of(vol, cap.key_id), fields)
+        return {"status": vol["status"], "purge_at": vol.get("purge_at"), "capability": self._renewed(cap)}
+
+    async def renew(self, request: web.Request) -> Any:
+        cap = self.m.caller(request).cap
+        assert cap is not None
+        self._still_valid(cap)
+        return {"capability": self._renewed(cap)}
+
+    async def goodbye(self, request: web.Request) -> Any:
+        cap = self.m.caller(request).cap
+        assert cap is not None
+        self.table.drop(cap.session)
+        return {}
+
+    async def clients(self, request: web.Request) -> Any:
+        vol = self.m.state.by_name(self.m.arg(request, "name"))
+        return self.table.for_volume(vol["vol_id"])

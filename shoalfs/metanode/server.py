@@ -23,6 +23,7 @@ from shoalfs.common.files import atomic_write, fsync_dir
 from shoalfs.common.placement import VolumeMaps
 from shoalfs.common.service import DELETE_PARTITION, MASTER_STATE, NEW_PARTITION, NodeService
 from shoalfs.metanode.partition import SCAN_ENTRIES, MetaPartition, public_attr
+from shoalfs.proto.capability import Access
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import (
     MAX_CHUNK,
@@ -70,60 +71,61 @@ class MetaNode(NodeService):
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
         self.partitions: dict[int, MetaPartition] = {}
-        self.peers = RpcPool(RetryPolicy(deadline=30.0, attempt_timeout=5.0))
+        self.peers = RpcPool(RetryPolicy(deadline=30.0, attempt_timeout=5.0), credential=self.credential)
         self._tasks: set[asyncio.Task[None]] = set()
         self.subscribers: dict[str, set[ServerConnection]] = {}
         self._subscriptions: dict[ServerConnection, set[str]] = {}  # the other way round
         self.volume_maps = VolumeMaps(os.path.join(self.data_dir, "volumes.json"))
         r = self.rpc.route
-        r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE)
-        r(Op.CREATE_PARTITION, self.create_partition, CREATE_META_PARTITION)
-        r(Op.DELETE_PARTITION, self.delete_partition, DELETE_PARTITION)
-        r(Op.SUBSCRIBE, self.subscribe, {"vol_id": Str(64)})
+        R, W, M, P = Access.READ, Access.WRITE, Access.MASTER, Access.PEER
+        r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE, access=M)
+        r(Op.CREATE_PARTITION, self.create_partition, CREATE_META_PARTITION, access=M)
+        r(Op.DELETE_PARTITION, self.delete_partition, DELETE_PARTITION, access=M)
+        r(Op.SUBSCRIBE, self.subscribe, {"vol_id": Str(64)}, access=R)
         on = self._on
         r(Op.META_CREATE_INODE, on(lambda p, b: p.create_inode(
-            b["mode"], b["uid"], b["gid"], b["target"], b["rdev"])), NEW_INODE)
+            b["mode"], b["uid"], b["gid"], b["target"], b["rdev"])), NEW_INODE, access=W)
         r(Op.META_CREATE, on(lambda p, b: p.create(
             b["parent"], b["name"], b["mode"], b["uid"], b["gid"], b["target"], b["rdev"])),
-          {"parent": INO, "name": NAME, **NEW_INODE})
-        r(Op.META_GET_INODE, on(self._get_inode), {"ino": INO})
+          {"parent": INO, "name": NAME, **NEW_INODE}, access=W)
+        r(Op.META_GET_INODE, on(self._get_inode), {"ino": INO}, access=R)
         # answers that can be large draw their size from the server's budget first
         r(Op.META_BATCH_GET_INODE, on(self._batch_get), {"inos": ListOf(INO, 10_000)},
-          cost=lambda b: len(b["inos"]) * ATTR_BYTES)
-        r(Op.META_SET_ATTR, on(lambda p, b: p.set_attr(b["ino"], b)), SET_ATTR)
-        r(Op.META_LINK_INODE, on(lambda p, b: p.link_inode(b["ino"])), {"ino": INO})
-        r(Op.META_UNLINK_INODE, on(lambda p, b: p.unlink_inode(b["ino"])), {"ino": INO})
-        r(Op.META_EVICT_INODE, on(lambda p, b: p.evict_inode(b["ino"])), {"ino": INO})
-        r(Op.META_CREATE_DENTRY, on(lambda p, b: p.create_dentry(
-            b["parent"], b["name"], b["ino"], b["mode"])), {"parent": INO, "name": NAME, "ino": INO, "mode": MODE})
-        r(Op.META_LOOKUP, on(self._lookup), {"parent": INO, "name": NAME})
-        r(Op.META_RMDIR_PREPARE, on(lambda p, b: p.prepare_rmdir(b["ino"])), {"ino": INO})
-        r(Op.META_RMDIR_ABORT, on(lambda p, b: p.abort_rmdir(b["ino"])), {"ino": INO})
+          cost=lambda b: len(b["inos"]) * ATTR_BYTES, access=R)
+        r(Op.META_SET_ATTR, on(lambda p, b: p.set_attr(b["ino"], b)), SET_ATTR, access=W)
+        r(Op.META_LINK_INODE, on(lambda p, b: p.link_inode(b["ino"])), {"ino": INO}, access=W)
+        r(Op.META_UNLINK_INODE, on(lambda p, b: p.unlink_inode(b["ino"])), {"ino": INO}, access=W)
+        r(Op.META_EVICT_INODE, on(lambda p, b: p.evict_inode(b["ino"])), {"ino": INO}, access=W)
+        r(Op.META_CREATE_DENTRY, on(lambda p, b: p.create_dentry(b["parent"], b["name"], b["ino"], b["mode"])),
+          {"parent": INO, "name": NAME, "ino": INO, "mode": MODE}, access=W)
+        r(Op.META_LOOKUP, on(self._lookup), {"parent": INO, "name": NAME}, access=R)
+        r(Op.META_RMDIR_PREPARE, on(lambda p, b: p.prepare_rmdir(b["ino"])), {"ino": INO}, access=W)
+        r(Op.META_RMDIR_ABORT, on(lambda p, b: p.abort_rmdir(b["ino"])), {"ino": INO}, access=W)
         r(Op.META_SCAN, on(lambda p, b: p.scan(b["after"], b["limit"])),
           {"after": Opt(Int(0, MAX_INO), 0), "limit": Opt(Int(1, 1000), 1000)},
-          cost=lambda b: b["limit"] * ATTR_BYTES + SCAN_ENTRIES * DENTRY_BYTES)
+          cost=lambda b: b["limit"] * ATTR_BYTES + SCAN_ENTRIES * DENTRY_BYTES, access=R)
         r(Op.META_SET_NLINK, on(lambda p, b: p.set_nlink(b["ino"], b["nlink"])),
-          {"ino": INO, "nlink": Int(0, 1 << 32)})
+          {"ino": INO, "nlink": Int(0, 1 << 32)}, access=W)
         r(Op.META_DELETE_DENTRY, on(lambda p, b: p.delete_dentry(
             b["parent"], b["name"], b["dir"], b["keep"])),
-          {"parent": INO, "name": NAME, "dir": Opt(Bool), "keep": Opt(ListOf(INO, 1_000_000))})
+          {"parent": INO, "name": NAME, "dir": Opt(Bool), "keep": Opt(ListOf(INO, 1_000_000))}, access=W)
         r(Op.META_READDIR, on(self._readdir),
           {"parent": INO, "after": Opt(NAME), "limit": Opt(Int(1, 10_000), 1000)},
-          cost=lambda b: b["limit"] * DENTRY_BYTES)
-        r(Op.META_RENAME, on(self.rename), RENAME)
+          cost=lambda b: b["limit"] * DENTRY_BYTES, access=R)
+        r(Op.META_RENAME, on(self.rename), RENAME, access=W)
         r(Op.META_RENAME_LINK_TX, on(lambda p, b: p.rename_link_tx(
-            b["txid"], b["parent"], b["name"], b["ino"], b["mode"], b["noreplace"])), RENAME_LINK)
+            b["txid"], b["parent"], b["name"], b["ino"], b["mode"], b["noreplace"])), RENAME_LINK, access=P)
         r(Op.META_EXTENT_SET, on(lambda p, b: p.extent_set(b["ino"], b["chunk"], b["dp"], b["ext"])),
-          {"ino": INO, "chunk": CHUNK_NO, "dp": PID, "ext": Int(0, U64)})
+          {"ino": INO, "chunk": CHUNK_NO, "dp": PID, "ext": Int(0, U64)}, access=W)
         r(Op.META_EXTENT_DROP, on(lambda p, b: p.extent_drop(b["ino"], b["chunks"])),
-          {"ino": INO, "chunks": ListOf(CHUNK_NO, MAX_CHUNK + 1)})
-        r(Op.META_EXTENT_LIST, on(self._extent_list), {"ino": INO})
+          {"ino": INO, "chunks": ListOf(CHUNK_NO, MAX_CHUNK + 1)}, access=W)
+        r(Op.META_EXTENT_LIST, on(self._extent_list), {"ino": INO}, access=R)
         r(Op.META_SET_XATTR, on(lambda p, b: p.set_xattr(b["ino"], b["name"], b["value"], b["flags"])),
-          {"ino": INO, "name": XATTR_NAME, "value": Bytes(LONG_STRING), "flags": Opt(Int(0, 2), 0)})
-        r(Op.META_GET_XATTR, on(self._get_xattr), {"ino": INO, "name": XATTR_NAME})
-        r(Op.META_LIST_XATTR, on(self._list_xattr), {"ino": INO})
+          {"ino": INO, "name": XATTR_NAME, "value": Bytes(LONG_STRING), "flags": Opt(Int(0, 2), 0)}, access=W)
+        r(Op.META_GET_XATTR, on(self._get_xattr), {"ino": INO, "name": XATTR_NAME}, access=R)
+        r(Op.META_LIST_XATTR, on(self._list_xattr), {"ino": INO}, access=R)
         r(Op.META_REMOVE_XATTR, on(lambda p, b: p.remove_xattr(b["ino"], b["name"])),
-          {"ino": INO, "name": XATTR_NAME})
+          {"ino": INO, "name": XATTR_NAME}, access=W)
 
     # ----- partition management -----------------------------------------
     def _pdir(self, pid: int) -> str:
@@ -165,14 +167,12 @@ class MetaNode(NodeService):
         task.add_done_callback(self._tasks.discard)
 
     async def heartbeat(self, pid: int, body: Any, conn: Any) -> Any:
-        self.check_master(body)
         self.apply_master_state(body)
         self.volume_maps.update(body["volumes"], {p.info["vol_id"] for p in self.partitions.values()})
         return {"partitions": {p: {"vol_id": mp.info["vol_id"], "inodes": len(mp.inodes)}
                                for p, mp in self.partitions.items()}}
 
     async def create_partition(self, pid: int, body: Any, conn: Any) -> Any:
-        self.check_master(body)
         if pid in self.partitions:
             return {"created": False}
         if body["start"] >= body["end"]:
@@ -192,7 +192,6 @@ class MetaNode(NodeService):
         return {"created": True}
 
     async def delete_partition(self, pid: int, body: Any, conn: Any) -> Any:
-        self.check_master(body)
         tomb = body.get("tombstone")
         if tomb is not None and self.tombstones.add(pid, tomb):
             self.push_deleted(tomb)
@@ -205,6 +204,7 @@ class MetaNode(NodeService):
     # ----- lifecycle events -------------------------------------------------
     async def subscribe(self, pid: int, body: Any, conn: ServerConnection) -> Any:
         vol_id = body["vol_id"]
+        self.check_volume(conn.capability, vol_id)
         mine = self._subscriptions.get(conn)
         if mine is None:
             mine = self._subscriptions[conn] = set()

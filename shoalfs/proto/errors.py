@@ -47,6 +47,7 @@ class Code(IntEnum):
     NODE_UNREACHABLE = 100603
     UNAVAILABLE = 100604
     PARTITION_NOT_EXIST = 100605  # ask the master again: placement may have moved
+    EXPIRED = 100606  # the capability is past its time: renew it and retry
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ REGISTRY: dict[Code, CodeInfo] = {
     Code.TRY_AGAIN: CodeInfo("try again", True, errno.EAGAIN),
     Code.NODE_UNREACHABLE: CodeInfo("node unreachable", True, errno.EIO),
     Code.UNAVAILABLE: CodeInfo("service unavailable", True, errno.EIO),
+    Code.EXPIRED: CodeInfo("capability expired", True, errno.EACCES),
 }
 
 

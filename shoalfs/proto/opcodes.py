@@ -14,6 +14,7 @@ class Op(IntEnum):
     DELETE_PARTITION = 4
     SUBSCRIBE = 5  # client -> metanode: push me lifecycle events of a volume
     EVENT_VOLUME_DELETED = 6  # metanode -> client push, body {tombstone}
+    AUTH = 7  # present a capability: it applies to every later request on the connection
     # metanode
     META_CREATE_INODE = 100
     META_GET_INODE = 101

@@ -88,6 +88,7 @@ class FrameReceiver(asyncio.BufferedProtocol):
         self.on_budget_wait: Callable[[], None] | None = None
         self.accepting: Callable[[], bool] | None = None  # False: leave further frames buffered
         self.refused = False  # over the connection cap: closed as soon as it is made
+        self.max_body = MAX_BODY  # a larger announced frame cuts the connection
 
     # ----- asyncio callbacks ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -167,6 +168,8 @@ class FrameReceiver(asyncio.BufferedProtocol):
             if self.accepting is not None and not self.accepting():
                 break  # the server has enough in flight from this peer: the rest waits here
             header = parse_header(bytes(buf[self._start:self._start + HEADER_SIZE]))
+            if header.body_len > self.max_body:
+                raise FrameError(f"frame body of {header.body_len} bytes exceeds {self.max_body} on this connection")
             total = HEADER_SIZE + header.body_len
             have = self._end - self._start
             if have >= total:

@@ -10,9 +10,10 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.opcodes import Op
 from shoalfs.proto.receiver import POOL, FrameReceiver
 from shoalfs.proto.wire import FLAG_EVENT, Frame, Header, decode_body
 
@@ -29,6 +30,16 @@ def split_addr(addr: str) -> tuple[str, int]:
 EventCallback = Callable[[int, Any], None]
 
 
+class Credential(Protocol):
+    """The capability a pool presents on each connection (DESIGN.md §7)."""
+
+    def token(self) -> str | None:
+        """The capability to present now; None: none yet (the call fails UNAUTHORIZED)."""
+
+    async def renew(self) -> None:
+        """A node found the capability expired: get a new one (or raise why not)."""
+
+
 class RpcConnection:
     """A client connection with many requests in flight."""
 
@@ -39,6 +50,8 @@ class RpcConnection:
         self._pending: dict[int, asyncio.Future[tuple[int, Any]]] = {}
         self._proto: FrameReceiver | None = None
         self.closed = False
+        self.presented: str | None = None  # the capability this connection authenticated with
+        self._auth: asyncio.Future[Any] | None = None
 
     async def connect(self, timeout: float) -> None:
         host, port = split_addr(self.addr)
@@ -107,6 +120,26 @@ class RpcConnection:
             raise ShoalError(result, reply.get("msg"), reply.get("data"))
         return reply
 
+    async def authenticate(self, token: str, timeout: float) -> None:
+        """Present a capability for every later request on this connection
+        (until then the server takes only small frames). Callers that find it
+        being presented wait for the same answer."""
+        pending = self._auth
+        if pending is None or self.presented != token:
+            self.presented = token
+            pending = self._auth = asyncio.ensure_future(self.call(Op.AUTH, 0, {"cap": token}, timeout))
+            pending.add_done_callback(self._auth_done)
+        elif pending.done() and not pending.cancelled() and pending.exception() is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(pending), timeout)
+        except TimeoutError:
+            raise ShoalError(Code.TIMEOUT, f"{self.addr}: no answer to AUTH in {timeout:.1f}s") from None
+
+    def _auth_done(self, fut: asyncio.Future[Any]) -> None:
+        if (fut.cancelled() or fut.exception() is not None) and self._auth is fut:
+            self._auth, self.presented = None, None  # the next call presents it again
+
     async def wait_closed(self) -> None:
         if self._proto is not None:
             await self._proto.lost.wait()
@@ -132,9 +165,11 @@ class RetryPolicy:
 class RpcPool:
     """Connections by address, reopened on demand, with transient retries."""
 
-    def __init__(self, policy: RetryPolicy | None = None, on_event: EventCallback | None = None) -> None:
+    def __init__(self, policy: RetryPolicy | None = None, on_event: EventCallback | None = None,
+                 credential: Credential | None = None) -> None:
         self.policy = policy or RetryPolicy()
         self.on_event = on_event
+        self.credential = credential
         self._conns: dict[str, RpcConnection] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.closed = False
@@ -169,7 +204,18 @@ class RpcPool:
         timeout = timeout or self.policy.attempt_timeout
         end = time.monotonic() + timeout  # one attempt: connecting and the answer share it
         conn = await self.connection(addr, timeout)
+        if self.credential is not None:
+            await self._authenticate(conn, end)
         return await conn.call(opcode, partition_id, body, max(0.01, end - time.monotonic()))
+
+    async def _authenticate(self, conn: RpcConnection, end: float) -> None:
+        """Present the current capability if this connection has not yet: on
+        a new connection, and after each renewal (lazily, at the next call)."""
+        assert self.credential is not None
+        token = self.credential.token()
+        if token is None:
+            raise ShoalError(Code.UNAUTHORIZED, "no capability to present")
+        await conn.authenticate(token, max(0.01, end - time.monotonic()))
 
     async def call(self, addr: str | Callable[[], str], opcode: int, partition_id: int, body: Any,
                    deadline: float | None = None, before_retry: BeforeRetry | None = None) -> Any:
@@ -190,6 +236,12 @@ class RpcPool:
             except ShoalError as exc:
                 if not exc.transient or self.closed or time.monotonic() >= end:
                     raise
+                if exc.code == Code.EXPIRED and self.credential is not None:
+                    try:
+                        await self.credential.renew()
+                    except ShoalError as failed:  # the master is away too: keep trying
+                        if not failed.transient:
+                            raise
                 if before_retry is not None:
                     await before_retry(exc)
                 delay = min(self.policy.delay(attempt), max(0.0, end - time.monotonic()))

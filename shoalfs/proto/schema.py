@@ -35,6 +35,15 @@ def Int(lo: int, hi: int) -> Checker:
     return check
 
 
+def Number(lo: float, hi: float) -> Checker:
+    """An int or a float (a time, a duration) in [lo, hi]."""
+    def check(name: str, v: Any) -> float:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+            raise _bad(name, f"a number in [{lo:g}, {hi:g}]")
+        return float(v)
+    return check
+
+
 def Str(max_bytes: int) -> Checker:
     def check(name: str, v: Any) -> str:
         # a str of n characters is at most 4n bytes: only encode the long ones

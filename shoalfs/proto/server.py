@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from shoalfs.proto.capability import Access, Capability
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.receiver import POOL, WRITE_HIGH, WRITE_LOW, FrameReceiver
 from shoalfs.proto.schema import Schema, validate
@@ -38,8 +39,13 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[int, Any, "ServerConnection"], Awaitable[Any]]
 Cost = Callable[[dict[str, Any]], int]  # bytes an answer will hold, from the checked body
+# raises unless the connection's capability grants `access` on the partition
+Authorizer = Callable[["ServerConnection", Access, int], None]
 
 SERVER_BUFFER = 64 * 1024
+# until a connection has presented a capability its frames are this small: a
+# stranger can hold no budget, only a few KiB of buffer until the read timeout
+ANONYMOUS_MAX_BODY = 4096
 MIN_BUDGET = 2 * MAX_BODY  # the largest request plus its largest answer fits whole
 DESCRIPTOR_HEADROOM = 64  # kept for files, the listener and outgoing connections
 
@@ -113,6 +119,9 @@ class ServerConnection:
         self.unsent_since: float | None = None  # since when answers wait on a peer that takes none
         self._unsent_last = 0
         self.keep = False  # a subscriber: never closed for being idle
+        self.capability: Capability | None = None  # what the peer proved with Op.AUTH
+        if server.authorize is not None:
+            self.receiver.max_body = ANONYMOUS_MAX_BODY
         self._paused = False
 
     # ----- receiving --------------------------------------------------------
@@ -192,6 +201,11 @@ class ServerConnection:
             if not self.closed and not self._paused:
                 transport.resume_reading()
 
+    def grant(self, cap: Capability) -> None:
+        """The peer proved `cap`: it applies to every later request, and frames may be large."""
+        self.capability = cap
+        self.receiver.max_body = MAX_BODY
+
     @property
     def paused(self) -> bool:
         return self._paused
@@ -231,15 +245,18 @@ class RpcServer:
         self.name = name
         self.limits = limits or ServerLimits()
         self.budget = ByteBudget(self.limits.budget_bytes)
-        self.handlers: dict[int, tuple[Handler, Schema | None, Cost | None]] = {}
+        self.handlers: dict[int, tuple[Handler, Schema | None, Cost | None, Access]] = {}
+        self.authorize: Authorizer | None = None  # None: no checks (a server of tests only)
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._conns: dict[ServerConnection, None] = {}  # in order of last activity, roughly
         self._sweeper: asyncio.Task[None] | None = None
 
-    def route(self, opcode: int, handler: Handler, schema: Schema | None = None, cost: Cost | None = None) -> None:
-        """`schema` checks the body before `handler` runs; `cost` is the size of its answer."""
-        self.handlers[int(opcode)] = (handler, schema, cost)
+    def route(self, opcode: int, handler: Handler, schema: Schema | None = None, cost: Cost | None = None,
+              *, access: Access) -> None:
+        """`access` is checked first, then `schema` checks the body before
+        `handler` runs; `cost` is the size of its answer."""
+        self.handlers[int(opcode)] = (handler, schema, cost, access)
 
     def max_connections(self) -> int:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -319,7 +336,9 @@ class RpcServer:
             route = self.handlers.get(header.opcode)
             if route is None:
                 raise ShoalError(Code.BAD_REQUEST, f"unknown opcode {header.opcode}")
-            handler, schema, cost = route
+            handler, schema, cost, access = route
+            if self.authorize is not None:
+                self.authorize(conn, access, header.partition_id)
             if schema is not None:
                 body = validate(schema, body)
             if cost is not None:

@@ -1,0 +1,119 @@
+"""Who is calling the master, and what the master grants (DESIGN.md §7).
+
+Three kinds of caller: the operator (the admin token, never sent to nodes),
+a node (the node token, which only registers a node) and a client session
+(a capability the master signed). The master signs capabilities with the
+same Ed25519 key as tombstones; a domain prefix keeps the two apart.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from shoalfs.common.files import atomic_write
+from shoalfs.common.limits import config_seconds
+from shoalfs.proto import capability
+from shoalfs.proto.capability import Capability
+from shoalfs.proto.errors import Code, ShoalError
+
+NODE_CAPABILITY_TTL = 600.0  # renewed with every heartbeat, so it only matters while the master is away
+MASTER_CAPABILITY_TTL = 600.0
+
+
+class Auth(enum.Enum):
+    """What an endpoint needs."""
+
+    OPEN = "open"
+    ADMIN = "admin"      # the admin token
+    NODE = "node"        # the node token
+    VOLUME = "volume"    # the admin token, or a capability (the handler checks its volume)
+    SESSION = "session"  # a capability: a client session speaking for itself
+
+
+@dataclass(frozen=True)
+class Caller:
+    admin: bool = False
+    cap: Capability | None = None
+
+    def check_volume(self, vol_id: str) -> None:
+        """Raise unless this caller may see volume `vol_id`."""
+        if not self.admin and (self.cap is None or self.cap.vol_id != vol_id):
+            raise ShoalError(Code.FORBIDDEN, "this capability is for another volume")
+
+
+def ensure_secret(path: str) -> str:
+    """A random token, generated once, kept in a 0600 file."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        atomic_write(path, (secrets.token_hex(32) + "\n").encode(), mode=0o600)
+    os.chmod(path, 0o600)
+    with open(path) as f:
+        return f.read().strip()
+
+
+class Authority:
+    def __init__(self, cfg: Mapping[str, Any], data_dir: str, key: Ed25519PrivateKey) -> None:
+        self.admin_token = ensure_secret(cfg.get("token_file") or os.path.join(data_dir, "admin.token"))
+        self.node_token = ensure_secret(cfg.get("node_token_file") or os.path.join(data_dir, "node.token"))
+        if self.node_token == self.admin_token:
+            raise ValueError("the node token must not be the admin token")
+        self.key = key
+        self.public = key.public_key()
+        self.capability_ttl = config_seconds(cfg, "capability_ttl", 60.0)
+
+    # ----- checking callers ---------------------------------------------------
+    def caller(self, request: web.Request, auth: Auth) -> Caller:
+        if auth is Auth.OPEN:
+            return Caller()
+        scheme, _, credential = request.headers.get("Authorization", "").strip().partition(" ")
+        credential = credential.strip()
+        if scheme == "Bearer" and credential:
+            if auth in (Auth.ADMIN, Auth.VOLUME) and hmac.compare_digest(credential.encode(),
+                                                                         self.admin_token.encode()):
+                return Caller(admin=True)
+            if auth is Auth.NODE and hmac.compare_digest(credential.encode(), self.node_token.encode()):
+                return Caller()
+        elif scheme == "Capability" and auth in (Auth.VOLUME, Auth.SESSION):
+            cap = capability.verify(self.public, credential)
+            if cap.on_volume:
+                return Caller(cap=cap)
+        needs = {Auth.ADMIN: "the admin token", Auth.NODE: "the node token",
+                 Auth.VOLUME: "a key of the volume or the admin token",
+                 Auth.SESSION: "the session's capability"}[auth]
+        raise ShoalError(Code.UNAUTHORIZED, f"this call needs {needs}")
+
+    # ----- granting -------------------------------------------------------------
+    def issue(self, vol_id: str, rights: str, session: str, key_id: str, ttl: float | None = None) -> str:
+        expires = time.time() + (self.capability_ttl if ttl is None else ttl)
+        return capability.issue(self.key, Capability(vol_id, rights, session, key_id, expires))
+
+    def node_capability(self, addr: str) -> str:
+        return self.issue("", capability.NODE, addr, "node", NODE_CAPABILITY_TTL)
+
+
+class MasterCredential:
+    """The master's own capability for its commands to nodes, reissued at half-life."""
+
+    def __init__(self, authority: Authority) -> None:
+        self.authority = authority
+        self._token: str | None = None
+        self._renew_at = 0.0
+
+    def token(self) -> str | None:
+        if self._token is None or time.time() >= self._renew_at:
+            self._token = self.authority.issue("", capability.MASTER, "master", "master", MASTER_CAPABILITY_TTL)
+            self._renew_at = time.time() + MASTER_CAPABILITY_TTL / 2
+        return self._token
+
+    async def renew(self) -> None:
+        self._token = None
