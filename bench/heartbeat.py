@@ -12,14 +12,13 @@ import argparse
 import asyncio
 import random
 import time
-import uuid
 
 import aiohttp
 
 from bench.common import bench_cluster, show
 
 
-async def load(master: str, vol_id: str, mounts: int, interval: float,
+async def load(master: str, key: str, mounts: int, interval: float,
                seconds: float) -> tuple[float, int, list[float]]:
     """Returns the steady-state rate (after the first interval), errors, latencies."""
     latencies: list[float] = []
@@ -27,21 +26,26 @@ async def load(master: str, vol_id: str, mounts: int, interval: float,
     start = time.monotonic()
     errors = 0
     end = time.monotonic() + seconds
-    url = f"http://{master}/client/heartbeat"
     conn = aiohttp.TCPConnector(limit=200)
     async with aiohttp.ClientSession(connector=conn) as session:
         async def mount(i: int) -> None:
             nonlocal errors
-            body = {"session": uuid.uuid4().hex, "vol_id": vol_id, "host": "bench", "pid": i,
-                    "mountpoint": f"/mnt/{i}", "version": "bench", "mounted_at": time.time()}
+            body = {"host": "bench", "pid": i, "mountpoint": f"/mnt/{i}", "version": "bench",
+                    "mounted_at": time.time()}
             await asyncio.sleep(random.uniform(0, interval))
+            # each mount opens its session with the key, then heartbeats with its capability
+            async with session.post(f"http://{master}/client/session", json={"volume": "hb", "key": key}) as r:
+                cap = (await r.json())["data"]["capability"]
             while time.monotonic() < end:
                 t = time.perf_counter()
                 try:
-                    async with session.post(url, json=body) as r:
+                    async with session.post(f"http://{master}/client/heartbeat", json=body,
+                                            headers={"Authorization": f"Capability {cap}"}) as r:
                         env = await r.json()
                         if env["code"] != 0:
                             errors += 1
+                        else:
+                            cap = env["data"]["capability"]  # renewed, as the real guard does
                 except (TimeoutError, aiohttp.ClientError):
                     errors += 1
                 latencies.append(time.perf_counter() - t)
@@ -59,9 +63,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     args = ap.parse_args()
     with bench_cluster() as c:
-        vol = c.create_volume("hb")
-        rate, errors, lat = asyncio.run(load(c.master_addr, vol["vol_id"], args.mounts, args.interval,
-                                             args.seconds))
+        c.create_volume("hb")
+        with open(c.key_file("hb")) as f:
+            key = f.read().strip()
+        rate, errors, lat = asyncio.run(load(c.master_addr, key, args.mounts, args.interval, args.seconds))
         sessions = len(c.http_get("/volume/clients?name=hb") or [])
     lat.sort()
     rows = [[str(args.mounts), f"{args.interval:g} s", f"{args.mounts / args.interval:.0f}/s",

@@ -59,10 +59,10 @@ def volume_cap(c: EmbeddedCluster, volume: str, key: str | None = None) -> str:
     if key is None:
         with open(c.key_file(volume)) as f:
             key = f.read().strip()
-    req = urllib.request.Request(f"http://{c.master_addr}/client/session", method="POST",
+    req = urllib.request.Request(c._url("/client/session"), method="POST",
                                  data=json.dumps({"volume": volume, "key": key}).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
+    with urllib.request.urlopen(req, timeout=10, context=c._tls()) as r:
         return str(json.load(r)["data"]["capability"])
 
 
@@ -130,6 +130,8 @@ class Mount:
                 "--master", self.cluster.master_addr, "--foreground"]
         if not any(o.startswith("key_file=") for o in self.options):
             args += ["--key-file", self.cluster.key_file(self.volume)]  # the owner key unless told
+        if self.cluster.tls_ca:
+            args += ["--tls-ca", self.cluster.tls_ca]
         for o in self.options:
             args += ["-o", o]
         with open(self.log_path, "ab") as log:

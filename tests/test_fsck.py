@@ -79,7 +79,8 @@ def test_fsck_leaves_recent_changes_alone(cluster_factory) -> None:
     c: EmbeddedCluster = cluster_factory(metanodes=1, datanodes=1)
     info = c.create_volume("fs")
     part = info["meta_partitions"][0]
-    code, inode = RawRpc(volume_cap(c, "fs"))(part["replicas"][0], Op.META_CREATE_INODE, part["pid"], {"mode": 0o100644})
+    rpc = RawRpc(volume_cap(c, "fs"))
+    code, inode = rpc(part["replicas"][0], Op.META_CREATE_INODE, part["pid"], {"mode": 0o100644})
     assert code == 0
     proc = shoal("volume", "fsck", "fs", "--json", env=shoal_env(c))  # the default grace: 10 minutes
     assert proc.returncode == 0 and json.loads(proc.stdout)["findings"] == [], proc.stdout

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 from shoalfs.client.keys import save_key, store_path
 from shoalfs.common.files import atomic_write, open_private_log
+from shoalfs.common.tls import client_context
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -74,6 +76,22 @@ class EmbeddedCluster:
     def node_token_file(self) -> str:
         """The nodes' credential (registration), not the admin token."""
         return os.path.join(self.dir, "data", "master", "node.token")
+
+    @property
+    def tls_ca(self) -> str | None:
+        """The CA a TLS cluster's clients trust (its roles' `tls_ca`), None without TLS."""
+        try:
+            with open(self._conf("master")) as f:
+                ca = json.load(f).get("tls_ca")
+        except (OSError, ValueError):
+            return None
+        return ca if isinstance(ca, str) and ca else None
+
+    def _url(self, path: str) -> str:
+        return f"{'https' if self.tls_ca else 'http'}://{self.master_addr}{path}"
+
+    def _tls(self) -> ssl.SSLContext | None:
+        return client_context(self.tls_ca)
 
     def key_file(self, volume: str) -> str:
         """Where this cluster keeps a volume's owner key (0600)."""
@@ -226,8 +244,8 @@ class EmbeddedCluster:
         """A GET as the operator (the admin token, once the master has written it)."""
         headers = {"Authorization": f"Bearer {self.token}"} if os.path.exists(self.token_file) else {}
         try:
-            req = urllib.request.Request(f"http://{self.master_addr}{path}", headers=headers)
-            with urllib.request.urlopen(req, timeout=2) as r:
+            req = urllib.request.Request(self._url(path), headers=headers)
+            with urllib.request.urlopen(req, timeout=2, context=self._tls()) as r:
                 env = json.load(r)
         except (OSError, ValueError, urllib.error.URLError):
             return None
@@ -237,12 +255,12 @@ class EmbeddedCluster:
         """An authenticated admin call; raises ShoalError on an error envelope."""
         from shoalfs.proto.errors import ShoalError
 
-        req = urllib.request.Request(f"http://{self.master_addr}{path}", method="POST",
+        req = urllib.request.Request(self._url(path), method="POST",
                                      data=json.dumps(body).encode(),
                                      headers={"Authorization": f"Bearer {self.token}",
                                               "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with urllib.request.urlopen(req, timeout=30, context=self._tls()) as r:
                 env = json.load(r)
         except urllib.error.HTTPError as exc:
             env = json.load(exc)
@@ -258,9 +276,12 @@ class EmbeddedCluster:
 
     def connect(self, volume: str, options: Any = None, **kwargs: Any) -> Any:
         """The SDK on one of this cluster's volumes, with its owner key."""
+        from shoalfs.client.core import ClientOptions
         from shoalfs.client.sdk import connect
 
         kwargs.setdefault("key_file", self.key_file(volume))
+        options = options or ClientOptions()
+        options.tls_ca = options.tls_ca or self.tls_ca
         return connect(self.master_addr, volume, options, **kwargs)
 
     def down(self) -> None:

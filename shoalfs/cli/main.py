@@ -10,6 +10,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import ssl
 import sys
 import time
 from typing import Any, NoReturn
@@ -19,7 +20,8 @@ from rich.table import Table
 
 from shoalfs.cli.cluster import ClusterError, EmbeddedCluster
 from shoalfs.client.keys import embedded_master, find_key_file, save_key, store_path
-from shoalfs.client.master import MasterClient
+from shoalfs.common.master_client import MasterClient
+from shoalfs.common.tls import TlsConfigError, client_context
 from shoalfs.proto.errors import ShoalError
 
 DEFAULT_DATA = os.environ.get("SHOAL_DATA", "./shoal-data")
@@ -56,10 +58,21 @@ def admin_token(args: argparse.Namespace) -> str | None:
         fail(f"cannot read admin token {path}: {exc.strerror}")
 
 
+def tls_ca(args: argparse.Namespace) -> str | None:
+    return getattr(args, "tls_ca", None) or os.environ.get("SHOAL_TLS_CA") or None
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    try:
+        return client_context(tls_ca(args))
+    except TlsConfigError as exc:
+        fail(str(exc))
+
+
 def call_master(args: argparse.Namespace, method: str, path: str, params: dict[str, Any] | None = None,
                 body: dict[str, Any] | None = None) -> Any:
     async def go() -> Any:
-        client = MasterClient(master_address(args), admin_token(args))
+        client = MasterClient(master_address(args), admin_token(args), tls=tls_context(args))
         try:
             return await client.request(method, path, params, body, deadline=5.0)
         finally:
@@ -229,8 +242,8 @@ def fsck_volume(args: argparse.Namespace) -> None:
         fail("fsck needs the admin token: --token-file or SHOAL_TOKEN_FILE")
 
     async def go() -> Any:
-        client = VolumeClient(master_address(args), args.name, ClientOptions(op_deadline=30.0, watch=False),
-                              admin_token=token)
+        options = ClientOptions(op_deadline=30.0, watch=False, tls_ca=tls_ca(args))
+        client = VolumeClient(master_address(args), args.name, options, admin_token=token)
         try:
             await client.open()
             return await check(client, repair=args.repair, grace=args.grace)
@@ -251,7 +264,7 @@ def fsck_volume(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-SESSION_COLUMNS = ["host", "pid", "mountpoint", "version", "mounted_at", "last_seen"]
+SESSION_COLUMNS = ["host", "pid", "mountpoint", "key", "rights", "version", "mounted_at", "last_seen"]
 
 
 def parse_duration(text: str) -> float:
@@ -302,6 +315,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
     if args.deleted_exit_code is not None:
         opts.extra["deleted_exit_code"] = str(args.deleted_exit_code)
     opts.master = args.master or opts.master or master_address(args)
+    opts.tls_ca = opts.tls_ca or tls_ca(args) or ""
     # the key's file, never the key, is handed on (a command line is public)
     opts.key_file = find_key_file(opts.master, opts.volume, args.key_file or opts.key_file or None, args.data) or ""
     try:
@@ -316,6 +330,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
     argv = ["mount", args.volume, opts.mountpoint, "--master", opts.master]
     if opts.key_file:
         argv += ["--key-file", opts.key_file]
+    if opts.tls_ca:
+        argv += ["-o", f"tls_ca={opts.tls_ca}"]
     if args.deleted_exit_code is not None:
         argv += ["--deleted-exit-code", str(args.deleted_exit_code)]
     for spec in args.o or []:
@@ -340,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--master", help="master address host:port (or SHOAL_MASTER)")
     common.add_argument("--data", default=DEFAULT_DATA, help="embedded cluster directory")
     common.add_argument("--token-file", help="admin token file (default: the embedded cluster's)")
+    common.add_argument("--tls-ca", help="CA of a TLS cluster (or SHOAL_TLS_CA)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = Parser(prog="shoal", description="shoalfs: a distributed file system")
@@ -403,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", action="append", metavar="OPTIONS", help="comma-separated mount options")
     m.add_argument("--key-file", help="the volume's access key (or -o key_file=, SHOAL_KEY_FILE; default: "
                                       "the embedded cluster's key store)")
+    m.add_argument("--tls-ca", help="CA of a TLS cluster (or -o tls_ca=, SHOAL_TLS_CA)")
     m.add_argument("--log-file", help="log of the background mount process")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--deleted-exit-code", type=int, help="exit code when the volume is deleted (143)")

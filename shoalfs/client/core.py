@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoalfs.client.credential import ClientCredential
-from shoalfs.client.master import MasterClient
+from shoalfs.common.master_client import MasterClient
+from shoalfs.common.tls import client_context
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import CHUNK, MAX_FILE_SIZE, extent_id
 from shoalfs.proto.opcodes import Op
@@ -45,6 +46,7 @@ class ClientOptions:
     backoff_cap: float = 2.0
     watch: bool = True  # SDK: run the lifecycle guard (deletion fences the handle)
     heartbeat_interval: float = 5.0
+    tls_ca: str | None = None  # a TLS cluster's CA (default $SHOAL_TLS_CA): TLS to the master and every node
 
 
 class VolumeClient:
@@ -53,12 +55,13 @@ class VolumeClient:
                  admin_token: str | None = None) -> None:
         """`key` buys the capability; without one, `admin_token` must stand in."""
         self.options = options or ClientOptions()
-        self.master = MasterClient(master, admin_token)
+        tls = client_context(self.options.tls_ca or os.environ.get("SHOAL_TLS_CA"))
+        self.master = MasterClient(master, admin_token, tls=tls)
         self.volume_name = volume
         self.credential = ClientCredential(self.master, volume, key)
         self.pool = RpcPool(RetryPolicy(self.options.op_deadline, self.options.backoff_first,
                                         self.options.backoff_cap, self.options.attempt_timeout),
-                            on_event=on_event, credential=self.credential)
+                            on_event=on_event, credential=self.credential, tls=tls)
         self.vol: dict[str, Any] = {}
         self._mp_starts: list[int] = []
         self._mps: list[dict[str, Any]] = []

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shoalfs.client.master import MasterClient
+from shoalfs.common.master_client import MasterClient
 from shoalfs.proto.capability import READ_ONLY
 from shoalfs.proto.errors import Code, ShoalError
 

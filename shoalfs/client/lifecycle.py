@@ -149,7 +149,7 @@ class LifecycleGuard:
         first, cap = self.config.resubscribe_backoff
         attempt = 0
         while not self.deleted:
-            conn = RpcConnection(addr, self._on_event)
+            conn = RpcConnection(addr, self._on_event, self.client.pool.tls)
             try:
                 await conn.connect(3.0)
                 self._subs[addr] = conn

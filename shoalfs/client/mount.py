@@ -25,6 +25,7 @@ from typing import Any
 from shoalfs.client.core import ClientOptions, VolumeClient
 from shoalfs.client.keys import KeyFileError, find_key
 from shoalfs.common.files import open_private_log
+from shoalfs.common.tls import TlsConfigError
 from shoalfs.proto.errors import Code, ShoalError
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class MountOptions:
     debug: bool = False
     auto_unmount: bool = True
     key_file: str = ""  # the volume's access key (DESIGN.md §7)
+    tls_ca: str = ""  # the CA of a TLS cluster
     extra: dict[str, str] = field(default_factory=dict)  # options for the lifecycle guard
 
     # -o flags that set one field: option -> (field, value)
@@ -71,6 +73,8 @@ class MountOptions:
                 self.master = value
             elif key == "key_file":
                 self.key_file = value
+            elif key == "tls_ca":
+                self.tls_ca = value
             elif key in self.FLAGS:
                 setattr(self, *self.FLAGS[key])
             elif key in GENERIC_OPTIONS or key.startswith("x-") or key.startswith("comment="):
@@ -135,7 +139,9 @@ class MountSession:
 
     def client_options(self) -> ClientOptions:
         deadline = self.opts.extra.get("op_deadline")
-        return ClientOptions(op_deadline=float(deadline)) if deadline else ClientOptions()
+        options = ClientOptions(op_deadline=float(deadline)) if deadline else ClientOptions()
+        options.tls_ca = self.opts.tls_ca or None
+        return options
 
     def request_stop(self, reason: str, code: int = EXIT_OK) -> None:
         if not self._stop.is_set():
@@ -159,7 +165,10 @@ class MountSession:
             key = find_key(self.opts.master, self.opts.volume, key_file=self.opts.key_file or None)
         except KeyFileError as exc:
             raise MountError(f"{denied}: {exc}") from None
-        client = VolumeClient(self.opts.master, self.opts.volume, self.client_options(), key=key)
+        try:
+            client = VolumeClient(self.opts.master, self.opts.volume, self.client_options(), key=key)
+        except TlsConfigError as exc:
+            raise MountError(str(exc)) from None
         try:
             await client.open()  # without a key too: the master says whether the volume exists
         except ShoalError as exc:

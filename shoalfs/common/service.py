@@ -12,11 +12,12 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shoalfs.common.files import atomic_write
 from shoalfs.common.limits import raise_nofile_limit, server_limits
+from shoalfs.common.master_client import MasterClient
+from shoalfs.common.tls import TlsConfigError, client_context, server_context
 from shoalfs.common.tombstones import TombstoneStore
 from shoalfs.proto import capability
 from shoalfs.proto.capability import MAX_TOKEN, Access, Capability
@@ -92,6 +93,12 @@ class NodeService:
             limits = server_limits(cfg)
         except ValueError as exc:
             raise SystemExit(f"shoal: config: {exc}") from None
+        try:
+            self.tls_server = server_context(cfg)
+            self.tls_client = client_context(cfg.get("tls_ca"))
+        except TlsConfigError as exc:
+            raise SystemExit(f"shoal: config: {exc}") from None
+        self.master_api = MasterClient(self.master, self.token, tls=self.tls_client)
         self.rpc = RpcServer(f"{self.role}@{self.listen}", limits)
         self.rpc.authorize = self.authorize
         self.rpc.route(Op.PING, self._ping, access=Access.OPEN)
@@ -176,19 +183,13 @@ class NodeService:
     async def register_once(self) -> None:
         """Prove ourselves to the master with the node credential; learn its
         public key (which signs every capability) and our node capability."""
-        url = f"http://{self.master}/node/register"
         try:
-            async with aiohttp.ClientSession() as s:
-                async with s.post(url, json={"role": self.role, "addr": self.listen},
-                                  headers={"Authorization": f"Bearer {self.token}"},
-                                  timeout=aiohttp.ClientTimeout(total=5)) as r:
-                    env = await r.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-            raise ShoalError(Code.NODE_UNREACHABLE, f"master {self.master} not reachable ({exc!r})") from None
-        if not isinstance(env, dict) or env.get("code") != 0:
-            msg = env.get("msg") if isinstance(env, dict) else "no envelope"
-            raise ShoalError(Code.UNAUTHORIZED, f"master refused registration: {msg}")
-        data = env.get("data") or {}
+            data = await self.master_api.request_once("POST", "/node/register",
+                                                      body={"role": self.role, "addr": self.listen})
+        except ShoalError as exc:
+            if exc.transient:
+                raise ShoalError(exc.code, f"master {self.master} not reachable ({exc.msg})") from None
+            raise ShoalError(Code.UNAUTHORIZED, f"master refused registration: {exc.msg}") from None
         try:
             self.master_key = capability.load_public(data["master_pubkey"])
             self.node_cap = str(data["node_cap"])
@@ -223,8 +224,8 @@ class NodeService:
         raise_nofile_limit()
         await self.open()
         host, port = split_addr(self.listen)
-        await self.rpc.start(host, port)
-        log.info("%s serving on %s", self.role, self.listen)
+        await self.rpc.start(host, port, self.tls_server)
+        log.info("%s serving on %s%s", self.role, self.listen, " (TLS)" if self.tls_server else "")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -234,6 +235,7 @@ class NodeService:
         reg.cancel()
         await self.rpc.stop()
         await self.close()
+        await self.master_api.close()
 
 
 class NodeCredential:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,12 +27,12 @@ log = logging.getLogger(__name__)
 
 class NodeMonitor:
     def __init__(self, state: MasterState, credential: Credential, interval: float = 1.0,
-                 node_timeout: float = 5.0) -> None:
+                 node_timeout: float = 5.0, tls: ssl.SSLContext | None = None) -> None:
         self.state = state
         self.interval = interval
         self.node_timeout = node_timeout
         # every connection presents the master's capability: nodes obey no one else
-        self.pool = RpcPool(RetryPolicy(deadline=5.0, attempt_timeout=3.0), credential=credential)
+        self.pool = RpcPool(RetryPolicy(deadline=5.0, attempt_timeout=3.0), credential=credential, tls=tls)
         self.last_ok: dict[str, float] = {}
         self.reports: dict[str, dict[str, Any]] = {}
         self._background = BackgroundTask(self._loop)

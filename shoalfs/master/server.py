@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 from aiohttp import StreamReader, web
 
 from shoalfs.common.limits import config_count, config_seconds, connection_cap, raise_nofile_limit
+from shoalfs.common.tls import TlsConfigError, client_context, http_scheme, server_context
 from shoalfs.master.access import Auth, Authority, Caller, MasterCredential
 from shoalfs.master.keys import OWNER, KeyRing
 from shoalfs.master.lifecycle import VolumeLifecycle
@@ -172,7 +174,8 @@ class GuardedRequestHandler(web.RequestHandler):
             self._table.touch(self)
 
 
-async def serve_http(server: web.Server, host: str, port: int, limits: HttpLimits) -> asyncio.Server:
+async def serve_http(server: web.Server, host: str, port: int, limits: HttpLimits,
+                     tls: ssl.SSLContext | None = None) -> asyncio.Server:
     """Listen with GuardedRequestHandler in place of the protocol aiohttp's
     TCPSite would make (runner.server() takes no handler class)."""
     loop = asyncio.get_running_loop()
@@ -182,7 +185,8 @@ async def serve_http(server: web.Server, host: str, port: int, limits: HttpLimit
         return GuardedRequestHandler(server, table, limits.read_timeout, loop=loop, access_log=None,
                                      keepalive_timeout=limits.idle_timeout,
                                      lingering_time=limits.read_timeout)
-    return await loop.create_server(protocol, host, port)
+    return await loop.create_server(protocol, host, port, ssl=tls,
+                                    ssl_handshake_timeout=None if tls is None else limits.read_timeout)
 
 
 class Master:
@@ -198,8 +202,10 @@ class Master:
         self.authority = Authority(cfg, self.data_dir, self.signing_key)
         self.state = MasterState(os.path.join(self.data_dir, "master.json"))
         self.keys = KeyRing(self.state, self.authority.capability_ttl)
+        self.tls_server = server_context(cfg)
         self.nodes = NodeMonitor(self.state, MasterCredential(self.authority),
-                                 float(cfg.get("heartbeat_interval", 1.0)), float(cfg.get("node_timeout", 5.0)))
+                                 float(cfg.get("heartbeat_interval", 1.0)), float(cfg.get("node_timeout", 5.0)),
+                                 tls=client_context(cfg.get("tls_ca")))
         self.lock = asyncio.Lock()
         self.app = web.Application(middlewares=[self._envelope_mw], client_max_size=1 << 20)
         self.routes: dict[tuple[str, str], tuple[Handler, Auth]] = {}
@@ -391,8 +397,8 @@ class Master:
         await runner.setup()
         assert runner.server is not None
         host, port = split_addr(self.listen)
-        listener = await serve_http(runner.server, host, port, self.http_limits)
-        log.info("master serving on http://%s (%s)", self.listen, self.http_limits)
+        listener = await serve_http(runner.server, host, port, self.http_limits, self.tls_server)
+        log.info("master serving on %s://%s (%s)", http_scheme(self.tls_server), self.listen, self.http_limits)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -416,5 +422,9 @@ def main(config_path: str) -> None:
     except ValueError as exc:
         raise SystemExit(f"shoal: config {config_path}: {exc}") from None
     install_loop_policy()
-    asyncio.run(Master(cfg, limits).run())
+    try:
+        master = Master(cfg, limits)
+    except TlsConfigError as exc:
+        raise SystemExit(f"shoal: config {config_path}: {exc}") from None
+    asyncio.run(master.run())
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 SESSION_FIELDS = {"host": Opt(Str(255), ""), "pid": Opt(Int(0, (1 << 31) - 1), 0),
                   "mountpoint": Opt(Str(4096), ""), "version": Opt(Str(32), ""),
                   "mounted_at": Opt(Number(0, 1e11), 0.0)}
-MAX_SESSIONS_PER_KEY = 4096
+MAX_SESSIONS_PER_KEY = 65536  # what one key holder can make the master hold (about 30 MB)
 
 
 class SessionTable:

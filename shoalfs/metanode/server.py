@@ -71,7 +71,8 @@ class MetaNode(NodeService):
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
         self.partitions: dict[int, MetaPartition] = {}
-        self.peers = RpcPool(RetryPolicy(deadline=30.0, attempt_timeout=5.0), credential=self.credential)
+        self.peers = RpcPool(RetryPolicy(deadline=30.0, attempt_timeout=5.0), credential=self.credential,
+                             tls=self.tls_client)
         self._tasks: set[asyncio.Task[None]] = set()
         self.subscribers: dict[str, set[ServerConnection]] = {}
         self._subscriptions: dict[ServerConnection, set[str]] = {}  # the other way round

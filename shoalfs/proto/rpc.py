@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import logging
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -43,9 +44,10 @@ class Credential(Protocol):
 class RpcConnection:
     """A client connection with many requests in flight."""
 
-    def __init__(self, addr: str, on_event: EventCallback | None = None) -> None:
+    def __init__(self, addr: str, on_event: EventCallback | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.addr = addr
         self.on_event = on_event
+        self.tls = tls  # None: plain TCP
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[int, Any]]] = {}
         self._proto: FrameReceiver | None = None
@@ -58,8 +60,12 @@ class RpcConnection:
         loop = asyncio.get_running_loop()
         try:
             _, self._proto = await asyncio.wait_for(
-                loop.create_connection(lambda: FrameReceiver(self._on_frame, self._on_lost), host, port),
+                loop.create_connection(lambda: FrameReceiver(self._on_frame, self._on_lost), host, port,
+                                       ssl=self.tls, server_hostname=host if self.tls is not None else None),
                 timeout)
+        except ssl.SSLError as exc:  # not a passing fault: a wrong CA or a server without TLS
+            self.closed = True
+            raise ShoalError(Code.UNAVAILABLE, f"{self.addr}: TLS handshake failed: {exc}") from None
         except (TimeoutError, OSError) as exc:
             self.closed = True
             raise ShoalError(Code.NODE_UNREACHABLE, f"{self.addr}: {exc!r}") from None
@@ -166,10 +172,11 @@ class RpcPool:
     """Connections by address, reopened on demand, with transient retries."""
 
     def __init__(self, policy: RetryPolicy | None = None, on_event: EventCallback | None = None,
-                 credential: Credential | None = None) -> None:
+                 credential: Credential | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.policy = policy or RetryPolicy()
         self.on_event = on_event
         self.credential = credential
+        self.tls = tls
         self._conns: dict[str, RpcConnection] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.closed = False
@@ -192,7 +199,7 @@ class RpcPool:
             if conn is None or conn.closed:
                 if self.closed:
                     raise ShoalError(Code.UNAVAILABLE, "client is closed")
-                conn = RpcConnection(addr, self.on_event)
+                conn = RpcConnection(addr, self.on_event, self.tls)
                 await conn.connect(max(0.01, end - time.monotonic()))
                 self._conns[addr] = conn
             return conn

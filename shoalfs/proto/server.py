@@ -22,6 +22,7 @@ import contextlib
 import logging
 import resource
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -264,9 +265,10 @@ class RpcServer:
             return self.limits.max_connections
         return max(1, min(self.limits.max_connections, soft - DESCRIPTOR_HEADROOM))
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._accept, host, port, backlog=1024)
+        self._server = await loop.create_server(self._accept, host, port, backlog=1024, ssl=tls,
+                                                ssl_handshake_timeout=None if tls is None else self.limits.read_timeout)
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def stop(self) -> None:

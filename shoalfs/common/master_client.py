@@ -1,20 +1,25 @@
-"""HTTP client of the master's admin API (used by the SDK, mount and CLI)."""
+"""HTTP client of the master's API (used by the SDK, the mount, the CLI and nodes)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import time
 from typing import Any
 
 import aiohttp
 
+from shoalfs.common.tls import http_scheme
 from shoalfs.proto.errors import Code, ShoalError
 
 
 class MasterClient:
-    def __init__(self, addr: str, token: str | None = None, timeout: float = 5.0) -> None:
-        self.addr = addr.removeprefix("http://").rstrip("/")
+    def __init__(self, addr: str, token: str | None = None, timeout: float = 5.0,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.addr = addr.removeprefix("http://").removeprefix("https://").rstrip("/")
+        self.tls = tls  # with a CA: https only, the master's certificate checked
+        self.url = f"{http_scheme(tls)}://{self.addr}"
         # the Authorization header: the admin token, or a session's capability once it has one
         self.authorization: str | None = f"Bearer {token}" if token else None
         self.timeout = timeout
@@ -22,7 +27,8 @@ class MasterClient:
 
     async def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
+                                                  connector=aiohttp.TCPConnector(ssl=self.tls or True))
         return self._session
 
     async def request_once(self, method: str, path: str, params: dict[str, Any] | None = None,
@@ -31,7 +37,7 @@ class MasterClient:
         headers = {"Authorization": self.authorization} if self.authorization else {}
         try:
             session = await self._http()
-            async with session.request(method, f"http://{self.addr}{path}", params=params,
+            async with session.request(method, f"{self.url}{path}", params=params,
                                        json=body, headers=headers) as resp:
                 try:
                     env = await resp.json(content_type=None)
