@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -135,7 +134,8 @@ class NodeService:
         """Op.AUTH: the capability applies to every later request on this connection."""
         if self.master_key is None:
             raise ShoalError(Code.TRY_AGAIN, "this node has not registered with the master yet")
-        cap = capability.verify(self.master_key, body["cap"])
+        # expiry is checked per request (an expired capability may still learn of a deletion)
+        cap = capability.verify(self.master_key, body["cap"], allow_expired=True)
         if cap.key_id in self.revoked:
             raise ShoalError(Code.UNAUTHORIZED, "the key of this capability was revoked")
         conn.grant(cap)
@@ -150,14 +150,9 @@ class NodeService:
         """Raise unless the connection's capability grants `access` on partition `pid`."""
         if access is Access.OPEN:
             return
-        cap = conn.capability
-        if cap is None:
-            raise ShoalError(Code.UNAUTHORIZED, "this connection has not presented a capability")
-        if cap.expires < time.time():
-            raise ShoalError(Code.EXPIRED, "capability expired: renew it")
-        if cap.key_id in self.revoked:
-            raise ShoalError(Code.UNAUTHORIZED, "the key of this capability was revoked")
+        cap = self.check_capability(conn.capability)
         if access is Access.MASTER or access is Access.PEER:
+            capability.check_expiry(cap)
             if cap.rights == capability.MASTER or (access is Access.PEER and cap.rights == capability.NODE):
                 return
             raise ShoalError(Code.FORBIDDEN, f"this request is for the {access.value} only")
@@ -166,8 +161,26 @@ class NodeService:
         vol_id = self.partition_volume(pid)
         if vol_id is not None:
             self.check_volume(cap, vol_id)
+        if pid not in self.partitions and vol_id is not None:
+            return  # a partition of its deleted volume: the handler answers with the tombstone
+        capability.check_expiry(cap)
         if access is Access.WRITE and cap.rights == capability.READ_ONLY:
             raise ShoalError(Code.READ_ONLY, "read-only key: changes are refused")
+
+    def check_capability(self, cap: Capability | None) -> Capability:
+        if cap is None:
+            raise ShoalError(Code.UNAUTHORIZED, "this connection has not presented a capability")
+        if cap.key_id in self.revoked:
+            raise ShoalError(Code.UNAUTHORIZED, "the key of this capability was revoked")
+        return cap
+
+    def check_watch(self, cap: Capability | None, vol_id: str) -> None:
+        """A subscription to a volume's events: its capability, which may have
+        expired if the volume is deleted (then the tombstone is all it gets)."""
+        self.check_volume(self.check_capability(cap), vol_id)
+        if self.tombstones.for_volume(vol_id) is None:
+            assert cap is not None
+            capability.check_expiry(cap)
 
     @staticmethod
     def check_volume(cap: Capability | None, vol_id: str) -> None:

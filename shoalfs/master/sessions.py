@@ -28,7 +28,7 @@ from aiohttp import web
 
 from shoalfs.master.access import Auth
 from shoalfs.master.keys import ADMIN_KEY_ID
-from shoalfs.proto.capability import READ_WRITE, Capability
+from shoalfs.proto.capability import READ_WRITE, Capability, check_expiry
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.schema import Int, Number, Opt, Str, validate
 
@@ -97,12 +97,15 @@ class ClientSessions:
                 "volume": self.m.describe(vol)}
 
     def _still_valid(self, cap: Capability) -> dict[str, Any]:
-        """The volume of a capability being renewed: not deleted, key not revoked."""
+        """The volume of a capability being renewed: not deleted (checked
+        first: even an expired capability gets the tombstone), not expired,
+        key not revoked."""
         try:
             self.m.lifecycle.raise_if_deleted(cap.vol_id)
         except ShoalError:
             self.table.drop(cap.session)
             raise
+        check_expiry(cap)
         vol = self.m.state.by_id(cap.vol_id)
         if vol is None:  # unknown, no tombstone: proves nothing, the mount stays
             raise ShoalError(Code.VOLUME_NOT_EXIST, "unknown volume id")

@@ -82,7 +82,7 @@ class MetaNode(NodeService):
         r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE, access=M)
         r(Op.CREATE_PARTITION, self.create_partition, CREATE_META_PARTITION, access=M)
         r(Op.DELETE_PARTITION, self.delete_partition, DELETE_PARTITION, access=M)
-        r(Op.SUBSCRIBE, self.subscribe, {"vol_id": Str(64)}, access=R)
+        r(Op.SUBSCRIBE, self.subscribe, {"vol_id": Str(64)}, access=Access.OPEN)  # check_watch
         on = self._on
         r(Op.META_CREATE_INODE, on(lambda p, b: p.create_inode(
             b["mode"], b["uid"], b["gid"], b["target"], b["rdev"])), NEW_INODE, access=W)
@@ -205,7 +205,7 @@ class MetaNode(NodeService):
     # ----- lifecycle events -------------------------------------------------
     async def subscribe(self, pid: int, body: Any, conn: ServerConnection) -> Any:
         vol_id = body["vol_id"]
-        self.check_volume(conn.capability, vol_id)
+        self.check_watch(conn.capability, vol_id)
         mine = self._subscriptions.get(conn)
         if mine is None:
             mine = self._subscriptions[conn] = set()

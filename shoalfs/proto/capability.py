@@ -75,9 +75,12 @@ def load_public(public_hex: str) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex))
 
 
-def verify(public_key: Ed25519PublicKey, token: Any, now: float | None = None) -> Capability:
+def verify(public_key: Ed25519PublicKey, token: Any, now: float | None = None,
+           allow_expired: bool = False) -> Capability:
     """The capability a token grants; UNAUTHORIZED if it is not one the
-    master signed, EXPIRED (transient: renew and retry) if it is past its time."""
+    master signed, EXPIRED (transient: renew and retry) if it is past its
+    time, unless `allow_expired` (the caller checks expiry itself: an
+    expired capability may still learn that its volume was deleted)."""
     if not isinstance(token, str) or not token or len(token) > MAX_TOKEN or token.count(".") != 1:
         raise ShoalError(Code.UNAUTHORIZED, "no valid capability")
     body_text, sig_text = token.split(".")
@@ -93,6 +96,11 @@ def verify(public_key: Ed25519PublicKey, token: Any, now: float | None = None) -
             or not isinstance(fields[5], float)):
         raise ShoalError(Code.UNAUTHORIZED, "malformed capability")
     cap = Capability(*fields[1:])
+    if not allow_expired:
+        check_expiry(cap, now)
+    return cap
+
+
+def check_expiry(cap: Capability, now: float | None = None) -> None:
     if cap.expires < (time.time() if now is None else now):
         raise ShoalError(Code.EXPIRED, "capability expired: renew it")
-    return cap
