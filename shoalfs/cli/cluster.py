@@ -179,8 +179,7 @@ class EmbeddedCluster:
         finally:
             log.close()
         fields = self._proc_stat(proc.pid)
-        with open(self._pidfile(name), "w") as f:
-            f.write(f"{proc.pid} {fields[19] if fields else 0}")
+        atomic_write(self._pidfile(name), f"{proc.pid} {fields[19] if fields else 0}".encode())
 
     def signal(self, name: str, sig: int) -> None:
         pid = self.pid(name)

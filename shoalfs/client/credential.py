@@ -39,6 +39,7 @@ class ClientCredential:
         self.on_volume_error: Callable[[ShoalError], None] | None = None
         self._renewing: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def read_only(self) -> bool:
@@ -110,7 +111,7 @@ class ClientCredential:
 
     async def _keep(self) -> None:
         failures = 0
-        while not self.revoked:
+        while not self.revoked and not self._stopping:
             due = self.renewed_at + self.ttl / 2 - time.monotonic()
             if due > 0:
                 await asyncio.sleep(min(due, self.ttl / 2) + 0.01)
@@ -126,10 +127,9 @@ class ClientCredential:
                 await asyncio.sleep(random.uniform(0, min(5.0, 0.2 * 2 ** failures)))
 
     async def stop(self) -> None:
-        for task in (self._keeper, self._renewing):
-            if task is not None and not task.done():
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, ShoalError):
-                    pass
+        self._stopping = True  # a cancellation lost in a wait_for still ends the loop
+        tasks = [t for t in (self._keeper, self._renewing) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)

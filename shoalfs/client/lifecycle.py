@@ -67,6 +67,7 @@ class LifecycleGuard:
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: dict[str, RpcConnection] = {}
         self._check_now = asyncio.Event()
+        self.stopping = False
         self._last_warning: dict[str, float] = {}
         client.on_volume_error = self._on_volume_error
 
@@ -129,7 +130,7 @@ class LifecycleGuard:
 
     async def _heartbeat_loop(self) -> None:
         interval = self.config.heartbeat_interval
-        while not self.deleted:
+        while not self.deleted and not self.stopping:
             await self.beat()
             self._check_now.clear()
             wait = interval * (1 + random.uniform(-self.config.jitter, self.config.jitter))
@@ -148,15 +149,16 @@ class LifecycleGuard:
         """Stay subscribed on one metanode, across its restarts."""
         first, cap = self.config.resubscribe_backoff
         attempt = 0
-        while not self.deleted:
+        while not self.deleted and not self.stopping:
             conn = RpcConnection(addr, self._on_event, self.client.pool.tls)
+            self._subs[addr] = conn  # from now on stop() closes it, wherever this task is
             try:
                 await conn.connect(3.0)
-                self._subs[addr] = conn
                 await conn.authenticate(self.client.credential.token() or "", 5.0)
                 await conn.call(Op.SUBSCRIBE, 0, {"vol_id": self.vol_id}, 5.0)
                 attempt = 0
-                await conn.wait_closed()
+                if not self.stopping:
+                    await conn.wait_closed()
             except ShoalError as exc:
                 if exc.code == Code.VOLUME_NOT_EXIST:
                     self.claim((exc.data or {}).get("tombstone"), PUSH)
@@ -177,12 +179,19 @@ class LifecycleGuard:
                 self._tasks.append(asyncio.create_task(self._subscription(addr)))
 
     async def stop(self, goodbye: bool = True) -> None:
+        """Cancel, and also close what the tasks wait on: a cancellation that
+        lands in the step a reply arrives is lost inside asyncio.wait_for
+        (Python 3.11), and the task would then wait for its connection."""
+        self.stopping = True
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
         for conn in list(self._subs.values()):
             await conn.close()
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=5.0)
+            for t in stuck:
+                log.warning("lifecycle task %s did not stop in 5 s", t.get_name())
+        self._tasks.clear()
         if goodbye and not self.deleted and self.config.heartbeat_interval > 0:
             try:
                 await self.client.master.request_once("POST", "/client/goodbye", body={})

@@ -112,13 +112,17 @@ class NodeService:
         os.chmod(self.data_dir, 0o700)
         self.tombstones = TombstoneStore(os.path.join(self.data_dir, "tombstones.json"))
         self._master_file = os.path.join(self.data_dir, "master.json")
+        self._master_pubkey = ""
         self._load_master_key()
         self.read_only: set[str] = set()  # vol_ids pending deletion: mutations refused
 
     def apply_master_state(self, body: dict[str, Any]) -> None:
         """Volume states the master sends with each heartbeat."""
         self.read_only = set(body["read_only"])
-        self.revoked = set(body["revoked"])
+        revoked = set(body["revoked"])
+        if revoked != self.revoked:
+            self.revoked = revoked
+            self._save_master_file()
         if body.get("node_cap"):
             self.node_cap = body["node_cap"]
 
@@ -208,13 +212,23 @@ class NodeService:
             self.node_cap = str(data["node_cap"])
         except (KeyError, TypeError, ValueError):
             raise ShoalError(Code.UNAVAILABLE, "master answered registration without its key") from None
-        # kept, so that after a restart this node serves clients before the master is back
-        atomic_write(self._master_file, json.dumps({"master_pubkey": data["master_pubkey"]}).encode())
+        self._master_pubkey = str(data["master_pubkey"])
+        self._save_master_file()
+
+    def _save_master_file(self) -> None:
+        """What this node knows of the master, kept so that after a restart it
+        serves clients (and refuses revoked keys) before the master is back."""
+        if self._master_pubkey:
+            atomic_write(self._master_file, json.dumps({"master_pubkey": self._master_pubkey,
+                                                        "revoked": sorted(self.revoked)}).encode())
 
     def _load_master_key(self) -> None:
         try:
             with open(self._master_file) as f:
-                self.master_key = capability.load_public(json.load(f)["master_pubkey"])
+                doc = json.load(f)
+            self.master_key = capability.load_public(doc["master_pubkey"])
+            self._master_pubkey = doc["master_pubkey"]
+            self.revoked = set(doc.get("revoked", []))
         except FileNotFoundError:
             pass  # never registered: capabilities are refused until we are
         except (OSError, ValueError, KeyError, TypeError) as exc:

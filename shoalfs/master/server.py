@@ -231,7 +231,10 @@ class Master:
 
     def _wrap(self, handler: Handler, auth: Auth) -> Handler:
         async def wrapped(request: web.Request) -> web.Response:
-            request["caller"] = self.authority.caller(request, auth)
+            caller = self.authority.caller(request, auth)
+            if caller.cap is not None and caller.cap.key_id in self.keys.revoked:
+                raise ShoalError(Code.UNAUTHORIZED, "the key of this capability was revoked")
+            request["caller"] = caller
             data = await handler(request)
             return envelope(0, "ok", data)
         return wrapped
