@@ -68,7 +68,7 @@ def fuse_phases(c: Any, d: str, phase: Callable[[str, str, float, Callable[[], N
         total = TOTAL // 2
 
         def write() -> None:
-            with open(f"{mnt}/seq", "wb") as f:
+            with open(f"{mnt}/fuse-seq", "wb") as f:
                 for _ in range(total // len(block)):
                     f.write(block)
                 os.fsync(f.fileno())
@@ -76,15 +76,16 @@ def fuse_phases(c: Any, d: str, phase: Callable[[str, str, float, Callable[[], N
         def read() -> None:
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("1\n")  # the page cache would serve it otherwise
-            with open(f"{mnt}/seq", "rb") as f:
+            with open(f"{mnt}/fuse-seq", "rb") as f:
                 while f.read(4 * MiB):
                     pass
 
         phase("fuse write", "MiB/s", total / MiB, write)
         phase("fuse read", "MiB/s", total / MiB, read)
-        os.mkdir(f"{mnt}/meta")
-        phase("fuse create", "ops/s", FILES, lambda: [open(f"{mnt}/meta/f{i}", "wb").close() for i in range(FILES)])
-        phase("fuse stat", "ops/s", FILES, lambda: [os.stat(f"{mnt}/meta/f{i}") for i in range(FILES)])
+        meta = f"{mnt}/fuse-meta"
+        os.mkdir(meta)
+        phase("fuse create", "ops/s", FILES, lambda: [open(f"{meta}/f{i}", "wb").close() for i in range(FILES)])
+        phase("fuse stat", "ops/s", FILES, lambda: [os.stat(f"{meta}/f{i}") for i in range(FILES)])
     finally:
         if proc.pid in pids:
             pids.remove(proc.pid)
