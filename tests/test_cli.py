@@ -111,3 +111,37 @@ def test_tables_read_as_a_person_reads_them() -> None:
     assert cell("disk_free", 512) == "512 B"
     assert cell("running", True) == "yes" and cell("running", False) == "no"
     assert cell("partitions", 3) == "3"
+
+
+def test_key_commands(cluster: EmbeddedCluster, tmp_path) -> None:
+    """Keys are shown once or written 0600; listings never show a secret; the
+    embedded cluster keeps owner keys in its key store."""
+    env = shoal_env(cluster)
+    owner = tmp_path / "owner.key"
+    made = shoal("volume", "create", "keys-a", "--owner", "a", "--out", str(owner), env=env)
+    assert made.returncode == 0, made.stderr
+    secret = owner.read_text().strip()
+    assert secret.startswith("shoal1-") and secret not in made.stdout + made.stderr
+    assert os.stat(owner).st_mode & 0o777 == 0o600
+    shown = json.loads(shoal("volume", "create", "keys-b", "--owner", "b", "--json", env=env).stdout)
+    assert shown["owner_key"].startswith("shoal1-")  # no file: shown, once
+    # --data of the embedded cluster (its master is the one asked): the key store
+    stored = shoal("volume", "create", "keys-c", "--owner", "c", "--data", cluster.dir, env=env)
+    assert stored.returncode == 0, stored.stderr
+    assert os.stat(cluster.key_file("keys-c")).st_mode & 0o777 == 0o600
+    viewer = tmp_path / "viewer.key"
+    made = shoal("key", "create", "keys-a", "--read-only", "--name", "viewer", "--out", str(viewer), env=env)
+    assert made.returncode == 0, made.stderr
+    assert os.stat(viewer).st_mode & 0o777 == 0o600 and viewer.read_text().strip() not in made.stdout
+    extra = json.loads(shoal("key", "create", "keys-a", "--json", env=env).stdout)
+    assert extra["name"] == "key1" and extra["rights"] == "rw" and extra["key"].startswith("shoal1-")
+    listed = json.loads(shoal("key", "list", "keys-a", "--json", env=env).stdout)
+    assert [(k["name"], k["rights"]) for k in listed] == [("owner", "rw"), ("viewer", "ro"), ("key1", "rw")]
+    assert all(set(k) == {"name", "key_id", "rights", "created_at"} for k in listed)
+    assert shoal("key", "revoke", "keys-a", "viewer", env=env).returncode == 0
+    assert [k["name"] for k in json.loads(shoal("key", "list", "keys-a", "--json", env=env).stdout)] == \
+        ["owner", "key1"]
+    assert_one_line_error(shoal("key", "revoke", "keys-a", "viewer", env=env), 1, "no key named")
+    assert_one_line_error(shoal("key", "create", "keys-a", "--name", "key1", env=env), 1, "already has")
+    assert_one_line_error(shoal("key", "list", "keys-a", env=dict(env, SHOAL_TOKEN_FILE=str(owner))), 1,
+                          "admin token")
