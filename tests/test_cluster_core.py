@@ -283,3 +283,55 @@ def test_rmdir_never_races_a_create(cluster_factory) -> None:
         t.join(30)
     assert counts["rmdir"] > 10 and counts["created"] > 10, counts  # both sides really raced
     assert counts["lost"] == 0, counts
+
+
+def test_rename_over_a_directory_never_races_a_create(cluster_factory) -> None:
+    """One client renames an empty directory over /d again and again, the
+    other creates and removes files in /d. A create that succeeded must never
+    find its directory replaced under it (the file would be lost with it)."""
+    import threading
+    import time as _time
+
+    c: EmbeddedCluster = cluster_factory(metanodes=2, datanodes=1)
+    c.create_volume("race2")
+    stop = threading.Event()
+    counts = {"replaced": 0, "refused": 0, "created": 0, "lost": 0}
+
+    def replacer() -> None:
+        with c.connect("race2") as vol:
+            while not stop.is_set():
+                try:
+                    vol.mkdir("/e")
+                except FileExistsError:
+                    pass
+                try:
+                    vol.rename("/e", "/d")
+                    counts["replaced"] += 1
+                except OSError as exc:
+                    assert exc.errno == errno.ENOTEMPTY, exc
+                    counts["refused"] += 1
+
+    def creator() -> None:
+        with c.connect("race2") as vol:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    vol.open(f"/d/f{i}", "wb").close()
+                except FileNotFoundError:
+                    continue
+                counts["created"] += 1
+                try:
+                    vol.remove(f"/d/f{i}")
+                except FileNotFoundError:
+                    counts["lost"] += 1
+
+    threads = [threading.Thread(target=replacer), threading.Thread(target=creator)]
+    for t in threads:
+        t.start()
+    _time.sleep(4)  # the duration of the race is what this test is about
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert counts["replaced"] > 10 and counts["created"] > 10, counts  # both sides really raced
+    assert counts["lost"] == 0, counts

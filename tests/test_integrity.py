@@ -286,3 +286,23 @@ def test_metanode_serves_extents_before_the_master_returns(cluster_factory) -> N
             f.write(b"data")
         assert vol.open("/f", "rb").read() == b"data"
     assert os.stat(os.path.join(c.dir, "data", "metanode1")).st_mode & 0o777 == 0o700
+
+
+# ----- a directory is replaced by a rename only if the client prepared it (empty, closed) --------------
+def test_rename_replaces_only_a_prepared_directory(cluster_factory) -> None:
+    c: EmbeddedCluster = cluster_factory(metanodes=1, datanodes=1)
+    info = c.create_volume("prep")
+    with c.connect("prep") as vol:
+        vol.makedirs("/full")
+        vol.open("/full/f", "wb").close()
+        vol.mkdir("/empty")
+        full = vol.stat("/full").st_ino
+    part = info["meta_partitions"][0]
+    rpc = RawRpc(volume_cap(c, "prep"))
+    body = {"src_parent": 1, "src_name": "empty", "dst_parent": 1, "dst_name": "full", "dst_pid": part["pid"]}
+    code, _ = rpc(part["replicas"][0], Op.META_RENAME, part["pid"], body)
+    assert code == Code.NOT_EMPTY  # no claim of a prepared directory: refused
+    code, _ = rpc(part["replicas"][0], Op.META_RENAME, part["pid"], dict(body, replace_dir=full + 1))
+    assert code == Code.NOT_EMPTY  # a claim about another directory: refused
+    with c.connect("prep") as vol:
+        assert vol.listdir("/full") == ["f"] and sorted(vol.listdir("/")) == ["empty", "full"]

@@ -325,16 +325,28 @@ class VolumeClient:
             if exc.code != Code.NOT_FOUND:
                 raise
             target = None
+        dying = None
         if target is not None and stat.S_ISDIR(target["mode"]) and not noreplace:
             moving = await self.lookup(sp, sn)
-            if moving["ino"] != target["ino"] and stat.S_ISDIR(moving["mode"]) \
-                    and not await self.is_empty_dir(target["ino"]):
-                raise ShoalError(Code.NOT_EMPTY, f"target directory {dn!r} is not empty")
-        res = await self.call(src_part, Op.META_RENAME, {
-            "src_parent": sp, "src_name": sn, "dst_parent": dp, "dst_name": dn,
-            "dst_pid": dst_part["pid"], "noreplace": noreplace})
+            if moving["ino"] != target["ino"] and stat.S_ISDIR(moving["mode"]):
+                # as rmdir: empty, and refusing new entries, in one step at the
+                # directory's partition, so no create lands in it as it is replaced
+                dying = target["ino"]
+                await self.meta(dying, Op.META_RMDIR_PREPARE, {"ino": dying})
+        try:
+            res = await self.call(src_part, Op.META_RENAME, {
+                "src_parent": sp, "src_name": sn, "dst_parent": dp, "dst_name": dn,
+                "dst_pid": dst_part["pid"], "noreplace": noreplace, "replace_dir": dying or 0})
+        except ShoalError:
+            if dying is not None:
+                with contextlib.suppress(ShoalError):
+                    await self.meta(dying, Op.META_RMDIR_ABORT, {"ino": dying})
+            raise
         if res.get("replaced"):
             await self.drop_link(res["replaced"][0])
+        elif dying is not None:  # the name had moved on meanwhile: the directory stays
+            with contextlib.suppress(ShoalError):
+                await self.meta(dying, Op.META_RMDIR_ABORT, {"ino": dying})
 
     # ----- xattrs --------------------------------------------------------------
     async def setxattr(self, ino: int, name: str, value: bytes, flags: int = 0) -> None:

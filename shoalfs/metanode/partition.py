@@ -377,7 +377,8 @@ class MetaPartition:
         return {"entries": out, "more": start + limit < len(entries)}
 
     # ----- rename ------------------------------------------------------
-    def _check_replace(self, moving_mode: int, existing: tuple[int, int] | None, noreplace: bool) -> None:
+    def _check_replace(self, moving_mode: int, existing: tuple[int, int] | None, noreplace: bool,
+                       replace_dir: int) -> None:
         if existing is None:
             return
         if noreplace:
@@ -386,8 +387,13 @@ class MetaPartition:
             raise ShoalError(Code.NOT_DIR, "cannot replace a non-directory with a directory")
         if not stat.S_ISDIR(moving_mode) and stat.S_ISDIR(existing[1]):
             raise ShoalError(Code.IS_DIR, "cannot replace a directory with a non-directory")
+        if stat.S_ISDIR(existing[1]) and existing[0] != replace_dir:
+            # only the directory the client found empty and closed to new
+            # entries (META_RMDIR_PREPARE) may go; the name now means another
+            raise ShoalError(Code.NOT_EMPTY, "the target directory was not prepared for removal")
 
-    async def rename_local(self, sp: int, sn: str, dp: int, dn: str, noreplace: bool) -> dict[str, Any]:
+    async def rename_local(self, sp: int, sn: str, dp: int, dn: str, noreplace: bool,
+                           replace_dir: int = 0) -> dict[str, Any]:
         """Both parents in this partition: one journal record, atomic."""
         self.check_name(dn)
         moving = self.lookup(sp, sn, staged=True)
@@ -398,7 +404,7 @@ class MetaPartition:
         if existing is not None and existing[0] == moving["ino"]:
             # rename onto another link of the same inode: POSIX says do nothing
             return {"ino": moving["ino"], "replaced": None}
-        self._check_replace(moving["mode"], existing, noreplace)
+        self._check_replace(moving["mode"], existing, noreplace, replace_dir)
         # a directory moving takes a link from its old parent to its new one;
         # a directory it replaces takes one from the new parent
         subdirs = dict.fromkeys((sp, dp), 0)  # one key when both parents are the same
@@ -432,7 +438,7 @@ class MetaPartition:
             await self.commit([("t", txid)])
 
     async def rename_link_tx(self, txid: str, dp: int, dn: str, ino: int, mode: int,
-                             noreplace: bool) -> dict[str, Any]:
+                             noreplace: bool, replace_dir: int = 0) -> dict[str, Any]:
         """Destination half of a cross-partition rename; idempotent per txid."""
         done, replaced_before = self.staged.applied_tx(txid)
         if done:
@@ -443,7 +449,7 @@ class MetaPartition:
         existing = self.staged.dentry(dp, dn)
         if existing is not None and existing[0] == ino:
             existing = None
-        self._check_replace(mode, existing, noreplace)
+        self._check_replace(mode, existing, noreplace, replace_dir)
         replaced = list(existing) if existing else None
         subdirs = _is_dir(mode) - (_is_dir(existing[1]) if existing else 0)
         await self.commit([("D", dp, dn, ino, mode), self._dir_changed(dp, subdirs), ("A", txid, replaced)])

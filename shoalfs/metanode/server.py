@@ -55,10 +55,12 @@ NEW_INODE: Schema = {"mode": MODE, "uid": Opt(ID, 0), "gid": Opt(ID, 0), "target
 SET_ATTR: Schema = {"ino": INO, "mode": Opt(MODE), "uid": Opt(ID), "gid": Opt(ID),
             "size": Opt(Int(0, MAX_FILE_SIZE)), "grow": Opt(Int(0, MAX_FILE_SIZE)),
             "atime": Opt(TIME_NS), "mtime": Opt(TIME_NS), "ctime": Opt(TIME_NS)}
+# replace_dir: the directory at the target that the client emptied and marked
+# (META_RMDIR_PREPARE); no other directory is ever replaced
 RENAME: Schema = {"src_parent": INO, "src_name": NAME, "dst_parent": INO, "dst_name": NAME, "dst_pid": PID,
-          "noreplace": Opt(Bool, False)}
+          "noreplace": Opt(Bool, False), "replace_dir": Opt(Int(0, MAX_INO), 0)}
 RENAME_LINK: Schema = {"txid": Str(64), "parent": INO, "name": NAME, "ino": INO, "mode": MODE,
-               "noreplace": Opt(Bool, False)}
+               "noreplace": Opt(Bool, False), "replace_dir": Opt(Int(0, MAX_INO), 0)}
 MAX_SUBSCRIPTIONS = 64
 DENTRY_BYTES = MAX_NAME + 32  # the most one readdir entry takes in an answer
 ATTR_BYTES = 256  # about what one inode's attributes take
@@ -115,7 +117,8 @@ class MetaNode(NodeService):
           cost=lambda b: b["limit"] * DENTRY_BYTES, access=R)
         r(Op.META_RENAME, on(self.rename), RENAME, access=W)
         r(Op.META_RENAME_LINK_TX, on(lambda p, b: p.rename_link_tx(
-            b["txid"], b["parent"], b["name"], b["ino"], b["mode"], b["noreplace"])), RENAME_LINK, access=P)
+            b["txid"], b["parent"], b["name"], b["ino"], b["mode"], b["noreplace"], b["replace_dir"])),
+          RENAME_LINK, access=P)
         r(Op.META_EXTENT_SET, on(lambda p, b: p.extent_set(b["ino"], b["chunk"], b["dp"], b["ext"])),
           {"ino": INO, "chunk": CHUNK_NO, "dp": PID, "ext": Int(0, U64)}, access=W)
         r(Op.META_EXTENT_DROP, on(lambda p, b: p.extent_drop(b["ino"], b["chunks"])),
@@ -280,17 +283,18 @@ class MetaNode(NodeService):
 
     # ----- rename ----------------------------------------------------------
     async def rename(self, part: MetaPartition, b: Any) -> Any:
-        noreplace = b["noreplace"]
+        noreplace, replace_dir = b["noreplace"], b["replace_dir"]
         if b["dst_pid"] == part.pid:
             return await part.rename_local(b["src_parent"], b["src_name"], b["dst_parent"],
-                                           b["dst_name"], noreplace)
+                                           b["dst_name"], noreplace, replace_dir)
         part.check_name(b["dst_name"])
         target = self._peer_partition(part.info["vol_id"], b["dst_pid"])
         if not target[0] <= b["dst_parent"] < target[1]:
             raise ShoalError(Code.INVALID, f"inode {b['dst_parent']} is not in meta partition {b['dst_pid']}")
         txid = uuid.uuid4().hex
         tx = await part.begin_rename_tx(txid, b["src_parent"], b["src_name"], {
-            "dp": b["dst_parent"], "dn": b["dst_name"], "dst_pid": b["dst_pid"], "noreplace": noreplace})
+            "dp": b["dst_parent"], "dn": b["dst_name"], "dst_pid": b["dst_pid"], "noreplace": noreplace,
+            "replace_dir": replace_dir})
         replaced = await self._resolve_tx(part, txid)
         return {"ino": tx["ino"], "replaced": replaced}
 
@@ -312,7 +316,7 @@ class MetaNode(NodeService):
         good) aborts the intent, so no name is left stuck."""
         tx = part.txs[txid]
         body = {"txid": txid, "parent": tx["dp"], "name": tx["dn"], "ino": tx["ino"],
-                "mode": tx["mode"], "noreplace": tx["noreplace"]}
+                "mode": tx["mode"], "noreplace": tx["noreplace"], "replace_dir": tx.get("replace_dir", 0)}
         vol_id = part.info["vol_id"]
         while True:
             try:
