@@ -27,7 +27,7 @@ from shoalfs.client.credential import ClientCredential
 from shoalfs.common.master_client import MasterClient
 from shoalfs.common.tls import client_context
 from shoalfs.proto.errors import Code, ShoalError
-from shoalfs.proto.layout import CHUNK, MAX_FILE_SIZE, extent_id
+from shoalfs.proto.layout import CHUNK, MAX_FILE_SIZE, OPEN_LEASE, extent_id
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import EventCallback, RetryPolicy, RpcPool
 
@@ -69,7 +69,11 @@ class VolumeClient:
         self._rr = 0
         self._refreshing: asyncio.Task[None] | None = None
         self.open_counts: dict[int, int] = {}
-        self.pending_evict: set[int] = set()
+        self.pending_evict: set[int] = set()  # unlinked by us while we have them open
+        self._closing: set[asyncio.Future[None]] = set()
+        self._lease_renewal: asyncio.Task[None] | None = None
+        self.open_lease = OPEN_LEASE
+        self._lease_shortened = asyncio.Event()
         # lifecycle: set by the guard (client/lifecycle.py)
         self.fenced = False  # the volume is deleted: every call fails at once
         self.pending_delete = False  # the volume is pending deletion: read-only for now
@@ -95,6 +99,7 @@ class VolumeClient:
         the master refuses is PermissionError-worthy: UNAUTHORIZED."""
         self._install(await self.credential.open(deadline=self.options.op_deadline))
         self.credential.start()
+        self._lease_renewal = asyncio.create_task(self._renew_leases())
 
     def _install(self, vol: dict[str, Any]) -> None:
         if self.vol and vol["vol_id"] != self.vol["vol_id"]:
@@ -216,15 +221,16 @@ class VolumeClient:
         raise last
 
     async def create(self, parent: int, name: str, mode: int, uid: int = 0, gid: int = 0,
-                     target: str | None = None, rdev: int = 0) -> dict[str, Any]:
+                     target: str | None = None, rdev: int = 0, opening: bool = False) -> dict[str, Any]:
         """Create an inode and link it under parent. Files go into the parent's
-        partition in one atomic step; directories are spread over partitions
-        (inode first, then the name; the inode is dropped if the name exists)."""
+        partition in one atomic step (`opening`: and held open by this session,
+        see open_leases); directories are spread over partitions (inode
+        first, then the name; the inode is dropped if the name exists)."""
         if not stat.S_ISDIR(mode):
             try:
                 res: dict[str, Any] = await self.meta(parent, Op.META_CREATE, {
                     "parent": parent, "name": name, "mode": mode, "uid": uid, "gid": gid,
-                    "target": target, "rdev": rdev})
+                    "target": target, "rdev": rdev, "open": opening})
                 return res
             except ShoalError as exc:
                 if exc.code != Code.NO_SPACE:
@@ -291,7 +297,7 @@ class VolumeClient:
         elif found["nlink"] == 0:
             if "evicted" in found:
                 await self.free_extents(found["ino"], found["evicted"])
-            else:
+            elif found["ino"] in self.open_counts:  # dropped at our last close (or another mount's)
                 self.pending_evict.add(found["ino"])
         return int(found["ino"])
 
@@ -365,10 +371,57 @@ class VolumeClient:
     async def extents(self, ino: int) -> dict[int, list[int]]:
         return (await self.attr_and_extents(ino))[1]
 
-    async def attr_and_extents(self, ino: int) -> tuple[dict[str, Any], dict[int, list[int]]]:
-        """Attributes and extent map in one round trip (what an open needs)."""
-        res = await self.meta(ino, Op.META_EXTENT_LIST, {"ino": ino})
+    async def attr_and_extents(self, ino: int, opening: bool = False) -> tuple[dict[str, Any], dict[int, list[int]]]:
+        """Attributes and extent map in one round trip (what an open needs;
+        `opening`: the file is held open by this session from now on)."""
+        res = await self.meta(ino, Op.META_EXTENT_LIST, {"ino": ino, "open": opening})
+        self._learn_lease(res)
         return res["attr"], {int(k): v for k, v in res["extents"].items()}
+
+    def _learn_lease(self, reply: dict[str, Any]) -> None:
+        """A metanode's lease on open files (we renew at a third of the shortest)."""
+        lease = reply.get("lease")
+        if isinstance(lease, (int, float)) and 0 < lease < self.open_lease:
+            self.open_lease = float(lease)
+            self._lease_shortened.set()  # renew on the new schedule from now
+
+    # ----- files held open (other mounts keep an unlinked file's data for us) ------
+    async def closed(self, ino: int) -> None:
+        """This client's last handle on `ino` closed: give up its lease; an
+        unlinked file nobody else has open is dropped and its data freed.
+        Waited for when we unlinked it ourselves, in the background otherwise."""
+        if ino in self.pending_evict:
+            self.pending_evict.discard(ino)
+            await self._close_lease(ino)
+        else:
+            task = asyncio.ensure_future(self._close_lease(ino))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _close_lease(self, ino: int) -> None:
+        try:
+            res = await self.meta(ino, Op.META_CLOSE, {"ino": ino})
+            await self.free_extents(ino, res.get("extents", {}))
+        except ShoalError as exc:  # the lease lapses, and the metanode's reaper takes over
+            log.info("close of inode %d at its metanode: %s", ino, exc.msg)
+
+    async def _renew_leases(self) -> None:
+        """Tell each metanode, every third of a lease, which files we still have open."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lease_shortened.wait(), self.open_lease / 3)
+            self._lease_shortened.clear()
+            by_part: dict[int, list[list[int]]] = {}
+            for ino, count in list(self.open_counts.items()):
+                with contextlib.suppress(ShoalError):
+                    by_part.setdefault(self.meta_partition(ino)["pid"], []).append([ino, count])
+            for pid, held in by_part.items():
+                part = next(p for p in self._mps if p["pid"] == pid)
+                try:
+                    self._learn_lease(await self.call(part, Op.META_RENEW_LEASES, {"open": held},
+                                                      end=time.monotonic() + self.open_lease / 3))
+                except ShoalError as exc:
+                    log.warning("could not renew the open files' leases on partition %d: %s", pid, exc.msg)
 
     async def write_data(self, ino: int, offset: int, data: bytes, known: dict[int, list[int]],
                          end: float | None = None) -> set[int]:
@@ -463,6 +516,10 @@ class VolumeClient:
         return res
 
     async def close(self) -> None:
+        if self._lease_renewal is not None:
+            self._lease_renewal.cancel()
+        if self._closing:  # leases given back in the background: a moment to finish
+            await asyncio.wait(self._closing, timeout=2.0)
         await self.credential.stop()
         await self.pool.close()
         await self.master.close()

@@ -184,8 +184,9 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     # ----- creation ---------------------------------------------------------------
     async def _make(self, parent: int, name: bytes, mode: int, ctx: Any, target: str | None = None,
-                    rdev: int = 0) -> dict[str, Any]:
-        return await self.client.create(parent, self.name(name), mode, ctx.uid, ctx.gid, target, rdev)
+                    rdev: int = 0, opening: bool = False) -> dict[str, Any]:
+        return await self.client.create(parent, self.name(name), mode, ctx.uid, ctx.gid, target, rdev,
+                                        opening=opening)
 
     @guarded
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
@@ -208,7 +209,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         self.check_writable()
         mode = stat.S_IFREG | (mode & ~ctx.umask & 0o7777)
-        attr = await self._make(parent_inode, name, mode, ctx)
+        attr = await self._make(parent_inode, name, mode, ctx, opening=True)
         fh = self._new_handle(attr, {}, flags)
         return pyfuse3.FileInfo(fh=fh), self.entry(attr)
 
@@ -247,7 +248,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     # ----- files ------------------------------------------------------------------------
     @guarded
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        attr, extents = await self.client.attr_and_extents(inode)  # one round trip
+        attr, extents = await self.client.attr_and_extents(inode, opening=True)  # one round trip
         if stat.S_ISDIR(attr["mode"]):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):

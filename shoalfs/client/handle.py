@@ -302,8 +302,7 @@ class FileHandle:
                 self.client.open_counts[self.ino] = count
             else:
                 self.client.open_counts.pop(self.ino, None)
-                if self.ino in self.client.pending_evict:
-                    await self.client.evict(self.ino)
+                await self.client.closed(self.ino)
 
     def fail(self, err: ShoalError) -> None:
         """The volume is gone: drop buffered data; if anything written was not

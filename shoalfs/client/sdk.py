@@ -343,7 +343,8 @@ class Volume:
             raise ShoalError(Code.IS_DIR, f"{path} is a directory")
         if "w" in mode and attr["size"]:
             attr = await self.client.truncate(attr["ino"], 0)
-        return FileHandle(self.client, attr, await self.client.extents(attr["ino"]), append="a" in mode)
+        _, extents = await self.client.attr_and_extents(attr["ino"], opening=True)
+        return FileHandle(self.client, attr, extents, append="a" in mode)
 
 
 class ShoalFile(io.RawIOBase):

@@ -68,6 +68,13 @@ class VolumeMaps:
         vmap = self.maps.get(vol_id)
         return None if vmap is None else {d[0] for d in vmap["data"]}
 
+    def data_replicas(self, vol_id: str, pid: int) -> list[str] | None:
+        vmap = self.maps.get(vol_id)
+        for dpid, replicas in (vmap["data"] if vmap is not None else []):
+            if dpid == pid:
+                return list(replicas)
+        return None
+
     def meta_partition(self, vol_id: str, pid: int) -> tuple[int, int, list[str]] | None:
         """(start, end, replicas) of one of the volume's meta partitions."""
         for m_pid, start, end, replicas in (self.maps.get(vol_id) or {}).get("meta", []):

@@ -155,6 +155,8 @@ class NodeService:
         if access is Access.OPEN:
             return
         cap = self.check_capability(conn.capability)
+        if access is Access.RECLAIM and cap.rights == capability.NODE:
+            access = Access.PEER
         if access is Access.MASTER or access is Access.PEER:
             capability.check_expiry(cap)
             if cap.rights == capability.MASTER or (access is Access.PEER and cap.rights == capability.NODE):
@@ -168,7 +170,7 @@ class NodeService:
         if pid not in self.partitions and vol_id is not None:
             return  # a partition of its deleted volume: the handler answers with the tombstone
         capability.check_expiry(cap)
-        if access is Access.WRITE and cap.rights == capability.READ_ONLY:
+        if access in (Access.WRITE, Access.RECLAIM) and cap.rights == capability.READ_ONLY:
             raise ShoalError(Code.READ_ONLY, "read-only key: changes are refused")
 
     def check_capability(self, cap: Capability | None) -> Capability:

@@ -86,7 +86,7 @@ class DataNode(NodeService):
         r(Op.DATA_READ, self.read, {"ext": EXT, "offset": OFFSET, "size": Int(0, MAX_IO)},
           cost=lambda b: int(b["size"]), access=Access.READ)
         r(Op.DATA_TRUNCATE, self.truncate, {"ext": EXT, "size": EXTENT_SIZE}, access=Access.WRITE)
-        r(Op.DATA_DELETE_EXTENT, self.delete_extent, {"ext": EXT}, access=Access.WRITE)
+        r(Op.DATA_DELETE_EXTENT, self.delete_extent, {"ext": EXT}, access=Access.RECLAIM)
         r(Op.DATA_SYNC, self.sync, {"ext": EXT}, access=Access.WRITE)
 
     def _pdir(self, pid: int) -> str:

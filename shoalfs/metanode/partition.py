@@ -19,6 +19,7 @@ from typing import Any
 from sortedcontainers import SortedDict
 
 from shoalfs.metanode.journal import Journal
+from shoalfs.metanode.leases import OpenLeases
 from shoalfs.metanode.staged import Staged
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import (
@@ -69,6 +70,7 @@ class MetaPartition:
         self.staged = Staged(self)  # what memory will hold once queued records are durable
         self.before_commit: Callable[[], None] | None = None  # refuses writes while pending delete
         self.data_partitions: Callable[[], set[int] | None] = lambda: None  # the volume's, from the master
+        self.leases = OpenLeases()  # which sessions have which files open
 
     # ----- persistence -------------------------------------------------
     def load(self) -> None:
@@ -227,16 +229,24 @@ class MetaPartition:
         return public_attr(node)
 
     async def create(self, parent: int, name: str, mode: int, uid: int, gid: int,
-                     target: str | None = None, rdev: int = 0) -> dict[str, Any]:
-        """Inode and dentry together: one journal record, so a create is atomic."""
+                     target: str | None = None, rdev: int = 0, opened_by: str | None = None) -> dict[str, Any]:
+        """Inode and dentry together: one journal record, so a create is atomic.
+        `opened_by`: the session opens it in the same step (before anyone can unlink it)."""
         self.check_name(name)
         self.open_directory(parent)
         if self.staged.dentry(parent, name) is not None:
             raise ShoalError(Code.EXISTS, f"{name!r} exists")
         node = self._new_inode(mode, uid, gid, target, rdev)
         ino = node["ino"]
-        await self.commit([("C", ino + 1), ("I", ino, node), ("D", parent, name, ino, node["mode"]),
-                           self._dir_changed(parent, _is_dir(mode))])
+        if opened_by is not None:
+            self.leases.open(ino, opened_by)
+        try:
+            await self.commit([("C", ino + 1), ("I", ino, node), ("D", parent, name, ino, node["mode"]),
+                               self._dir_changed(parent, _is_dir(mode))])
+        except BaseException:
+            if opened_by is not None:
+                self.leases.close(ino, opened_by)
+            raise
         return public_attr(node)
 
     async def set_attr(self, ino: int, changes: dict[str, Any]) -> dict[str, Any]:
@@ -273,15 +283,37 @@ class MetaPartition:
         await self.commit([("I", ino, node)])
         return public_attr(node)
 
-    async def evict_inode(self, ino: int) -> dict[str, Any]:
-        """Drop an inode with no links left; returns its extents to free."""
+    async def evict_inode(self, ino: int, session: str | None = None) -> dict[str, Any]:
+        """Drop an inode with no links left and no other session holding it
+        open; returns its extents to free."""
         node = self.staged.inode(ino)
         if node is None:
             return {"extents": {}}
-        if node["nlink"] > 0:
+        if node["nlink"] > 0 or self.leases.held(ino, besides=session):
             return {"extents": {}, "kept": True}
         await self.commit([("i", ino)])
         return {"extents": node["extents"]}
+
+    async def close_inode(self, ino: int, session: str, may_evict: bool) -> dict[str, Any]:
+        """A session's last handle on the inode closed: if that was the last
+        open anywhere of an unlinked file, drop it (extents to free)."""
+        self.leases.close(ino, session)
+        node = self.staged.inode(ino)
+        if (node is None or node["nlink"] > 0 or stat.S_ISDIR(node["mode"]) or not may_evict
+                or self.leases.held(ino)):
+            return {"extents": {}}
+        await self.commit([("i", ino)])
+        return {"extents": node["extents"]}
+
+    def reclaimable(self, grace_ns: int) -> list[int]:
+        """Unlinked inodes nobody has open, unchanged for grace_ns: left by a
+        client that crashed or lost its lease before it could drop them."""
+        if not self.leases.settled:
+            return []
+        cutoff = now_ns() - grace_ns
+        return [ino for ino, node in self.inodes.items()
+                if node["nlink"] == 0 and not stat.S_ISDIR(node["mode"]) and node["ctime"] < cutoff
+                and not self.leases.held(ino)]
 
     # ----- fsck ------------------------------------------------------------
     def scan(self, after: int, limit: int) -> dict[str, Any]:
@@ -356,7 +388,7 @@ class MetaPartition:
         node = self.staged.inode(ino)
         if node is not None and keep is not None and not stat.S_ISDIR(node["mode"]):
             nlink = max(0, node["nlink"] - 1)
-            if nlink == 0 and ino not in keep:
+            if nlink == 0 and ino not in keep and not self.leases.held(ino):
                 effects.append(("i", ino))
                 found["evicted"] = node["extents"]
             else:

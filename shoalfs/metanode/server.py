@@ -20,16 +20,20 @@ import uuid
 from typing import Any
 
 from shoalfs.common.files import atomic_write, fsync_dir
+from shoalfs.common.limits import config_seconds
 from shoalfs.common.placement import VolumeMaps
 from shoalfs.common.service import DELETE_PARTITION, MASTER_STATE, NEW_PARTITION, NodeService
+from shoalfs.metanode.leases import OpenLeases
 from shoalfs.metanode.partition import SCAN_ENTRIES, MetaPartition, public_attr
-from shoalfs.proto.capability import Access
+from shoalfs.metanode.reaper import Reaper
+from shoalfs.proto.capability import READ_WRITE, Access
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import (
     MAX_CHUNK,
     MAX_FILE_SIZE,
     MAX_INO,
     MAX_NAME,
+    OPEN_LEASE,
 )
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import RetryPolicy, RpcPool
@@ -79,6 +83,11 @@ class MetaNode(NodeService):
         self.subscribers: dict[str, set[ServerConnection]] = {}
         self._subscriptions: dict[ServerConnection, set[str]] = {}  # the other way round
         self.volume_maps = VolumeMaps(os.path.join(self.data_dir, "volumes.json"))
+        try:
+            self.open_lease = config_seconds(cfg, "open_lease", OPEN_LEASE)
+        except ValueError as exc:
+            raise SystemExit(f"shoal: config: {exc}") from None
+        self.reaper = Reaper(lambda: self.partitions, self.volume_maps, self.peers, self.open_lease)
         r = self.rpc.route
         R, W, M, P = Access.READ, Access.WRITE, Access.MASTER, Access.PEER
         r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE, access=M)
@@ -88,9 +97,11 @@ class MetaNode(NodeService):
         on = self._on
         r(Op.META_CREATE_INODE, on(lambda p, b: p.create_inode(
             b["mode"], b["uid"], b["gid"], b["target"], b["rdev"])), NEW_INODE, access=W)
-        r(Op.META_CREATE, on(lambda p, b: p.create(
-            b["parent"], b["name"], b["mode"], b["uid"], b["gid"], b["target"], b["rdev"])),
-          {"parent": INO, "name": NAME, **NEW_INODE}, access=W)
+        # `open`: the caller opens the file in the same step (a lease of its session)
+        r(Op.META_CREATE, on(lambda p, b, s: p.create(
+            b["parent"], b["name"], b["mode"], b["uid"], b["gid"], b["target"], b["rdev"],
+            opened_by=s if b["open"] else None), session=True),
+          {"parent": INO, "name": NAME, **NEW_INODE, "open": Opt(Bool, False)}, access=W)
         r(Op.META_GET_INODE, on(self._get_inode), {"ino": INO}, access=R)
         # answers that can be large draw their size from the server's budget first
         r(Op.META_BATCH_GET_INODE, on(self._batch_get), {"inos": ListOf(INO, 10_000)},
@@ -98,7 +109,13 @@ class MetaNode(NodeService):
         r(Op.META_SET_ATTR, on(lambda p, b: p.set_attr(b["ino"], b)), SET_ATTR, access=W)
         r(Op.META_LINK_INODE, on(lambda p, b: p.link_inode(b["ino"])), {"ino": INO}, access=W)
         r(Op.META_UNLINK_INODE, on(lambda p, b: p.unlink_inode(b["ino"])), {"ino": INO}, access=W)
-        r(Op.META_EVICT_INODE, on(lambda p, b: p.evict_inode(b["ino"])), {"ino": INO}, access=W)
+        r(Op.META_EVICT_INODE, on(lambda p, b, s: p.evict_inode(b["ino"], s), session=True), {"ino": INO},
+          access=W)
+        # a read-only session holds files open too; only a read-write one drops an unlinked file
+        r(Op.META_CLOSE, on(lambda p, b, s, rw: p.close_inode(b["ino"], s, rw), session=True, rights=True),
+          {"ino": INO}, access=R)
+        r(Op.META_RENEW_LEASES, on(self._renew_leases, session=True),
+          {"open": ListOf(ListOf(Int(0, MAX_INO), 2), 100_000)}, access=R)
         r(Op.META_CREATE_DENTRY, on(lambda p, b: p.create_dentry(b["parent"], b["name"], b["ino"], b["mode"])),
           {"parent": INO, "name": NAME, "ino": INO, "mode": MODE}, access=W)
         r(Op.META_LOOKUP, on(self._lookup), {"parent": INO, "name": NAME}, access=R)
@@ -123,7 +140,8 @@ class MetaNode(NodeService):
           {"ino": INO, "chunk": CHUNK_NO, "dp": PID, "ext": Int(0, U64)}, access=W)
         r(Op.META_EXTENT_DROP, on(lambda p, b: p.extent_drop(b["ino"], b["chunks"])),
           {"ino": INO, "chunks": ListOf(CHUNK_NO, MAX_CHUNK + 1)}, access=W)
-        r(Op.META_EXTENT_LIST, on(self._extent_list), {"ino": INO}, access=R)
+        r(Op.META_EXTENT_LIST, on(self._extent_list, session=True), {"ino": INO, "open": Opt(Bool, False)},
+          access=R)
         r(Op.META_SET_XATTR, on(lambda p, b: p.set_xattr(b["ino"], b["name"], b["value"], b["flags"])),
           {"ino": INO, "name": XATTR_NAME, "value": Bytes(LONG_STRING), "flags": Opt(Int(0, 2), 0)}, access=W)
         r(Op.META_GET_XATTR, on(self._get_xattr), {"ino": INO, "name": XATTR_NAME}, access=R)
@@ -149,9 +167,11 @@ class MetaNode(NodeService):
             for txid in list(part.txs):
                 self._spawn(self._resolve_tx(part, txid))
         log.info("loaded %d meta partitions", len(self.partitions))
+        self.reaper.start()
 
     def _partition(self, info: dict[str, Any], pdir: str) -> MetaPartition:
         part = MetaPartition(info["pid"], info, pdir)
+        part.leases = OpenLeases(self.open_lease)
         part.load()
         vol_id = info["vol_id"]
         part.before_commit = lambda: self.check_writable(vol_id)
@@ -159,6 +179,7 @@ class MetaNode(NodeService):
         return part
 
     async def close(self) -> None:
+        await self.reaper.stop()
         for t in list(self._tasks):
             t.cancel()
         await self.peers.close()
@@ -240,12 +261,20 @@ class MetaNode(NodeService):
         if subs:
             log.info("pushed deletion of %s to %d clients", tomb["vol_id"], len(subs))
 
-    def _on(self, fn: Any) -> Any:
-        async def handler(pid: int, body: Any, conn: Any) -> Any:
+    def _on(self, fn: Any, session: bool = False, rights: bool = False) -> Any:
+        """A handler calling fn(partition, body), and with `session` the caller's
+        session, with `rights` whether it may change the volume."""
+        async def handler(pid: int, body: Any, conn: ServerConnection) -> Any:
             part = self.partitions.get(pid)
             if part is None:
                 raise self.tombstones.missing_partition(pid, self.listen)
-            result = fn(part, body)
+            args: list[Any] = [part, body]
+            cap = conn.capability
+            if session:
+                args.append(cap.session if cap is not None else "")
+            if rights:
+                args.append(cap is not None and cap.rights == READ_WRITE)
+            result = fn(*args)
             if asyncio.iscoroutine(result):
                 result = await result
             return result if result is not None else {}
@@ -269,9 +298,18 @@ class MetaNode(NodeService):
         return part.readdir(body["parent"], body["after"], body["limit"])
 
     @staticmethod
-    def _extent_list(part: MetaPartition, body: Any) -> Any:
+    def _extent_list(part: MetaPartition, body: Any, session: str) -> Any:
+        """What an open needs, in one round trip; `open` takes a lease on the file."""
         node = part.inode(body["ino"])
-        return {"extents": node["extents"], "attr": public_attr(node)}
+        if not body["open"]:
+            return {"extents": node["extents"], "attr": public_attr(node)}
+        part.leases.open(body["ino"], session)
+        return {"extents": node["extents"], "attr": public_attr(node), "lease": part.leases.lease}
+
+    @staticmethod
+    def _renew_leases(part: MetaPartition, body: Any, session: str) -> Any:
+        part.leases.renew(session, {pair[0]: pair[1] for pair in body["open"] if len(pair) == 2})
+        return {"lease": part.leases.lease}
 
     @staticmethod
     def _get_xattr(part: MetaPartition, body: Any) -> Any:

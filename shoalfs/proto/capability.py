@@ -39,6 +39,7 @@ class Access(enum.Enum):
     OPEN = "open"      # anyone (ping, the authentication itself)
     READ = "read"      # ro or rw on the partition's volume
     WRITE = "write"    # rw on the partition's volume
+    RECLAIM = "reclaim"  # rw on the partition's volume, or a node (its reaper frees unlinked files' data)
     PEER = "peer"      # a node or the master
     MASTER = "master"  # the master only
 

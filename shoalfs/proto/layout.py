@@ -26,3 +26,4 @@ def extent_id(ino: int, chunk: int) -> int:
     if not 0 <= chunk <= MAX_CHUNK or not 0 < ino <= MAX_INO:
         raise ValueError(f"no extent for chunk {chunk} of inode {ino}")
     return (ino << CHUNK_BITS) | chunk
+OPEN_LEASE = 60.0  # seconds a metanode keeps a file open for a session that stopped renewing (default)

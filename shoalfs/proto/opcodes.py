@@ -41,6 +41,8 @@ class Op(IntEnum):
     META_RMDIR_ABORT = 123
     META_SCAN = 124  # fsck: inodes and directory entries of a partition, page by page
     META_SET_NLINK = 125  # fsck: repair a link count
+    META_CLOSE = 126  # a session's last handle on a file closed (an unlinked file may go now)
+    META_RENEW_LEASES = 127  # the files a session has open in a partition: still open
     # datanode
     DATA_WRITE = 200
     DATA_READ = 201
