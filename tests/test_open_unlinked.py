@@ -25,30 +25,31 @@ def extent_files(c: EmbeddedCluster) -> set[str]:
 
 
 def test_unlinked_on_one_client_stays_readable_on_another(cluster_factory, mount_factory) -> None:
-    c: EmbeddedCluster = cluster_factory(metanodes=2, datanodes=1)
+    lease = 2.0
+    c: EmbeddedCluster = cluster_factory(metanodes=2, datanodes=1, metanode={"open_lease": lease})
     c.create_volume("keep")
     data = os.urandom(10 * MiB + 123)
     with c.connect("keep") as a:
         with a.open("/f", "wb") as f:
             f.write(data)
+        # a file nobody else has open goes at once
+        with a.open("/g", "wb") as f:
+            f.write(b"x" * MiB)
+        before = extent_files(c)
+        a.remove("/g")
+        assert extent_files(c) < before
     before = extent_files(c)
-    assert before
     m = mount_factory(c, "keep")  # mount B: opens the file, reads nothing yet
     with open(f"{m.path}/f", "rb") as held:
         with c.connect("keep", ClientOptions(watch=False)) as a:
             a.remove("/f")
             assert a.listdir("/") == []
         assert extent_files(c) == before  # kept for B
+        time.sleep(3 * lease)  # proving a negative: B renews its lease, nothing goes meanwhile
+        assert extent_files(c) == before
         assert held.read() == data  # every byte, none of it cached by the kernel before
-    # B's close was the last: the data goes
-    wait_for(lambda: not extent_files(c) & before, 10, "the data freed after the last close")
-    # and a file nobody else has open still goes at once
-    with c.connect("keep") as a:
-        with a.open("/g", "wb") as f:
-            f.write(b"x" * MiB)
-        made = extent_files(c)
-        a.remove("/g")
-        assert not extent_files(c) & made
+    # B closed: its lease lapses, and the reaper frees the file two lease periods after the unlink
+    wait_for(lambda: not extent_files(c) & before, 20, "the data freed after the last close")
 
 
 HOLDER = textwrap.dedent("""

@@ -70,7 +70,6 @@ class VolumeClient:
         self._refreshing: asyncio.Task[None] | None = None
         self.open_counts: dict[int, int] = {}
         self.pending_evict: set[int] = set()  # unlinked by us while we have them open
-        self._closing: set[asyncio.Future[None]] = set()
         self._lease_renewal: asyncio.Task[None] | None = None
         self.open_lease = OPEN_LEASE
         self._lease_shortened = asyncio.Event()
@@ -387,18 +386,13 @@ class VolumeClient:
 
     # ----- files held open (other mounts keep an unlinked file's data for us) ------
     async def closed(self, ino: int) -> None:
-        """This client's last handle on `ino` closed: give up its lease; an
-        unlinked file nobody else has open is dropped and its data freed.
-        Waited for when we unlinked it ourselves, in the background otherwise."""
-        if ino in self.pending_evict:
-            self.pending_evict.discard(ino)
-            await self._close_lease(ino)
-        else:
-            task = asyncio.ensure_future(self._close_lease(ino))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
-    async def _close_lease(self, ino: int) -> None:
+        """This client's last handle on `ino` closed. If we unlinked it, give
+        up the lease now: the file goes unless another client has it open.
+        Otherwise the lease just lapses (no round trip per close): a file
+        another client unlinked meanwhile goes with the metanode's reaper."""
+        if ino not in self.pending_evict:
+            return
+        self.pending_evict.discard(ino)
         try:
             res = await self.meta(ino, Op.META_CLOSE, {"ino": ino})
             await self.free_extents(ino, res.get("extents", {}))
@@ -411,10 +405,10 @@ class VolumeClient:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lease_shortened.wait(), self.open_lease / 3)
             self._lease_shortened.clear()
-            by_part: dict[int, list[list[int]]] = {}
-            for ino, count in list(self.open_counts.items()):
+            by_part: dict[int, list[int]] = {}
+            for ino in list(self.open_counts):
                 with contextlib.suppress(ShoalError):
-                    by_part.setdefault(self.meta_partition(ino)["pid"], []).append([ino, count])
+                    by_part.setdefault(self.meta_partition(ino)["pid"], []).append(ino)
             for pid, held in by_part.items():
                 part = next(p for p in self._mps if p["pid"] == pid)
                 try:
@@ -518,8 +512,6 @@ class VolumeClient:
     async def close(self) -> None:
         if self._lease_renewal is not None:
             self._lease_renewal.cancel()
-        if self._closing:  # leases given back in the background: a moment to finish
-            await asyncio.wait(self._closing, timeout=2.0)
         await self.credential.stop()
         await self.pool.close()
         await self.master.close()

@@ -245,7 +245,7 @@ class MetaPartition:
                                self._dir_changed(parent, _is_dir(mode))])
         except BaseException:
             if opened_by is not None:
-                self.leases.close(ino, opened_by)
+                self.leases.release(ino, opened_by)
             raise
         return public_attr(node)
 
@@ -295,9 +295,9 @@ class MetaPartition:
         return {"extents": node["extents"]}
 
     async def close_inode(self, ino: int, session: str, may_evict: bool) -> dict[str, Any]:
-        """A session's last handle on the inode closed: if that was the last
-        open anywhere of an unlinked file, drop it (extents to free)."""
-        self.leases.close(ino, session)
+        """A session that unlinked the inode closed its last handle on it: if
+        no other session has it open, drop it (extents to free)."""
+        self.leases.release(ino, session)
         node = self.staged.inode(ino)
         if (node is None or node["nlink"] > 0 or stat.S_ISDIR(node["mode"]) or not may_evict
                 or self.leases.held(ino)):
@@ -374,10 +374,11 @@ class MetaPartition:
         return found
 
     async def delete_dentry(self, parent: int, name: str, want_dir: bool | None,
-                            keep: list[int] | None = None) -> dict[str, Any]:
+                            keep: list[int] | None = None, session: str | None = None) -> dict[str, Any]:
         """Remove a name. When the inode is in this partition too (files are),
         its link count drops in the same record, and an inode left with no
-        links is dropped unless it is in `keep` (open on the caller)."""
+        links is dropped unless it is in `keep` (open on the caller, whose
+        own leases may be stale) or another session has it open."""
         found = self.lookup(parent, name, staged=True)
         if want_dir is True and not stat.S_ISDIR(found["mode"]):
             raise ShoalError(Code.NOT_DIR, f"{name!r} is not a directory")
@@ -388,7 +389,7 @@ class MetaPartition:
         node = self.staged.inode(ino)
         if node is not None and keep is not None and not stat.S_ISDIR(node["mode"]):
             nlink = max(0, node["nlink"] - 1)
-            if nlink == 0 and ino not in keep and not self.leases.held(ino):
+            if nlink == 0 and ino not in keep and not self.leases.held(ino, besides=session):
                 effects.append(("i", ino))
                 found["evicted"] = node["extents"]
             else:

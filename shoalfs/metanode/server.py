@@ -115,7 +115,7 @@ class MetaNode(NodeService):
         r(Op.META_CLOSE, on(lambda p, b, s, rw: p.close_inode(b["ino"], s, rw), session=True, rights=True),
           {"ino": INO}, access=R)
         r(Op.META_RENEW_LEASES, on(self._renew_leases, session=True),
-          {"open": ListOf(ListOf(Int(0, MAX_INO), 2), 100_000)}, access=R)
+          {"open": ListOf(Int(0, MAX_INO), 100_000)}, access=R)
         r(Op.META_CREATE_DENTRY, on(lambda p, b: p.create_dentry(b["parent"], b["name"], b["ino"], b["mode"])),
           {"parent": INO, "name": NAME, "ino": INO, "mode": MODE}, access=W)
         r(Op.META_LOOKUP, on(self._lookup), {"parent": INO, "name": NAME}, access=R)
@@ -126,8 +126,8 @@ class MetaNode(NodeService):
           cost=lambda b: b["limit"] * ATTR_BYTES + SCAN_ENTRIES * DENTRY_BYTES, access=R)
         r(Op.META_SET_NLINK, on(lambda p, b: p.set_nlink(b["ino"], b["nlink"])),
           {"ino": INO, "nlink": Int(0, 1 << 32)}, access=W)
-        r(Op.META_DELETE_DENTRY, on(lambda p, b: p.delete_dentry(
-            b["parent"], b["name"], b["dir"], b["keep"])),
+        r(Op.META_DELETE_DENTRY, on(lambda p, b, s: p.delete_dentry(
+            b["parent"], b["name"], b["dir"], b["keep"], s), session=True),
           {"parent": INO, "name": NAME, "dir": Opt(Bool), "keep": Opt(ListOf(INO, 1_000_000))}, access=W)
         r(Op.META_READDIR, on(self._readdir),
           {"parent": INO, "after": Opt(NAME), "limit": Opt(Int(1, 10_000), 1000)},
@@ -208,6 +208,7 @@ class MetaNode(NodeService):
         pdir = self._pdir(pid)
         os.makedirs(pdir, mode=0o700, exist_ok=True)
         part = self._partition(info, pdir)
+        part.leases.born()
         if part.start <= 1 < part.end and 1 not in part.inodes:
             await part.commit(part.new_root())
         atomic_write(os.path.join(pdir, "partition.json"), json.dumps(info).encode())
@@ -308,7 +309,7 @@ class MetaNode(NodeService):
 
     @staticmethod
     def _renew_leases(part: MetaPartition, body: Any, session: str) -> Any:
-        part.leases.renew(session, {pair[0]: pair[1] for pair in body["open"] if len(pair) == 2})
+        part.leases.renew(session, body["open"])
         return {"lease": part.leases.lease}
 
     @staticmethod
