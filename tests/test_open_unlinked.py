@@ -89,3 +89,22 @@ def test_a_killed_clients_lease_lapses_and_the_reaper_frees_the_file(cluster_fac
     wait_for(lambda: not extent_files(c) & before, 30, "the reaper to free the killed client's unlinked file")
     log = open(c.log_path("metanode1")).read()
     assert "reclaimed unlinked inode" in log
+
+
+def test_fsck_leaves_an_unlinked_file_held_open_alone(cluster_factory, tmp_path) -> None:
+    """An unlinked file still open elsewhere is not an orphan: fsck reports
+    nothing and its data stays."""
+    from conftest import shoal_env
+    from test_cli import shoal
+    c: EmbeddedCluster = cluster_factory(metanodes=1, datanodes=1)
+    c.create_volume("fs")
+    with c.connect("fs") as a:
+        with a.open("/f", "wb") as f:
+            f.write(b"still open" * 1000)
+        with a.open("/f", "rb") as held:
+            with c.connect("fs", ClientOptions(watch=False)) as b:
+                b.remove("/f")
+            proc = shoal("volume", "fsck", "fs", "--grace", "0", "--repair", "--json", env=shoal_env(c))
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert '"findings": []' in proc.stdout
+            assert held.read() == b"still open" * 1000

@@ -7,7 +7,8 @@ Every meta partition is scanned page by page; then, across partitions:
 - a wrong link count: a file's must equal the entries naming it, a
   directory's 2 + its subdirectories.
 Inodes changed within `grace` seconds are left alone: an operation may be
-under way, or an unlinked file may still be open on some mount. Repair
+under way. Unlinked inodes (link count 0) are not orphans but files still
+open on some mount, or waiting for the metanodes' reaper. Repair
 evicts orphans (freeing their data), removes dangling entries and sets link
 counts; each step is an ordinary journaled change on its partition.
 """
@@ -77,8 +78,8 @@ async def check(client: VolumeClient, repair: bool = False, grace: float = 600.0
                 await client.meta(parent, Op.META_DELETE_DENTRY, {"parent": parent, "name": name})
                 report.findings[-1].repaired = True
     for ino, (mode, nlink, ctime) in sorted(inodes.items()):
-        if ctime > settled or ino == ROOT_INO:
-            continue
+        if ctime > settled or ino == ROOT_INO or (nlink == 0 and ino not in names):
+            continue  # recent, the root, or unlinked: held open somewhere, or the reaper's
         if ino not in names:
             report.findings.append(Finding("orphan", ino, f"{'directory' if stat.S_ISDIR(mode) else 'file'}, "
                                                           f"no entry names it"))
