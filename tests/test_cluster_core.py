@@ -7,6 +7,8 @@ import errno
 import hashlib
 import os
 import stat
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from conftest import wait_for
@@ -234,33 +236,24 @@ def test_delete_volume_drops_partitions(cluster: EmbeddedCluster) -> None:
         cluster.admin("/volume/delete", {"name": "gone"})
 
 
-def test_rmdir_never_races_a_create(cluster_factory) -> None:
-    """Two clients: one removes and remakes /d, the other creates and then
-    removes a file in it. A create that succeeded must never find its
-    directory removed under it (the file would be lost)."""
+def race_creates_against(c: EmbeddedCluster, volume: str, churn: Callable[[Any, dict[str, int]], None]
+                         ) -> dict[str, int]:
+    """Two clients for 4 s: one runs `churn` (which removes or replaces /d),
+    the other creates and then removes files in /d. A create that succeeded
+    must never find its directory gone under it ("lost": the file went with it)."""
     import threading
     import time as _time
 
-    c: EmbeddedCluster = cluster_factory(metanodes=2, datanodes=1)
-    c.create_volume("race")
     stop = threading.Event()
-    counts = {"rmdir": 0, "created": 0, "lost": 0}
+    counts = {"churned": 0, "created": 0, "lost": 0}
 
-    def remover() -> None:
-        with c.connect("race") as vol:
+    def churner() -> None:
+        with c.connect(volume) as vol:
             while not stop.is_set():
-                try:
-                    vol.mkdir("/d")
-                except FileExistsError:
-                    pass
-                try:
-                    vol.rmdir("/d")
-                    counts["rmdir"] += 1
-                except OSError as exc:
-                    assert exc.errno in (errno.ENOTEMPTY, errno.ENOENT), exc
+                churn(vol, counts)
 
     def creator() -> None:
-        with c.connect("race") as vol:
+        with c.connect(volume) as vol:
             i = 0
             while not stop.is_set():
                 i += 1
@@ -274,64 +267,48 @@ def test_rmdir_never_races_a_create(cluster_factory) -> None:
                 except FileNotFoundError:
                     counts["lost"] += 1
 
-    threads = [threading.Thread(target=remover), threading.Thread(target=creator)]
+    threads = [threading.Thread(target=churner), threading.Thread(target=creator)]
     for t in threads:
         t.start()
-    _time.sleep(4)  # the duration of the race is what this test is about
+    _time.sleep(4)  # the duration of the race is what these tests are about
     stop.set()
     for t in threads:
         t.join(30)
-    assert counts["rmdir"] > 10 and counts["created"] > 10, counts  # both sides really raced
-    assert counts["lost"] == 0, counts
+    assert counts["churned"] > 10 and counts["created"] > 10, counts  # both sides really raced
+    return counts
+
+
+def test_rmdir_never_races_a_create(cluster_factory) -> None:
+    c: EmbeddedCluster = cluster_factory(metanodes=2, datanodes=1)
+    c.create_volume("race")
+
+    def remove_and_remake(vol: Any, counts: dict[str, int]) -> None:
+        try:
+            vol.mkdir("/d")
+        except FileExistsError:
+            pass
+        try:
+            vol.rmdir("/d")
+            counts["churned"] += 1
+        except OSError as exc:
+            assert exc.errno in (errno.ENOTEMPTY, errno.ENOENT), exc
+
+    assert race_creates_against(c, "race", remove_and_remake)["lost"] == 0
 
 
 def test_rename_over_a_directory_never_races_a_create(cluster_factory) -> None:
-    """One client renames an empty directory over /d again and again, the
-    other creates and removes files in /d. A create that succeeded must never
-    find its directory replaced under it (the file would be lost with it)."""
-    import threading
-    import time as _time
-
     c: EmbeddedCluster = cluster_factory(metanodes=2, datanodes=1)
     c.create_volume("race2")
-    stop = threading.Event()
-    counts = {"replaced": 0, "refused": 0, "created": 0, "lost": 0}
 
-    def replacer() -> None:
-        with c.connect("race2") as vol:
-            while not stop.is_set():
-                try:
-                    vol.mkdir("/e")
-                except FileExistsError:
-                    pass
-                try:
-                    vol.rename("/e", "/d")
-                    counts["replaced"] += 1
-                except OSError as exc:
-                    assert exc.errno == errno.ENOTEMPTY, exc
-                    counts["refused"] += 1
+    def replace(vol: Any, counts: dict[str, int]) -> None:
+        try:
+            vol.mkdir("/e")
+        except FileExistsError:
+            pass
+        try:
+            vol.rename("/e", "/d")  # an empty directory over /d
+            counts["churned"] += 1
+        except OSError as exc:
+            assert exc.errno == errno.ENOTEMPTY, exc
 
-    def creator() -> None:
-        with c.connect("race2") as vol:
-            i = 0
-            while not stop.is_set():
-                i += 1
-                try:
-                    vol.open(f"/d/f{i}", "wb").close()
-                except FileNotFoundError:
-                    continue
-                counts["created"] += 1
-                try:
-                    vol.remove(f"/d/f{i}")
-                except FileNotFoundError:
-                    counts["lost"] += 1
-
-    threads = [threading.Thread(target=replacer), threading.Thread(target=creator)]
-    for t in threads:
-        t.start()
-    _time.sleep(4)  # the duration of the race is what this test is about
-    stop.set()
-    for t in threads:
-        t.join(30)
-    assert counts["replaced"] > 10 and counts["created"] > 10, counts  # both sides really raced
-    assert counts["lost"] == 0, counts
+    assert race_creates_against(c, "race2", replace)["lost"] == 0

@@ -405,16 +405,16 @@ class VolumeClient:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lease_shortened.wait(), self.open_lease / 3)
             self._lease_shortened.clear()
-            by_part: dict[int, list[int]] = {}
+            by_part: dict[int, tuple[dict[str, Any], list[int]]] = {}
             for ino in list(self.open_counts):
                 with contextlib.suppress(ShoalError):
-                    by_part.setdefault(self.meta_partition(ino)["pid"], []).append(ino)
-            for pid, held in by_part.items():
-                part = next(p for p in self._mps if p["pid"] == pid)
+                    part = self.meta_partition(ino)
+                    by_part.setdefault(part["pid"], (part, []))[1].append(ino)
+            for pid, (part, held) in by_part.items():
                 try:
                     self._learn_lease(await self.call(part, Op.META_RENEW_LEASES, {"open": held},
                                                       end=time.monotonic() + self.open_lease / 3))
-                except ShoalError as exc:
+                except ShoalError as exc:  # the fence too: a deleted volume's loop ends with close()
                     log.warning("could not renew the open files' leases on partition %d: %s", pid, exc.msg)
 
     async def write_data(self, ino: int, offset: int, data: bytes, known: dict[int, list[int]],
