@@ -13,7 +13,7 @@ import hmac
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,8 @@ class Authority:
         self.key = key
         self.public = key.public_key()
         self.capability_ttl = config_seconds(cfg, "capability_ttl", 60.0)
+        self.revoked: Callable[[str], bool] = lambda key_id: False  # the master's key ring says
+        self._node_caps: dict[str, Reissued] = {}
 
     # ----- checking callers ---------------------------------------------------
     def caller(self, request: web.Request, auth: Auth) -> Caller:
@@ -87,6 +89,8 @@ class Authority:
             # a session's own calls check expiry after deletion: an expired
             # capability still learns (with the tombstone) that its volume is gone
             cap = capability.verify(self.public, credential, allow_expired=auth is Auth.SESSION)
+            if self.revoked(cap.key_id):
+                raise ShoalError(Code.UNAUTHORIZED, "the key of this capability was revoked")
             if cap.on_volume:
                 return Caller(cap=cap)
         needs = {Auth.ADMIN: "the admin token", Auth.NODE: "the node token",
@@ -100,22 +104,36 @@ class Authority:
         return capability.issue(self.key, Capability(vol_id, rights, session, key_id, expires))
 
     def node_capability(self, addr: str) -> str:
-        return self.issue("", capability.NODE, addr, "node", NODE_CAPABILITY_TTL)
+        """A node's capability for node-to-node calls (sent with every heartbeat,
+        signed again only at half-life)."""
+        held = self._node_caps.get(addr)
+        if held is None:
+            held = self._node_caps[addr] = Reissued(
+                lambda: self.issue("", capability.NODE, addr, "node", NODE_CAPABILITY_TTL), NODE_CAPABILITY_TTL)
+        return held.token()
 
 
-class MasterCredential:
-    """The master's own capability for its commands to nodes, reissued at half-life."""
+class Reissued:
+    """A capability the master issues to itself or a node: the same one until
+    half its life has passed, then a fresh one."""
 
-    def __init__(self, authority: Authority) -> None:
-        self.authority = authority
+    def __init__(self, issue: Callable[[], str], ttl: float) -> None:
+        self.issue = issue
+        self.ttl = ttl
         self._token: str | None = None
         self._renew_at = 0.0
 
-    def token(self) -> str | None:
+    def token(self) -> str:
         if self._token is None or time.time() >= self._renew_at:
-            self._token = self.authority.issue("", capability.MASTER, "master", "master", MASTER_CAPABILITY_TTL)
-            self._renew_at = time.time() + MASTER_CAPABILITY_TTL / 2
+            self._token = self.issue()
+            self._renew_at = time.time() + self.ttl / 2
         return self._token
 
     async def renew(self) -> None:
         self._token = None
+
+
+def master_credential(authority: Authority) -> Reissued:
+    """The master's own capability for its commands to nodes (a proto.rpc.Credential)."""
+    return Reissued(lambda: authority.issue("", capability.MASTER, "master", "master", MASTER_CAPABILITY_TTL),
+                    MASTER_CAPABILITY_TTL)

@@ -44,9 +44,9 @@ class KeyRing:
     def keys(vol: dict[str, Any]) -> dict[str, dict[str, Any]]:
         return vol.setdefault("keys", {})  # type: ignore[no-any-return]
 
-    def create(self, vol: dict[str, Any], name: str | None, read_only: bool) -> str:
-        """A new key of the volume (the caller saves the state); the secret is
-        returned once and never stored."""
+    def create(self, vol: dict[str, Any], name: str | None, read_only: bool) -> tuple[str, str]:
+        """A new key of the volume (the caller saves the state): its id, and the
+        key itself (the secret is returned once and never stored)."""
         keys = self.keys(vol)
         taken = {k["name"] for k in keys.values()}
         if name is None:
@@ -57,11 +57,15 @@ class KeyRing:
         key_id, secret = secrets.token_hex(8), secrets.token_hex(32)
         keys[key_id] = {"name": name, "rights": READ_ONLY if read_only else READ_WRITE,
                         "created_at": time.time(), "hash": _digest(secret)}
-        return f"shoal1-{key_id}-{secret}"
+        return key_id, f"shoal1-{key_id}-{secret}"
+
+    def describe(self, vol: dict[str, Any], key_id: str) -> dict[str, Any]:
+        """A key as listings show it: never its secret or hash."""
+        k = self.keys(vol)[key_id]
+        return {"name": k["name"], "key_id": key_id, "rights": k["rights"], "created_at": k["created_at"]}
 
     def listing(self, vol: dict[str, Any]) -> list[dict[str, Any]]:
-        return sorted(({"name": k["name"], "key_id": key_id, "rights": k["rights"], "created_at": k["created_at"]}
-                       for key_id, k in self.keys(vol).items()), key=lambda k: k["created_at"])
+        return sorted((self.describe(vol, key_id) for key_id in self.keys(vol)), key=lambda k: k["created_at"])
 
     def revoke(self, vol: dict[str, Any], name: Any) -> str:
         """Forget the key and refuse its capabilities (the caller saves the state)."""

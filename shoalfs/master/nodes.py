@@ -37,10 +37,11 @@ class NodeMonitor:
         self.reports: dict[str, dict[str, Any]] = {}
         self._background = BackgroundTask(self._loop)
         self.started = time.monotonic()
-        self.read_only_volumes: Callable[[], list[str]] = lambda: []
+        # fields of every node's heartbeat, computed once per round
+        self.round_state: Callable[[], dict[str, Any]] = lambda: {}
         # extra fields sent when dropping a partition of a volume that is gone
         self.orphan_context: Callable[[int, dict[str, Any]], dict[str, Any]] = lambda pid, report: {}
-        # more fields for one node's heartbeat (revoked keys, its node capability)
+        # fields of one node's heartbeat (its node capability)
         self.node_state: Callable[[str], dict[str, Any]] = lambda addr: {}
 
     def is_up(self, addr: str) -> bool:
@@ -90,14 +91,14 @@ class NodeMonitor:
     async def beat_all(self) -> None:
         """One heartbeat round; also carries volume states (read-only while pending delete)."""
         nodes = list(self.state.nodes)
-        placements, read_only = self.state.placements(), self.read_only_volumes()  # once per round
-        await asyncio.gather(*(self._beat(a, placements.get(a, {}), read_only) for a in nodes),
+        placements, shared = self.state.placements(), self.round_state()  # once per round
+        await asyncio.gather(*(self._beat(a, placements.get(a, {}), shared) for a in nodes),
                              return_exceptions=True)
 
     async def _beat(self, addr: str, placed: dict[int, tuple[str, dict[str, Any], dict[str, Any]]],
-                    read_only: list[str]) -> None:
+                    shared: dict[str, Any]) -> None:
         vols = {vol["vol_id"]: vol for _, _, vol in placed.values()}
-        body = {"read_only": read_only, **self.node_state(addr),
+        body = {**shared, **self.node_state(addr),
                 "volumes": {vol_id: self.state.volume_map(vol) for vol_id, vol in vols.items()}}
         try:
             report = await self.pool.call_once(addr, Op.HEARTBEAT, 0, body, timeout=3.0)

@@ -16,7 +16,7 @@ from aiohttp import StreamReader, web
 
 from shoalfs.common.limits import config_count, config_seconds, connection_cap, raise_nofile_limit
 from shoalfs.common.tls import TlsConfigError, client_context, http_scheme, server_context
-from shoalfs.master.access import Auth, Authority, Caller, MasterCredential
+from shoalfs.master.access import Auth, Authority, Caller, master_credential
 from shoalfs.master.keys import OWNER, KeyRing
 from shoalfs.master.lifecycle import VolumeLifecycle
 from shoalfs.master.nodes import NodeMonitor
@@ -202,8 +202,9 @@ class Master:
         self.authority = Authority(cfg, self.data_dir, self.signing_key)
         self.state = MasterState(os.path.join(self.data_dir, "master.json"))
         self.keys = KeyRing(self.state, self.authority.capability_ttl)
+        self.authority.revoked = lambda key_id: key_id in self.keys.revoked
         self.tls_server = server_context(cfg)
-        self.nodes = NodeMonitor(self.state, MasterCredential(self.authority),
+        self.nodes = NodeMonitor(self.state, master_credential(self.authority),
                                  float(cfg.get("heartbeat_interval", 1.0)), float(cfg.get("node_timeout", 5.0)),
                                  tls=client_context(cfg.get("tls_ca")))
         self.lock = asyncio.Lock()
@@ -221,9 +222,9 @@ class Master:
         self.add("POST", "/key/revoke", self.key_revoke, Auth.ADMIN)
         self.lifecycle = VolumeLifecycle(self)
         self.sessions = ClientSessions(self)
-        self.nodes.read_only_volumes = self.state.read_only_volumes
+        self.nodes.round_state = self._round_state
         self.nodes.orphan_context = self._orphan_context
-        self.nodes.node_state = self._node_state
+        self.nodes.node_state = lambda addr: {"node_cap": self.authority.node_capability(addr)}
 
     def add(self, method: str, path: str, handler: Handler, auth: Auth) -> None:
         self.routes[(method, path)] = (handler, auth)
@@ -231,10 +232,7 @@ class Master:
 
     def _wrap(self, handler: Handler, auth: Auth) -> Handler:
         async def wrapped(request: web.Request) -> web.Response:
-            caller = self.authority.caller(request, auth)
-            if caller.cap is not None and caller.cap.key_id in self.keys.revoked:
-                raise ShoalError(Code.UNAUTHORIZED, "the key of this capability was revoked")
-            request["caller"] = caller
+            request["caller"] = self.authority.caller(request, auth)
             data = await handler(request)
             return envelope(0, "ok", data)
         return wrapped
@@ -298,10 +296,10 @@ class Master:
         return {"new": new, "master_pubkey": self.lifecycle.public_key,
                 "node_cap": self.authority.node_capability(body["addr"])}
 
-    def _node_state(self, addr: str) -> dict[str, Any]:
-        """What each heartbeat tells a node besides volume states: the keys
-        whose capabilities to refuse, and a fresh node capability."""
-        return {"revoked": self.keys.revoked_ids(), "node_cap": self.authority.node_capability(addr)}
+    def _round_state(self) -> dict[str, Any]:
+        """What every node hears in a heartbeat round: volumes pending deletion
+        (read-only) and the keys whose capabilities to refuse."""
+        return {"read_only": self.state.read_only_volumes(), "revoked": self.keys.revoked_ids()}
 
     async def volume_create(self, request: web.Request) -> Any:
         body = await self.body(request)
@@ -318,7 +316,7 @@ class Master:
             if failed:
                 await self.drop_partitions(vol)
                 raise ShoalError(Code.UNAVAILABLE, f"could not place volume: {failed[0]}")
-            owner_key = self.keys.create(vol, OWNER, read_only=False)
+            _, owner_key = self.keys.create(vol, OWNER, read_only=False)
             self.state.add_volume(vol)
         log.info("created volume %s (%s)", vol["name"], vol["vol_id"])
         return dict(self.describe(vol), owner_key=owner_key)
@@ -373,9 +371,9 @@ class Master:
             raise ShoalError(Code.BAD_REQUEST, "read_only must be true or false")
         async with self.lock:
             vol = self.state.by_name(body.get("volume"))  # type: ignore[arg-type]
-            key = self.keys.create(vol, body.get("name"), read_only)
+            key_id, key = self.keys.create(vol, body.get("name"), read_only)
             self.state.save()
-        entry = self.keys.listing(vol)[-1]
+        entry = self.keys.describe(vol, key_id)
         log.info("issued %s key %r of volume %s", entry["rights"], entry["name"], vol["name"])
         return dict(entry, key=key)
 

@@ -115,28 +115,29 @@ class ClientSessions:
                                                 f"volume {vol['name']}")
         return vol
 
+    def _session(self, request: web.Request) -> Capability:
+        cap = self.m.caller(request).cap
+        assert cap is not None  # Auth.SESSION admits capabilities only
+        return cap
+
     def _renewed(self, cap: Capability) -> str:
         return self.m.authority.issue(cap.vol_id, cap.rights, cap.session, cap.key_id)
 
     async def heartbeat(self, request: web.Request) -> Any:
         """Kept cheap: thousands of mounts call this every few seconds."""
-        cap = self.m.caller(request).cap
-        assert cap is not None
+        cap = self._session(request)
         fields = validate(SESSION_FIELDS, await self.m.body(request))
         vol = self._still_valid(cap)
         self.table.touch(cap, self.m.keys.name_of(vol, cap.key_id), fields)
         return {"status": vol["status"], "purge_at": vol.get("purge_at"), "capability": self._renewed(cap)}
 
     async def renew(self, request: web.Request) -> Any:
-        cap = self.m.caller(request).cap
-        assert cap is not None
+        cap = self._session(request)
         self._still_valid(cap)
         return {"capability": self._renewed(cap)}
 
     async def goodbye(self, request: web.Request) -> Any:
-        cap = self.m.caller(request).cap
-        assert cap is not None
-        self.table.drop(cap.session)
+        self.table.drop(self._session(request).session)
         return {}
 
     async def clients(self, request: web.Request) -> Any:
