@@ -18,7 +18,7 @@ from shoalfs.common.limits import raise_nofile_limit, server_limits
 from shoalfs.common.master_client import MasterClient
 from shoalfs.common.tls import TlsConfigError, client_context, server_context
 from shoalfs.common.tombstones import TombstoneStore
-from shoalfs.proto import capability
+from shoalfs.proto import capability, tombstone
 from shoalfs.proto.capability import MAX_TOKEN, Access, Capability
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 
 # Schemas of the master's commands, the same on every node (the connection's
 # capability, not a field, proves they come from the master).
-KEY_IDS = ListOf(Str(64), 1_000_000)
-MASTER_STATE: Schema = {"read_only": Opt(ListOf(Str(64), 1_000_000), []), "volumes": Opt(Map, {}),
-                        "revoked": Opt(KEY_IDS, []), "node_cap": Opt(Str(MAX_TOKEN))}
+IDS = ListOf(Str(64), 1_000_000)  # vol_ids, key ids
+MASTER_STATE: Schema = {"read_only": Opt(IDS, []), "volumes": Opt(Map, {}), "revoked": Opt(IDS, []),
+                        "node_cap": Opt(Str(MAX_TOKEN))}
 DELETE_PARTITION: Schema = {"tombstone": Opt(Map)}
 NEW_PARTITION: Schema = {"vol_id": Str(64), "replicas": Opt(ListOf(Str(256), 16), []), "volume": Opt(Map)}
 
@@ -112,7 +112,6 @@ class NodeService:
         os.chmod(self.data_dir, 0o700)
         self.tombstones = TombstoneStore(os.path.join(self.data_dir, "tombstones.json"))
         self._master_file = os.path.join(self.data_dir, "master.json")
-        self._master_pubkey = ""
         self._load_master_key()
         self.read_only: set[str] = set()  # vol_ids pending deletion: mutations refused
 
@@ -183,10 +182,10 @@ class NodeService:
     def check_watch(self, cap: Capability | None, vol_id: str) -> None:
         """A subscription to a volume's events: its capability, which may have
         expired if the volume is deleted (then the tombstone is all it gets)."""
-        self.check_volume(self.check_capability(cap), vol_id)
+        checked = self.check_capability(cap)
+        self.check_volume(checked, vol_id)
         if self.tombstones.for_volume(vol_id) is None:
-            assert cap is not None
-            capability.check_expiry(cap)
+            capability.check_expiry(checked)
 
     @staticmethod
     def check_volume(cap: Capability | None, vol_id: str) -> None:
@@ -214,14 +213,13 @@ class NodeService:
             self.node_cap = str(data["node_cap"])
         except (KeyError, TypeError, ValueError):
             raise ShoalError(Code.UNAVAILABLE, "master answered registration without its key") from None
-        self._master_pubkey = str(data["master_pubkey"])
         self._save_master_file()
 
     def _save_master_file(self) -> None:
         """What this node knows of the master, kept so that after a restart it
         serves clients (and refuses revoked keys) before the master is back."""
-        if self._master_pubkey:
-            atomic_write(self._master_file, json.dumps({"master_pubkey": self._master_pubkey,
+        if self.master_key is not None:
+            atomic_write(self._master_file, json.dumps({"master_pubkey": tombstone.public_hex(self.master_key),
                                                         "revoked": sorted(self.revoked)}).encode())
 
     def _load_master_key(self) -> None:
@@ -229,7 +227,6 @@ class NodeService:
             with open(self._master_file) as f:
                 doc = json.load(f)
             self.master_key = capability.load_public(doc["master_pubkey"])
-            self._master_pubkey = doc["master_pubkey"]
             self.revoked = set(doc.get("revoked", []))
         except FileNotFoundError:
             pass  # never registered: capabilities are refused until we are

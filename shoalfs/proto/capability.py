@@ -76,6 +76,7 @@ def load_public(public_hex: str) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex))
 
 
+
 def verify(public_key: Ed25519PublicKey, token: Any, now: float | None = None,
            allow_expired: bool = False) -> Capability:
     """The capability a token grants; UNAUTHORIZED if it is not one the

@@ -19,6 +19,7 @@ MAX_SYMLINK = 4095  # bytes of a symlink target (PATH_MAX - 1)
 MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 64 * 1024  # as ext4
 MAX_XATTR_TOTAL = 256 * 1024  # all xattrs of one inode
+OPEN_LEASE = 60.0  # seconds a metanode keeps a file open for a session that stopped renewing (default)
 
 
 def extent_id(ino: int, chunk: int) -> int:
@@ -26,4 +27,3 @@ def extent_id(ino: int, chunk: int) -> int:
     if not 0 <= chunk <= MAX_CHUNK or not 0 < ino <= MAX_INO:
         raise ValueError(f"no extent for chunk {chunk} of inode {ino}")
     return (ino << CHUNK_BITS) | chunk
-OPEN_LEASE = 60.0  # seconds a metanode keeps a file open for a session that stopped renewing (default)

@@ -63,7 +63,7 @@ class RpcConnection:
                 loop.create_connection(lambda: FrameReceiver(self._on_frame, self._on_lost), host, port,
                                        ssl=self.tls, server_hostname=host if self.tls is not None else None),
                 timeout)
-        except ssl.SSLError as exc:  # not a passing fault: a wrong CA or a server without TLS
+        except ssl.SSLError as exc:  # a wrong CA, or a server without TLS: retried, reported at the deadline
             self.closed = True
             raise ShoalError(Code.UNAVAILABLE, f"{self.addr}: TLS handshake failed: {exc}") from None
         except (TimeoutError, OSError) as exc:

@@ -39,8 +39,10 @@ def load_or_create_key(path: str) -> Ed25519PrivateKey:
     return loaded
 
 
-def public_hex(key: Ed25519PrivateKey) -> str:
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+def public_hex(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """The master's public key as clients and nodes learn it."""
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
 
 def sign(key: Ed25519PrivateKey, tomb: dict[str, Any]) -> dict[str, Any]:
