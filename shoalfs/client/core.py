@@ -51,14 +51,15 @@ class ClientOptions:
 
 class VolumeClient:
     def __init__(self, master: str, volume: str, options: ClientOptions | None = None,
-                 on_event: EventCallback | None = None, key: str | None = None,
+                 on_event: EventCallback | None = None, key: str | None = None, key_file: str | None = None,
                  admin_token: str | None = None) -> None:
-        """`key` buys the capability; without one, `admin_token` must stand in."""
+        """A key (`key`, `key_file`, or found as client/keys.py says) buys the
+        capability; with `admin_token` instead, none is looked for."""
         self.options = options or ClientOptions()
         tls = client_context(self.options.tls_ca or os.environ.get("SHOAL_TLS_CA"))
         self.master = MasterClient(master, admin_token, tls=tls)
         self.volume_name = volume
-        self.credential = ClientCredential(self.master, volume, key)
+        self.credential = ClientCredential(self.master, volume, key, key_file, find=admin_token is None)
         self.pool = RpcPool(RetryPolicy(self.options.op_deadline, self.options.backoff_first,
                                         self.options.backoff_cap, self.options.attempt_timeout),
                             on_event=on_event, credential=self.credential, tls=tls)
@@ -150,13 +151,13 @@ class VolumeClient:
         operation makes."""
         if end is None:
             end = time.monotonic() + self.options.op_deadline
-        deadline = end
+        until = end
 
         async def before_retry(exc: ShoalError) -> None:
             self.check_fence()  # deleted while we waited: ESTALE now, not at the deadline
             if exc.code == Code.PARTITION_NOT_EXIST:  # placement may have moved: ask the master
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.refresh(), max(0.0, deadline - time.monotonic()))
+                    await asyncio.wait_for(self.refresh(), max(0.0, until - time.monotonic()))
 
         self.check_fence()
         try:
@@ -278,19 +279,12 @@ class VolumeClient:
         dying = None
         if want_dir:
             found = await self.lookup(parent, name)
-            if stat.S_ISDIR(found["mode"]):
-                # empty, and refusing new entries, in one step at the directory's partition
-                dying = found["ino"]
-                await self.meta(dying, Op.META_RMDIR_PREPARE, {"ino": dying})
-        try:
+            dying = found["ino"] if stat.S_ISDIR(found["mode"]) else None
+        async with self._removing_dir(dying) as removal:
             found = await self.meta(parent, Op.META_DELETE_DENTRY,
                                     {"parent": parent, "name": name, "dir": want_dir,
                                      "keep": None if want_dir else list(self.open_counts)})
-        except ShoalError:
-            if dying is not None:
-                with contextlib.suppress(ShoalError):
-                    await self.meta(dying, Op.META_RMDIR_ABORT, {"ino": dying})
-            raise
+            removal.done = True
         if "nlink" not in found:  # the inode lives elsewhere: a second step
             await self.drop_link(found["ino"])
         elif found["nlink"] == 0:
@@ -299,6 +293,22 @@ class VolumeClient:
             elif found["ino"] in self.open_counts:  # dropped at our last close (or another mount's)
                 self.pending_evict.add(found["ino"])
         return int(found["ino"])
+
+    @contextlib.asynccontextmanager
+    async def _removing_dir(self, ino: int | None) -> AsyncIterator[_Removal]:
+        """Around the removal of directory `ino` (rmdir, or a rename replacing
+        it; None: no directory): it is checked empty and closed to new entries
+        in one step at its partition, so no create lands in it meanwhile.
+        Unless the block marks the removal done, it is opened again."""
+        removal = _Removal()
+        if ino is not None:
+            await self.meta(ino, Op.META_RMDIR_PREPARE, {"ino": ino})
+        try:
+            yield removal
+        finally:
+            if ino is not None and not removal.done:
+                with contextlib.suppress(ShoalError):
+                    await self.meta(ino, Op.META_RMDIR_ABORT, {"ino": ino})
 
     async def drop_link(self, ino: int) -> None:
         attr = await self.meta(ino, Op.META_UNLINK_INODE, {"ino": ino})
@@ -334,24 +344,14 @@ class VolumeClient:
         if target is not None and stat.S_ISDIR(target["mode"]) and not noreplace:
             moving = await self.lookup(sp, sn)
             if moving["ino"] != target["ino"] and stat.S_ISDIR(moving["mode"]):
-                # as rmdir: empty, and refusing new entries, in one step at the
-                # directory's partition, so no create lands in it as it is replaced
-                dying = target["ino"]
-                await self.meta(dying, Op.META_RMDIR_PREPARE, {"ino": dying})
-        try:
+                dying = target["ino"]  # replaced as rmdir removes it
+        async with self._removing_dir(dying) as removal:
             res = await self.call(src_part, Op.META_RENAME, {
                 "src_parent": sp, "src_name": sn, "dst_parent": dp, "dst_name": dn,
                 "dst_pid": dst_part["pid"], "noreplace": noreplace, "replace_dir": dying or 0})
-        except ShoalError:
-            if dying is not None:
-                with contextlib.suppress(ShoalError):
-                    await self.meta(dying, Op.META_RMDIR_ABORT, {"ino": dying})
-            raise
+            removal.done = bool(res.get("replaced"))  # else the name had moved on: the directory stays
         if res.get("replaced"):
             await self.drop_link(res["replaced"][0])
-        elif dying is not None:  # the name had moved on meanwhile: the directory stays
-            with contextlib.suppress(ShoalError):
-                await self.meta(dying, Op.META_RMDIR_ABORT, {"ino": dying})
 
     # ----- xattrs --------------------------------------------------------------
     async def setxattr(self, ino: int, name: str, value: bytes, flags: int = 0) -> None:
@@ -515,6 +515,11 @@ class VolumeClient:
         await self.credential.stop()
         await self.pool.close()
         await self.master.close()
+
+
+@dataclass
+class _Removal:
+    done: bool = False
 
 
 def check_file_size(end: int) -> None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from shoalfs.client.keys import KeyFileError, find_key
 from shoalfs.common.master_client import MasterClient
 from shoalfs.proto.capability import READ_ONLY
 from shoalfs.proto.errors import Code, ShoalError
@@ -26,11 +27,19 @@ from shoalfs.proto.errors import Code, ShoalError
 log = logging.getLogger(__name__)
 
 
+NO_KEY = "no key (key=/key_file=, --key-file/-o key_file=, SHOAL_KEY_FILE, or the embedded cluster's key store)"
+
+
 class ClientCredential:
-    def __init__(self, master: MasterClient, volume: str, key: str | None) -> None:
+    def __init__(self, master: MasterClient, volume: str, key: str | None, key_file: str | None = None,
+                 find: bool = True) -> None:
+        """The key is `key`, else found (`find`) as client/keys.py says; without
+        one, the master client's admin token must stand in."""
         self.master = master
         self.volume = volume
-        self.key = key  # None: the master client's admin token stands in
+        self.key = key
+        self.key_file = key_file
+        self.find = find
         self.capability: str | None = None
         self.rights = ""
         self.ttl = 60.0
@@ -66,11 +75,24 @@ class ClientCredential:
         self.revoked = True
 
     async def open(self, deadline: float) -> dict[str, Any]:
-        """Buy a capability with the key; the volume's description."""
+        """Buy a capability with the key; the volume's description. Without a
+        key too: the master says whether the volume exists. A missing, wrong
+        or revoked key: UNAUTHORIZED, `access denied to volume NAME`."""
+        denied = f"access denied to volume {self.volume}"
+        if self.key is None and self.find:
+            try:
+                self.key = find_key(self.master.addr, self.volume, key_file=self.key_file)
+            except KeyFileError as exc:
+                raise ShoalError(Code.UNAUTHORIZED, f"{denied}: {exc}") from None
         body: dict[str, Any] = {"volume": self.volume}
         if self.key is not None:
             body["key"] = self.key
-        res = await self.master.request("POST", "/client/session", body=body, deadline=deadline)
+        try:
+            res = await self.master.request("POST", "/client/session", body=body, deadline=deadline)
+        except ShoalError as exc:
+            if exc.code in (Code.UNAUTHORIZED, Code.FORBIDDEN):
+                raise ShoalError(exc.code, denied if self.key else f"{denied}: {NO_KEY}") from None
+            raise
         self.rights = str(res["rights"])
         self.ttl = float(res["ttl"])
         self.install(res["capability"])

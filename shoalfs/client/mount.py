@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoalfs.client.core import ClientOptions, VolumeClient
-from shoalfs.client.keys import KeyFileError, find_key
 from shoalfs.common.files import open_private_log
 from shoalfs.common.tls import TlsConfigError
 from shoalfs.proto.errors import Code, ShoalError
@@ -160,22 +159,17 @@ class MountSession:
             self.ready_fd = None
 
     async def open_volume(self) -> VolumeClient:
-        denied = f"access denied to volume {self.opts.volume}"
         try:
-            key = find_key(self.opts.master, self.opts.volume, key_file=self.opts.key_file or None)
-        except KeyFileError as exc:
-            raise MountError(f"{denied}: {exc}") from None
-        try:
-            client = VolumeClient(self.opts.master, self.opts.volume, self.client_options(), key=key)
+            client = VolumeClient(self.opts.master, self.opts.volume, self.client_options(),
+                                  key_file=self.opts.key_file or None)
         except TlsConfigError as exc:
             raise MountError(str(exc)) from None
         try:
-            await client.open()  # without a key too: the master says whether the volume exists
+            await client.open()
         except ShoalError as exc:
             await client.close()
             if exc.code in (Code.UNAUTHORIZED, Code.FORBIDDEN):
-                raise MountError(denied if key else f"{denied}: no key (-o key_file=PATH, --key-file or "
-                                                    "SHOAL_KEY_FILE)") from None
+                raise MountError(exc.msg) from None  # access denied to volume NAME[: why]
             raise MountError(f"cannot open volume {self.opts.volume!r}: {exc.msg}") from None
         if client.credential.read_only:
             self.opts.read_only = True  # a read-only key: the kernel refuses writes with EROFS

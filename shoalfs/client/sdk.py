@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 
 from shoalfs.client.core import ROOT_INO, ClientOptions, VolumeClient, split_path
 from shoalfs.client.handle import FileHandle
-from shoalfs.client.keys import KeyFileError, find_key
 from shoalfs.client.lifecycle import GuardConfig, LifecycleGuard
 from shoalfs.proto.errors import Code, ShoalError
 
@@ -94,28 +93,15 @@ def _oserror(exc: ShoalError, path: str | None) -> OSError:
     return exc.to_oserror(path)
 
 
-def access_denied(volume: str, why: str) -> PermissionError:
-    return PermissionError(errno.EACCES, f"access denied to volume {volume}: {why}")
-
-
 class Volume:
     def __init__(self, master: str, volume: str, options: ClientOptions | None = None,
                  key: str | None = None, key_file: str | None = None) -> None:
-        try:
-            key = find_key(master, volume, key, key_file)
-        except KeyFileError as exc:
-            raise access_denied(volume, str(exc)) from None
         self._loop = _Loop()
-        self.client = VolumeClient(master, volume, options, key=key)
+        self.client = VolumeClient(master, volume, options, key=key, key_file=key_file)
         self.guard: LifecycleGuard | None = None
         self.deleted_by: str | None = None  # detection path, once the volume is deleted
         try:
-            try:  # without a key too: the master says whether the volume exists
-                self._loop.run(self.client.open())
-            except ShoalError as exc:
-                if exc.code == Code.UNAUTHORIZED and key is None:
-                    raise access_denied(volume, "no key (pass key= or key_file=, or set SHOAL_KEY_FILE)") from None
-                raise _oserror(exc, None) from None
+            self._run(self.client.open())  # no, a wrong or a revoked key: PermissionError
             if self.client.options.watch:
                 self._run(self._start_guard())
         except BaseException:
