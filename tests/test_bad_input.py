@@ -155,11 +155,15 @@ def test_bad_http_gets_an_envelope_not_a_500(cluster: EmbeddedCluster) -> None:
 
 
 def test_secrets_are_private(cluster: EmbeddedCluster) -> None:
-    assert os.stat(cluster.token_file).st_mode & 0o777 == 0o600
-    key = os.path.join(cluster.dir, "data", "master", "master.key")
-    assert os.stat(key).st_mode & 0o777 == 0o600
+    """Tokens 0600; the signing key only in etcd (0700), never in a master's files."""
+    for path in (cluster.token_file, cluster.node_token_file):
+        assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(os.path.join(cluster.dir, "data", "etcd")).st_mode & 0o777 == 0o700
+    master_files = os.listdir(os.path.join(cluster.dir, "data", "master"))
+    assert "master.key" not in master_files and sorted(master_files) == ["admin.token", "node.token"]
     for name in cluster.names():
-        assert os.stat(os.path.join(cluster.dir, "conf", f"{name}.json")).st_mode & 0o777 == 0o600
+        if name != "etcd":
+            assert os.stat(os.path.join(cluster.dir, "conf", f"{name}.json")).st_mode & 0o777 == 0o600
 
 
 def test_corrupted_block_is_detected_on_read(cluster: EmbeddedCluster) -> None:

@@ -35,7 +35,9 @@ def test_cluster_up_status_down_idempotent(tmp_path) -> None:
         st = shoal("cluster", "status", "--data", data, "--json")
         assert st.returncode == 0
         rows = json.loads(st.stdout)
-        assert [r["running"] for r in rows] == [True, True, True]
+        assert [(r["role"], r["running"]) for r in rows] == [("etcd", True), ("master", True), ("datanode", True),
+                                                              ("metanode", True)]
+        assert [r["state"] for r in rows if r["role"] == "master"] == ["leader"]
         # up again is a no-op that keeps the same processes
         assert shoal("cluster", "up", "--data", data).stdout.strip() == master
         assert json.loads(shoal("cluster", "status", "--data", data, "--json").stdout) == rows

@@ -468,11 +468,8 @@ def test_a_mount_back_after_the_retention_still_proves_the_deletion(cluster_fact
     stopped = time.monotonic()
     try:
         c.admin("/volume/delete", {"name": "longago"})
-        state = os.path.join(c.dir, "data", "master", "master.json")
-
         def forgotten() -> bool:
-            with open(state) as f:
-                doc = json.load(f)
+            doc = c.etcd_state()
             return vol["vol_id"] not in doc["volumes"] and vol["vol_id"] in doc.get("graveyard", {})
         wait_for(forgotten, 15, "the master to forget the volume but keep its tombstone")
         wait_for(lambda: time.monotonic() > stopped + ttl + 0.5, 10, "the mount's capability to expire")

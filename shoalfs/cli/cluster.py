@@ -1,6 +1,7 @@
 """The embedded cluster: every role as a real process on 127.0.0.1, with
-configs, logs, pids and data under one directory. Used by `shoal cluster`,
-the demo, the tests and the benchmarks."""
+configs, logs, pids and data under one directory: one etcd (Debian's
+etcd-server), N masters, the metanodes and the datanodes. Used by
+`shoal cluster`, the demo, the tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from typing import Any
 from shoalfs.client.keys import save_key, store_path
 from shoalfs.common.files import atomic_write, open_private_log
 from shoalfs.common.tls import client_context
+from shoalfs.proto.errors import Code, ShoalError
+
+ETCD = "etcd"
+NOT_LEADER = int(Code.NOT_LEADER)
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -65,8 +70,18 @@ class EmbeddedCluster:
 
     # ----- layout -----------------------------------------------------------
     @property
+    def masters(self) -> dict[str, str]:
+        """Master process name -> address ("master", "master2", ...)."""
+        return dict(self.layout.get("masters") or {"master": self.layout["master"]})
+
+    @property
     def master_addr(self) -> str:
-        return str(self.layout["master"])
+        """Every master, comma-separated: what clients, nodes and the CLI take."""
+        return ",".join(self.masters.values())
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return str(self.layout["etcd"]["client"])
 
     @property
     def token_file(self) -> str:
@@ -87,8 +102,9 @@ class EmbeddedCluster:
             return None
         return ca if isinstance(ca, str) and ca else None
 
-    def _url(self, path: str) -> str:
-        return f"{'https' if self.tls_ca else 'http'}://{self.master_addr}{path}"
+    def _url(self, path: str, addr: str | None = None) -> str:
+        """The URL of `path` on one master (default: the first)."""
+        return f"{'https' if self.tls_ca else 'http'}://{addr or next(iter(self.masters.values()))}{path}"
 
     def _tls(self) -> ssl.SSLContext | None:
         return client_context(self.tls_ca)
@@ -103,7 +119,9 @@ class EmbeddedCluster:
             return f.read().strip()
 
     def names(self) -> list[str]:
-        return ["master"] + sorted(n for n in self.layout.get("nodes", {}))
+        """Every process, in start order."""
+        etcd = [ETCD] if "etcd" in self.layout else []
+        return etcd + list(self.masters) + sorted(n for n in self.layout.get("nodes", {}))
 
     def _conf(self, name: str) -> str:
         return os.path.join(self.dir, "conf", f"{name}.json")
@@ -114,23 +132,29 @@ class EmbeddedCluster:
     def log_path(self, name: str) -> str:
         return os.path.join(self.dir, "logs", f"{name}.log")
 
-    def create(self, metanodes: int = 3, datanodes: int = 3, extra: dict[str, Any] | None = None) -> None:
+    def create(self, metanodes: int = 3, datanodes: int = 3, extra: dict[str, Any] | None = None,
+               masters: int = 1) -> None:
         """Write configs for a new cluster (ports chosen once, kept across restarts)."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         os.chmod(self.dir, 0o700)  # configs, keys, logs and data: the owner's only
         for sub in ("conf", "run", "logs", "data", "keys"):
             os.makedirs(os.path.join(self.dir, sub), mode=0o700, exist_ok=True)
-        master = f"127.0.0.1:{free_port()}"
+        names = ["master"] + [f"master{i}" for i in range(2, masters + 1)]
+        master_addrs = {name: f"127.0.0.1:{free_port()}" for name in names}
         nodes: dict[str, dict[str, str]] = {}
         for role, count in (("metanode", metanodes), ("datanode", datanodes)):
             for i in range(count):
                 nodes[f"{role}{i + 1}"] = {"role": role, "listen": f"127.0.0.1:{free_port()}"}
-        self.layout = {"master": master, "nodes": nodes}
-        master_cfg = {"listen": master, "data_dir": os.path.join(self.dir, "data", "master"),
-                      "token_file": self.token_file, **(extra or {}).get("master", {})}
-        self._write_conf("master", master_cfg)
+        etcd = {"client": f"127.0.0.1:{free_port()}", "peer": f"127.0.0.1:{free_port()}"}
+        self.layout = {"etcd": etcd, "masters": master_addrs, "nodes": nodes}
+        for name, addr in master_addrs.items():
+            self._write_conf(name, {"listen": addr, "data_dir": os.path.join(self.dir, "data", name),
+                                    "etcd": etcd["client"],
+                                    # the first master's token files are the cluster's (all hold the same)
+                                    **({"token_file": self.token_file} if name == "master" else {}),
+                                    **(extra or {}).get("master", {})})
         for name, node in nodes.items():
-            self._write_conf(name, {"listen": node["listen"], "master": master,
+            self._write_conf(name, {"listen": node["listen"], "master": self.master_addr,
                                     "data_dir": os.path.join(self.dir, "data", name),
                                     "token_file": self.node_token_file,
                                     **(extra or {}).get(node["role"], {})})
@@ -140,7 +164,18 @@ class EmbeddedCluster:
         atomic_write(self._conf(name), json.dumps(cfg, indent=2).encode(), mode=0o600)
 
     def role(self, name: str) -> str:
-        return "master" if name == "master" else str(self.layout["nodes"][name]["role"])
+        if name == ETCD or name in self.masters:
+            return "master" if name != ETCD else ETCD
+        return str(self.layout["nodes"][name]["role"])
+
+    def _command(self, name: str) -> list[str]:
+        if name != ETCD:
+            return [sys.executable, "-m", "shoalfs.cli", self.role(name), "--config", self._conf(name)]
+        client, peer = self.layout["etcd"]["client"], self.layout["etcd"]["peer"]
+        return ["etcd", "--name", "shoal", "--data-dir", os.path.join(self.dir, "data", "etcd"),
+                "--listen-client-urls", f"http://{client}", "--advertise-client-urls", f"http://{client}",
+                "--listen-peer-urls", f"http://{peer}", "--initial-advertise-peer-urls", f"http://{peer}",
+                "--initial-cluster", f"shoal=http://{peer}", "--log-level", "warn", "--logger", "zap"]
 
     # ----- processes ----------------------------------------------------------
     @staticmethod
@@ -168,13 +203,10 @@ class EmbeddedCluster:
     def start(self, name: str) -> None:
         if self.pid(name) is not None:
             return
-        if name == "master" and not os.path.exists(self.token_file):
-            os.makedirs(os.path.dirname(self.token_file), exist_ok=True)
         log = open_private_log(self.log_path(name))
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "shoalfs.cli", self.role(name), "--config", self._conf(name)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self._command(name), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, close_fds=True)
         finally:
             log.close()
@@ -209,13 +241,16 @@ class EmbeddedCluster:
                 time.sleep(0.02)
 
     def up(self, metanodes: int = 3, datanodes: int = 3, timeout: float = 60.0,
-           extra: dict[str, Any] | None = None) -> None:
+           extra: dict[str, Any] | None = None, masters: int = 1) -> None:
         if not self.layout:
-            self.create(metanodes, datanodes, extra)
-        # the master first so it writes the token the nodes read
-        self.start("master")
+            self.create(metanodes, datanodes, extra, masters)
+        # etcd, then the masters (the first writes the token the nodes read), then the nodes
+        names = self.names()
+        for name in names:
+            if self.role(name) in (ETCD, "master"):
+                self.start(name)
         self._wait(lambda: os.path.exists(self.node_token_file), timeout, "master to write its tokens")
-        for name in self.names()[1:]:
+        for name in names:
             self.start(name)
         self.wait_ready(timeout)
 
@@ -239,33 +274,96 @@ class EmbeddedCluster:
             time.sleep(0.1)
         raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
 
-    def http_get(self, path: str) -> Any:
-        """A GET as the operator (the admin token, once the master has written it)."""
+    def _envelope(self, addr: str, path: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+        """One call to one master as the operator (the admin token, once written)."""
         headers = {"Authorization": f"Bearer {self.token}"} if os.path.exists(self.token_file) else {}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            data = json.dumps(body).encode()
+        req = urllib.request.Request(self._url(path, addr), data=data, headers=headers,
+                                     method="GET" if body is None else "POST")
         try:
-            req = urllib.request.Request(self._url(path), headers=headers)
-            with urllib.request.urlopen(req, timeout=2, context=self._tls()) as r:
+            with urllib.request.urlopen(req, timeout=timeout, context=self._tls()) as r:
                 env = json.load(r)
-        except (OSError, ValueError, urllib.error.URLError):
+        except urllib.error.HTTPError as exc:
+            env = json.load(exc)
+        if not isinstance(env, dict) or "code" not in env:
+            raise ValueError("no envelope")
+        return env
+
+    def _leader_call(self, path: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+        """The leader's envelope: each master in turn (a follower's answer names
+        the leader); NOT_LEADER if none leads, ClusterError if none answers."""
+        order, tried = list(self.masters.values()), set()
+        last: dict[str, Any] | None = None
+        while order:
+            addr = order.pop(0)
+            if addr in tried:
+                continue
+            tried.add(addr)
+            try:
+                env = self._envelope(addr, path, body, timeout)
+            except (OSError, ValueError, urllib.error.URLError):
+                continue
+            if env["code"] != NOT_LEADER:
+                return env
+            last = env
+            hint = (env.get("data") or {}).get("leader")
+            if isinstance(hint, str) and hint not in tried:
+                order.insert(0, hint)
+        if last is None:
+            raise ClusterError("no master answers")
+        return last
+
+    def http_get(self, path: str) -> Any:
+        """A GET to the leader as the operator; None if it fails."""
+        try:
+            env = self._leader_call(path, None, 2.0)
+        except ClusterError:
             return None
         return env.get("data") if env.get("code") == 0 else None
 
     def admin(self, path: str, body: dict[str, Any]) -> Any:
-        """An authenticated admin call; raises ShoalError on an error envelope."""
-        from shoalfs.proto.errors import ShoalError
-
-        req = urllib.request.Request(self._url(path), method="POST",
-                                     data=json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {self.token}",
-                                              "Content-Type": "application/json"})
+        """An authenticated admin call to the leader; raises ShoalError on an error envelope."""
         try:
-            with urllib.request.urlopen(req, timeout=30, context=self._tls()) as r:
-                env = json.load(r)
-        except urllib.error.HTTPError as exc:
-            env = json.load(exc)
+            env = self._leader_call(path, body, 30.0)
+        except ClusterError as exc:
+            raise ShoalError(Code.NODE_UNREACHABLE, str(exc)) from None
         if env["code"] != 0:
             raise ShoalError(env["code"], env["msg"], env.get("data"))
         return env["data"]
+
+    def master_status(self, skip: str | None = None) -> dict[str, dict[str, Any] | None]:
+        """Each master's /master/status (None if it does not answer), but `skip`'s."""
+        out: dict[str, dict[str, Any] | None] = {}
+        for name, addr in self.masters.items():
+            if name == skip:
+                continue
+            try:
+                out[name] = self._envelope(addr, "/master/status", None, 2.0).get("data")
+            except (OSError, ValueError, urllib.error.URLError):
+                out[name] = None
+        return out
+
+    def etcd_state(self) -> dict[str, Any]:
+        """The masters' state as etcd holds it: what the next leader loads."""
+        import asyncio
+
+        from shoalfs.master.state import unflatten
+        from shoalfs.master.store import STATE, EtcdStore
+
+        async def load() -> dict[str, bytes]:
+            store = EtcdStore(self.etcd_endpoint)
+            try:
+                return await store.load(STATE)
+            finally:
+                await store.close()
+        return unflatten(asyncio.run(load()))
+
+    def leader(self) -> str | None:
+        """The name of the master that leads now, if one does."""
+        return next((name for name, st in self.master_status().items() if st and st.get("leading")), None)
 
     def create_volume(self, name: str, owner: str = "test", capacity_gib: float = 10) -> dict[str, Any]:
         """Create it and keep its owner key in the cluster's key store."""
@@ -295,9 +393,17 @@ class EmbeddedCluster:
 
     def status(self) -> list[dict[str, Any]]:
         rows = []
+        masters = self.master_status()
         for name in self.names():
-            listen = self.master_addr if name == "master" else self.layout["nodes"][name]["listen"]
+            role = self.role(name)
+            if role == ETCD:
+                listen = self.etcd_endpoint
+            else:
+                listen = self.masters[name] if role == "master" else self.layout["nodes"][name]["listen"]
             pid = self.pid(name)
-            rows.append({"name": name, "role": self.role(name), "addr": listen,
-                         "pid": pid, "running": pid is not None})
+            master = masters.get(name)
+            state = "" if role != "master" else "down" if master is None else \
+                "leader" if master["leading"] else "follower"
+            rows.append({"name": name, "role": role, "addr": listen, "pid": pid, "running": pid is not None,
+                         "state": state})
         return rows

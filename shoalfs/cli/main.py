@@ -20,7 +20,7 @@ from rich.table import Table
 
 from shoalfs.cli.cluster import ClusterError, EmbeddedCluster
 from shoalfs.client.keys import embedded_master, find_key_file, save_key, store_path
-from shoalfs.common.master_client import MasterClient
+from shoalfs.common.master_client import MasterClient, same_cluster
 from shoalfs.common.tls import TlsConfigError, client_context
 from shoalfs.proto.errors import ShoalError
 
@@ -74,7 +74,8 @@ def call_master(args: argparse.Namespace, method: str, path: str, params: dict[s
     async def go() -> Any:
         client = MasterClient(master_address(args), admin_token(args), tls=tls_context(args))
         try:
-            return await client.request(method, path, params, body, deadline=5.0)
+            # long enough to ride out a master failover (a follower leads within a lease, 3 s)
+            return await client.request(method, path, params, body, deadline=10.0)
         finally:
             await client.close()
     try:
@@ -139,7 +140,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     cluster = EmbeddedCluster(args.data)
     try:
         if args.action == "up":
-            cluster.up(args.metanodes, args.datanodes)
+            cluster.up(args.metanodes, args.datanodes, masters=args.masters)
             print(cluster.master_addr)
             print(f"export SHOAL_MASTER={cluster.master_addr}", file=sys.stderr)
         elif args.action == "down":
@@ -147,11 +148,13 @@ def cmd_cluster(args: argparse.Namespace) -> None:
         else:
             if not cluster.layout:
                 fail(f"no embedded cluster in {cluster.dir}")
-            emit(args, cluster.status(), f"cluster {cluster.dir}", ["name", "role", "addr", "pid", "running"])
+            rows = cluster.status()
+            emit(args, rows, f"cluster {cluster.dir}", ["name", "role", "addr", "pid", "running", "state"])
             nodes = cluster.http_get("/cluster/nodes")
             if nodes and not args.json:
-                print_table("as the master sees them", nodes, ["addr", "role", "status", "partitions", "disk_free"])
-            if not all(r["running"] for r in cluster.status()):
+                print_table("as the leading master sees them", nodes,
+                            ["addr", "role", "status", "partitions", "disk_free"])
+            if not all(r["running"] for r in rows) or not any(r["state"] == "leader" for r in rows):
                 raise SystemExit(1)
     except ClusterError as exc:
         fail(str(exc))
@@ -192,7 +195,7 @@ def cmd_volume(args: argparse.Namespace) -> None:
 
 def embedded_key_store(args: argparse.Namespace, volume: str) -> str | None:
     """Where the embedded cluster keeps owner keys, if the master is its master."""
-    if embedded_master(args.data) != master_address(args):
+    if not same_cluster(master_address(args), embedded_master(args.data)):
         return None
     return store_path(args.data, volume)
 
@@ -353,7 +356,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
-    common.add_argument("--master", help="master address host:port (or SHOAL_MASTER)")
+    common.add_argument("--master", help="master addresses host:port[,host:port...] (or SHOAL_MASTER)")
     common.add_argument("--data", default=DEFAULT_DATA, help="embedded cluster directory")
     common.add_argument("--token-file", help="admin token file (default: the embedded cluster's)")
     common.add_argument("--tls-ca", help="CA of a TLS cluster (or SHOAL_TLS_CA)")
@@ -372,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", default=DEFAULT_DATA, help="directory for configs, logs, pids, data")
     c.add_argument("--metanodes", type=int, default=3)
     c.add_argument("--datanodes", type=int, default=3)
+    c.add_argument("--masters", type=int, default=1, help="masters sharing the cluster's etcd (one leads)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_cluster)
 
@@ -414,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mount", help="mount a volume through FUSE")
     m.add_argument("volume")
     m.add_argument("mountpoint")
-    m.add_argument("--master", help="master address host:port (or SHOAL_MASTER)")
+    m.add_argument("--master", help="master addresses host:port[,host:port...] (or SHOAL_MASTER)")
     m.add_argument("--data", default=DEFAULT_DATA, help=argparse.SUPPRESS)
     m.add_argument("--foreground", "-f", action="store_true", help="stay attached, log to stderr")
     m.add_argument("-o", action="append", metavar="OPTIONS", help="comma-separated mount options")

@@ -81,7 +81,7 @@ class ClientCredential:
         denied = f"access denied to volume {self.volume}"
         if self.key is None and self.find:
             try:
-                self.key = find_key(self.master.addr, self.volume, key_file=self.key_file)
+                self.key = find_key(self.master.spec, self.volume, key_file=self.key_file)
             except KeyFileError as exc:
                 raise ShoalError(Code.UNAUTHORIZED, f"{denied}: {exc}") from None
         body: dict[str, Any] = {"volume": self.volume}

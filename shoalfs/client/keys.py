@@ -12,6 +12,7 @@ import json
 import os
 
 from shoalfs.common.files import atomic_write
+from shoalfs.common.master_client import same_cluster
 
 DEFAULT_DATA = "./shoal-data"
 
@@ -25,13 +26,14 @@ def store_path(data_dir: str, volume: str) -> str:
 
 
 def embedded_master(data_dir: str) -> str | None:
-    """The master address of the embedded cluster in data_dir, if there is one."""
+    """The master list of the embedded cluster in data_dir, if there is one."""
     try:
         with open(os.path.join(data_dir, "cluster.json")) as f:
-            master = json.load(f).get("master")
-    except (OSError, ValueError, AttributeError):
+            layout = json.load(f)
+        masters = layout.get("masters") or {"master": layout["master"]}
+        return ",".join(str(addr) for addr in masters.values())
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return None
-    return master if isinstance(master, str) else None
 
 
 def read_key_file(path: str) -> str:
@@ -51,14 +53,14 @@ def save_key(path: str, key: str) -> None:
 def find_key_file(master: str, volume: str, key_file: str | None = None,
                   data_dir: str | None = None) -> str | None:
     """The file to read the key from: the one given, $SHOAL_KEY_FILE, or the
-    embedded cluster's store if that cluster's master is `master`."""
+    embedded cluster's store if that cluster's masters include one of `master`
+    (a comma-separated list)."""
     path = key_file or os.environ.get("SHOAL_KEY_FILE")
     if path:
         return path
     data_dir = data_dir or os.environ.get("SHOAL_DATA") or DEFAULT_DATA
     stored = store_path(data_dir, volume)
-    addr = master.removeprefix("http://").removeprefix("https://").rstrip("/")
-    if embedded_master(data_dir) == addr and os.path.exists(stored):
+    if same_cluster(master, embedded_master(data_dir)) and os.path.exists(stored):
         return os.path.abspath(stored)
     return None
 

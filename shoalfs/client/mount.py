@@ -65,9 +65,15 @@ class MountOptions:
                      "op_deadline")
 
     def apply(self, spec: str) -> None:
-        """Apply a comma-separated -o list."""
+        """Apply a comma-separated -o list. A master list continues the same
+        way: `master=h1:p1,h2:p2` (an item of host:port without `=` belongs to it)."""
+        previous = ""
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, _, value = item.partition("=")
+            if previous == "master" and "=" not in item and ":" in item:
+                self.master = f"{self.master},{item}"
+                continue
+            previous = key
             if key == "master":
                 self.master = value
             elif key == "key_file":

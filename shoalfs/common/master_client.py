@@ -1,4 +1,10 @@
-"""HTTP client of the master's API (used by the SDK, the mount, the CLI and nodes)."""
+"""HTTP client of the master's API (used by the SDK, the mount, the CLI and nodes).
+
+It takes a comma-separated list of masters and finds the leader itself: a
+follower answers NOT_LEADER naming the leader (asked next), an unreachable
+master passes the turn to the next in the list. A failover is a transient
+fault, retried inside the caller's deadline.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +20,31 @@ from shoalfs.common.tls import http_scheme
 from shoalfs.proto.errors import Code, ShoalError
 
 
+def master_list(spec: str) -> list[str]:
+    """`host:port[,host:port...]` (scheme prefixes allowed) -> addresses, in order, once each."""
+    out: list[str] = []
+    for item in str(spec).split(","):
+        addr = item.strip().removeprefix("http://").removeprefix("https://").rstrip("/")
+        if addr and addr not in out:
+            out.append(addr)
+    return out
+
+
+def same_cluster(a: str, b: str | None) -> bool:
+    """Whether two master lists name a master in common."""
+    return b is not None and bool(set(master_list(a)) & set(master_list(b)))
+
+
 class MasterClient:
-    def __init__(self, addr: str, token: str | None = None, timeout: float = 5.0,
+    def __init__(self, masters: str, token: str | None = None, timeout: float = 5.0,
                  tls: ssl.SSLContext | None = None) -> None:
-        self.addr = addr.removeprefix("http://").removeprefix("https://").rstrip("/")
+        self.spec = masters
+        self.masters = master_list(masters)
+        if not self.masters:
+            raise ValueError(f"no master address in {masters!r}")
+        self.addr = self.masters[0]  # the leader, as far as we know
         self.tls = tls  # with a CA: https only, the master's certificate checked
-        self.url = f"{http_scheme(tls)}://{self.addr}"
+        self.scheme = http_scheme(tls)
         # the Authorization header: the admin token, or a session's capability once it has one
         self.authorization: str | None = f"Bearer {token}" if token else None
         self.timeout = timeout
@@ -31,13 +56,43 @@ class MasterClient:
                                                   connector=aiohttp.TCPConnector(ssl=self.tls or True))
         return self._session
 
+    def _next_master(self, failed: str) -> None:
+        if self.addr == failed:
+            self.addr = self.masters[(self.masters.index(failed) + 1) % len(self.masters)] \
+                if failed in self.masters else self.masters[0]
+
     async def request_once(self, method: str, path: str, params: dict[str, Any] | None = None,
                            body: dict[str, Any] | None = None) -> Any:
-        """One request; transport failures become transient ShoalErrors."""
+        """One pass over the masters: ask the one believed to lead, follow a
+        redirect to the leader, skip unreachable ones; the last error (transient)
+        if none answered as leader."""
+        error: ShoalError | None = None
+        for _ in range(len(self.masters) + 1):
+            addr = self.addr
+            try:
+                return await self._ask(addr, method, path, params, body)
+            except ShoalError as exc:
+                if exc.code == Code.NOT_LEADER:
+                    hint = exc.data.get("leader") if isinstance(exc.data, dict) else None
+                    error = exc  # says more than an unreachable master: a leader is being elected
+                    if isinstance(hint, str) and hint and hint != addr:
+                        self.addr = hint
+                        continue
+                elif exc.code not in (Code.NODE_UNREACHABLE, Code.TIMEOUT):
+                    raise
+                elif error is None or error.code != Code.NOT_LEADER:
+                    error = exc
+                self._next_master(addr)
+        assert error is not None
+        raise error
+
+    async def _ask(self, addr: str, method: str, path: str, params: dict[str, Any] | None,
+                   body: dict[str, Any] | None) -> Any:
+        """One request to one master; transport failures become transient ShoalErrors."""
         headers = {"Authorization": self.authorization} if self.authorization else {}
         try:
             session = await self._http()
-            async with session.request(method, f"{self.url}{path}", params=params,
+            async with session.request(method, f"{self.scheme}://{addr}{path}", params=params,
                                        json=body, headers=headers) as resp:
                 try:
                     env = await resp.json(content_type=None)
@@ -45,9 +100,9 @@ class MasterClient:
                     raise ShoalError(Code.UNAVAILABLE,
                                      f"master answered HTTP {resp.status} without an envelope") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise ShoalError(Code.NODE_UNREACHABLE, f"master {self.addr} unreachable: {exc}") from None
+            raise ShoalError(Code.NODE_UNREACHABLE, f"master {addr} unreachable: {exc}") from None
         except TimeoutError:
-            raise ShoalError(Code.TIMEOUT, f"master {self.addr} did not answer in {self.timeout}s") from None
+            raise ShoalError(Code.TIMEOUT, f"master {addr} did not answer in {self.timeout}s") from None
         if not isinstance(env, dict) or "code" not in env:
             raise ShoalError(Code.UNAVAILABLE, "master answered without an envelope")
         if env["code"] != 0:
@@ -63,7 +118,7 @@ class MasterClient:
             try:
                 return await self.request_once(method, path, params, body)
             except ShoalError as exc:
-                delay = random.uniform(0, min(2.0, 0.1 * 2**attempt))
+                delay = random.uniform(0, min(1.0, 0.1 * 2**attempt))
                 if not exc.transient or time.monotonic() + delay >= end:
                     raise
                 attempt += 1

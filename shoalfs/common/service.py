@@ -106,6 +106,7 @@ class NodeService:
         self.master_key: Ed25519PublicKey | None = None
         self.node_cap: str | None = None  # what this node presents to other nodes
         self.revoked: set[str] = set()  # key ids whose capabilities are refused
+        self.master_term = 0  # the latest leader term obeyed (check_master_term)
         self.credential = NodeCredential(self)
         self._stop = asyncio.Event()
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
@@ -158,7 +159,10 @@ class NodeService:
             access = Access.PEER
         if access is Access.MASTER or access is Access.PEER:
             capability.check_expiry(cap)
-            if cap.rights == capability.MASTER or (access is Access.PEER and cap.rights == capability.NODE):
+            if cap.rights == capability.MASTER:
+                self.check_master_term(cap)
+                return
+            if access is Access.PEER and cap.rights == capability.NODE:
                 return
             raise ShoalError(Code.FORBIDDEN, f"this request is for the {access.value} only")
         if not cap.on_volume:
@@ -171,6 +175,18 @@ class NodeService:
         capability.check_expiry(cap)
         if access in (Access.WRITE, Access.RECLAIM) and cap.rights == capability.READ_ONLY:
             raise ShoalError(Code.READ_ONLY, "read-only key: changes are refused")
+
+    def check_master_term(self, cap: Capability) -> None:
+        """Fencing: a master capability carries its leader's term (its session
+        field); once a node has obeyed a term it refuses every earlier one, so
+        a deposed leader that has not noticed yet changes nothing here."""
+        term = int(cap.session) if cap.session.isdigit() else 0
+        if term < self.master_term:
+            raise ShoalError(Code.NOT_LEADER, f"a later master leads (term {self.master_term} > {term})",
+                             {"leader": None})
+        if term > self.master_term:
+            self.master_term = term
+            self._save_master_file()
 
     def check_capability(self, cap: Capability | None) -> Capability:
         if cap is None:
@@ -220,7 +236,8 @@ class NodeService:
         serves clients (and refuses revoked keys) before the master is back."""
         if self.master_key is not None:
             atomic_write(self._master_file, json.dumps({"master_pubkey": tombstone.public_hex(self.master_key),
-                                                        "revoked": sorted(self.revoked)}).encode())
+                                                        "revoked": sorted(self.revoked),
+                                                        "master_term": self.master_term}).encode())
 
     def _load_master_key(self) -> None:
         try:
@@ -228,6 +245,7 @@ class NodeService:
                 doc = json.load(f)
             self.master_key = capability.load_public(doc["master_pubkey"])
             self.revoked = set(doc.get("revoked", []))
+            self.master_term = int(doc.get("master_term", 0))
         except FileNotFoundError:
             pass  # never registered: capabilities are refused until we are
         except (OSError, ValueError, KeyError, TypeError) as exc:

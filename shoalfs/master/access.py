@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import enum
 import hmac
-import os
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shoalfs.common.files import atomic_write
 from shoalfs.common.limits import config_seconds
+from shoalfs.master.cluster_secrets import ClusterSecrets
 from shoalfs.proto import capability
 from shoalfs.proto.capability import Capability
 from shoalfs.proto.errors import Code, ShoalError
@@ -51,24 +48,12 @@ class Caller:
             raise ShoalError(Code.FORBIDDEN, "this capability is for another volume")
 
 
-def ensure_secret(path: str) -> str:
-    """A random token, generated once, kept in a 0600 file."""
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        atomic_write(path, (secrets.token_hex(32) + "\n").encode(), mode=0o600)
-    os.chmod(path, 0o600)
-    with open(path) as f:
-        return f.read().strip()
-
-
 class Authority:
-    def __init__(self, cfg: Mapping[str, Any], data_dir: str, key: Ed25519PrivateKey) -> None:
-        self.admin_token = ensure_secret(cfg.get("token_file") or os.path.join(data_dir, "admin.token"))
-        self.node_token = ensure_secret(cfg.get("node_token_file") or os.path.join(data_dir, "node.token"))
-        if self.node_token == self.admin_token:
-            raise ValueError("the node token must not be the admin token")
-        self.key = key
-        self.public = key.public_key()
+    def __init__(self, cfg: Mapping[str, Any], shared: ClusterSecrets) -> None:
+        self.admin_token = shared.admin_token
+        self.node_token = shared.node_token
+        self.key = shared.signing_key
+        self.public = self.key.public_key()
         self.capability_ttl = config_seconds(cfg, "capability_ttl", 60.0)
         self.revoked: Callable[[str], bool] = lambda key_id: False  # the master's key ring says
         self._node_caps: dict[str, Reissued] = {}
@@ -133,7 +118,8 @@ class Reissued:
         self._token = None
 
 
-def master_credential(authority: Authority) -> Reissued:
-    """The master's own capability for its commands to nodes (a proto.rpc.Credential)."""
-    return Reissued(lambda: authority.issue("", capability.MASTER, "master", "master", MASTER_CAPABILITY_TTL),
+def master_credential(authority: Authority, term: int) -> Reissued:
+    """The leader's own capability for its commands to nodes (a proto.rpc.Credential).
+    It carries the leader's term: a node that has obeyed a later term refuses it."""
+    return Reissued(lambda: authority.issue("", capability.MASTER, str(term), "master", MASTER_CAPABILITY_TTL),
                     MASTER_CAPABILITY_TTL)

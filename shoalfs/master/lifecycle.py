@@ -55,7 +55,7 @@ class VolumeLifecycle:
                     raise ShoalError(Code.INVALID, f"volume {vol['name']} is already pending deletion")
                 vol["status"] = PENDING_DELETE
                 vol["purge_at"] = time.time() + delay
-                self.m.state.save()
+                await self.m.state.save()
                 log.info("volume %s pending deletion, purge in %.0fs", vol["name"], delay)
         if delay > 0:
             await self.m.nodes.beat_all()  # nodes refuse writes from now on
@@ -71,7 +71,7 @@ class VolumeLifecycle:
                 raise ShoalError(Code.INVALID, f"volume {vol['name']} is not pending deletion")
             vol["status"] = ACTIVE
             vol.pop("purge_at", None)
-            self.m.state.save()
+            await self.m.state.save()
         await self.m.nodes.beat_all()
         log.info("volume %s restored", vol["name"])
         return self.m.describe(vol)
@@ -87,7 +87,7 @@ class VolumeLifecycle:
             vol["tombstone"] = tomb
             vol["retain_until"] = time.time() + self.retention
             vol.pop("purge_at", None)
-            self.m.state.save()
+            await self.m.state.save()
         log.info("volume %s (%s) deleted, epoch %d", vol["name"], vol["vol_id"], tomb["epoch"])
         await self.m.drop_partitions(vol, {"tombstone": tomb})
         return tomb
@@ -127,6 +127,6 @@ class VolumeLifecycle:
                         log.exception("purge of %s failed; will retry", vol["name"])
                 elif vol["status"] == DELETED and vol.get("retain_until", 0) <= now:
                     async with self.m.lock:
-                        self.m.state.remove_volume(vol["vol_id"])
+                        await self.m.state.remove_volume(vol["vol_id"])
             self.m.sessions.table.expire()
             await asyncio.sleep(0.2)

@@ -5,6 +5,11 @@ answered for `node_timeout` seconds is down. Each answer lists the
 partitions the node holds: missing ones that placement says it should hold
 are created, and ones that belong to no live volume are dropped — so a node
 that was down during a create or delete converges when it comes back.
+
+Only the leader runs it (start at election, stop at deposition); its
+commands present a capability of the leader's term, which nodes that have
+obeyed a later leader refuse. After a failover every node counts as down
+until the new leader's first heartbeat round (one interval).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 from shoalfs.common.tasks import BackgroundTask
 from shoalfs.master.state import MasterState
-from shoalfs.proto.errors import ShoalError
+from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import Credential, RetryPolicy, RpcPool
 
@@ -26,17 +31,20 @@ log = logging.getLogger(__name__)
 
 
 class NodeMonitor:
-    def __init__(self, state: MasterState, credential: Credential, interval: float = 1.0,
+    def __init__(self, state: MasterState, interval: float = 1.0,
                  node_timeout: float = 5.0, tls: ssl.SSLContext | None = None) -> None:
         self.state = state
         self.interval = interval
         self.node_timeout = node_timeout
-        # every connection presents the master's capability: nodes obey no one else
-        self.pool = RpcPool(RetryPolicy(deadline=5.0, attempt_timeout=3.0), credential=credential, tls=tls)
+        self.tls = tls
+        self.pool: RpcPool | None = None  # while leading
+        self.creating: set[int] = set()  # partitions of volumes being created: not orphans
         self.last_ok: dict[str, float] = {}
         self.reports: dict[str, dict[str, Any]] = {}
         self._background = BackgroundTask(self._loop)
-        self.started = time.monotonic()
+        self.first_round = asyncio.Event()  # set once every node has been asked since start()
+        # whether this master still leads: checked before every round and command
+        self.leading: Callable[[], bool] = lambda: True
         # fields of every node's heartbeat, computed once per round
         self.round_state: Callable[[], dict[str, Any]] = lambda: {}
         # extra fields sent when dropping a partition of a volume that is gone
@@ -63,8 +71,13 @@ class NodeMonitor:
     def mark_seen(self, addr: str) -> None:
         self.last_ok[addr] = time.monotonic()
 
+    def _pool(self) -> RpcPool:
+        if self.pool is None or not self.leading():
+            raise ShoalError(Code.NOT_LEADER, "this master no longer leads", {"leader": None})
+        return self.pool
+
     async def command(self, addr: str, op: Op, pid: int, body: dict[str, Any]) -> Any:
-        return await self.pool.call(addr, op, pid, body, deadline=5.0)
+        return await self._pool().call(addr, op, pid, body, deadline=5.0)
 
     async def create_partition(self, addr: str, kind: str, part: dict[str, Any], vol: dict[str, Any]) -> None:
         body: dict[str, Any] = {"vol_id": vol["vol_id"], "replicas": part["replicas"], "kind": kind,
@@ -76,17 +89,34 @@ class NodeMonitor:
     async def delete_partition(self, addr: str, pid: int, extra: dict[str, Any] | None = None) -> None:
         await self.command(addr, Op.DELETE_PARTITION, pid, extra or {})
 
-    async def start(self) -> None:
+    async def start(self, credential: Credential) -> None:
+        """Begin heartbeating, every connection presenting `credential` (the
+        leader's capability: nodes obey no one else)."""
+        self.pool = RpcPool(RetryPolicy(deadline=5.0, attempt_timeout=3.0), credential=credential, tls=self.tls)
+        self.last_ok.clear()
+        self.reports.clear()
+        self.first_round.clear()
         self._background.start()
 
     async def stop(self) -> None:
         await self._background.stop()
-        await self.pool.close()
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            await pool.close()
 
     async def _loop(self) -> None:
         while True:
             await self.beat_all()
+            self.first_round.set()
             await asyncio.sleep(self.interval)
+
+    async def settled(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) for the first heartbeat round after start: a leader
+        fresh from a failover knows no node as live before it."""
+        try:
+            await asyncio.wait_for(self.first_round.wait(), timeout)
+        except TimeoutError:
+            pass
 
     async def beat_all(self) -> None:
         """One heartbeat round; also carries volume states (read-only while pending delete)."""
@@ -101,7 +131,7 @@ class NodeMonitor:
         body = {**shared, **self.node_state(addr),
                 "volumes": {vol_id: self.state.volume_map(vol) for vol_id, vol in vols.items()}}
         try:
-            report = await self.pool.call_once(addr, Op.HEARTBEAT, 0, body, timeout=3.0)
+            report = await self._pool().call_once(addr, Op.HEARTBEAT, 0, body, timeout=3.0)
         except ShoalError as exc:
             if self.is_up(addr) or addr not in self.last_ok:
                 log.debug("heartbeat to %s failed: %s", addr, exc)
@@ -123,7 +153,7 @@ class NodeMonitor:
                     await self.create_partition(addr, kind, part, vol)
                 except ShoalError as exc:
                     log.warning("re-create of partition %d on %s failed: %s", pid, addr, exc)
-        for pid in have - set(want):
+        for pid in have - set(want) - self.creating:
             log.info("dropping orphan partition %d on %s", pid, addr)
             try:
                 await self.delete_partition(addr, pid, self.orphan_context(pid, report))

@@ -1,4 +1,9 @@
-"""The master process: HTTP/JSON admin API over the durable state."""
+"""The master process: HTTP/JSON admin API over the durable state in etcd.
+
+Any number of masters run against one etcd cluster; the leader
+(leadership.py) serves every call, the others answer NOT_LEADER naming it,
+except /master/status, which every master answers.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +20,17 @@ from typing import Any
 from aiohttp import StreamReader, web
 
 from shoalfs.common.limits import config_count, config_seconds, connection_cap, raise_nofile_limit
+from shoalfs.common.tasks import BackgroundTask
 from shoalfs.common.tls import TlsConfigError, client_context, http_scheme, server_context
 from shoalfs.master.access import Auth, Authority, Caller, master_credential
+from shoalfs.master.cluster_secrets import ClusterSecrets, cluster_secrets
 from shoalfs.master.keys import OWNER, KeyRing
+from shoalfs.master.leadership import Leadership
 from shoalfs.master.lifecycle import VolumeLifecycle
 from shoalfs.master.nodes import NodeMonitor
 from shoalfs.master.sessions import ClientSessions
 from shoalfs.master.state import DELETED, MasterState
-from shoalfs.proto import tombstone
+from shoalfs.master.store import EtcdStore
 from shoalfs.proto.errors import Code, ShoalError, info
 from shoalfs.proto.rpc import split_addr
 
@@ -189,27 +197,52 @@ async def serve_http(server: web.Server, host: str, port: int, limits: HttpLimit
                                     ssl_handshake_timeout=None if tls is None else limits.read_timeout)
 
 
+def data_dir_of(cfg: Mapping[str, Any]) -> str:
+    data_dir = str(cfg["data_dir"])
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    return data_dir
+
+
+def etcd_store(cfg: Mapping[str, Any]) -> EtcdStore:
+    """ValueError, naming the key, for an invalid value."""
+    password = None
+    if cfg.get("etcd_password_file"):
+        with open(str(cfg["etcd_password_file"])) as f:
+            password = f.read().strip()
+    try:
+        return EtcdStore(str(cfg.get("etcd", "127.0.0.1:2379")), str(cfg.get("etcd_prefix", "/shoal/")),
+                         user=cfg.get("etcd_user"), password=password)
+    except ValueError as exc:
+        raise ValueError(f"etcd: {exc}") from None
+
+
 class Master:
-    def __init__(self, cfg: dict[str, Any], http_limits: HttpLimits | None = None) -> None:
+    def __init__(self, cfg: dict[str, Any], store: EtcdStore, shared: ClusterSecrets,
+                 http_limits: HttpLimits | None = None) -> None:
         self.cfg = cfg
         self.http_limits = http_limits or HttpLimits()
         self.listen: str = cfg["listen"]
-        self.data_dir: str = cfg["data_dir"]
-        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.data_dir, 0o700)
-        # signs tombstones and capabilities
-        self.signing_key = tombstone.load_or_create_key(cfg.get("key_file") or f"{self.data_dir}/master.key")
-        self.authority = Authority(cfg, self.data_dir, self.signing_key)
-        self.state = MasterState(os.path.join(self.data_dir, "master.json"))
+        self.data_dir = data_dir_of(cfg)
+        self.signing_key = shared.signing_key  # signs tombstones and capabilities
+        self.authority = Authority(cfg, shared)
+        lease = int(config_seconds(cfg, "leader_lease", 3.0))
+        self.leadership = Leadership(store, str(cfg.get("advertise") or self.listen), max(2, lease),
+                                     self._elected, self._deposed)
+        self._campaign = BackgroundTask(self.leadership.run)
+        self.state = MasterState(store)
+        self.state.guard = self.leadership.guard
+        self.state.on_write_failed = self.leadership.resign
         self.keys = KeyRing(self.state, self.authority.capability_ttl)
         self.authority.revoked = lambda key_id: key_id in self.keys.revoked
         self.tls_server = server_context(cfg)
-        self.nodes = NodeMonitor(self.state, master_credential(self.authority),
-                                 float(cfg.get("heartbeat_interval", 1.0)), float(cfg.get("node_timeout", 5.0)),
-                                 tls=client_context(cfg.get("tls_ca")))
+        self.nodes = NodeMonitor(self.state, float(cfg.get("heartbeat_interval", 1.0)),
+                                 float(cfg.get("node_timeout", 5.0)), tls=client_context(cfg.get("tls_ca")))
+        self.nodes.leading = lambda: self.leadership.leading
         self.lock = asyncio.Lock()
         self.app = web.Application(middlewares=[self._envelope_mw], client_max_size=1 << 20)
         self.routes: dict[tuple[str, str], tuple[Handler, Auth]] = {}
+        self.add("GET", "/master/status", self.master_status, Auth.OPEN, leader_only=False)
         self.add("GET", "/cluster/info", self.cluster_info, Auth.OPEN)
         self.add("GET", "/cluster/nodes", self.cluster_nodes, Auth.ADMIN)
         self.add("POST", "/node/register", self.node_register, Auth.NODE)
@@ -226,12 +259,14 @@ class Master:
         self.nodes.orphan_context = self._orphan_context
         self.nodes.node_state = lambda addr: {"node_cap": self.authority.node_capability(addr)}
 
-    def add(self, method: str, path: str, handler: Handler, auth: Auth) -> None:
+    def add(self, method: str, path: str, handler: Handler, auth: Auth, leader_only: bool = True) -> None:
         self.routes[(method, path)] = (handler, auth)
-        self.app.router.add_route(method, path, self._wrap(handler, auth))
+        self.app.router.add_route(method, path, self._wrap(handler, auth, leader_only))
 
-    def _wrap(self, handler: Handler, auth: Auth) -> Handler:
+    def _wrap(self, handler: Handler, auth: Auth, leader_only: bool) -> Handler:
         async def wrapped(request: web.Request) -> web.Response:
+            if leader_only and not self.leadership.leading:
+                raise self.leadership.not_leader()
             request["caller"] = self.authority.caller(request, auth)
             data = await handler(request)
             return envelope(0, "ok", data)
@@ -279,6 +314,9 @@ class Master:
         return value
 
     # ----- handlers ----------------------------------------------------------
+    async def master_status(self, request: web.Request) -> Any:
+        return self.leadership.status()
+
     async def cluster_info(self, request: web.Request) -> Any:
         return {"version": VERSION, "master_pubkey": self.lifecycle.public_key,
                 "metanodes": self.nodes.live("metanode"), "datanodes": self.nodes.live("datanode"),
@@ -290,8 +328,8 @@ class Master:
     async def node_register(self, request: web.Request) -> Any:
         body = await self.body(request)
         # not under self.lock: a volume create holds it while it waits for nodes,
-        # perhaps for this very node to register (no await here: nothing interleaves)
-        new = self.state.register_node(body.get("role"), body.get("addr"))  # type: ignore[arg-type]
+        # perhaps for this very node to register (saves are serialized by the state)
+        new = await self.state.register_node(body.get("role"), body.get("addr"))  # type: ignore[arg-type]
         self.nodes.reports.pop(body["addr"], None)
         return {"new": new, "master_pubkey": self.lifecycle.public_key,
                 "node_cap": self.authority.node_capability(body["addr"])}
@@ -303,21 +341,32 @@ class Master:
 
     async def volume_create(self, request: web.Request) -> Any:
         body = await self.body(request)
+        await self.nodes.settled()
         async with self.lock:
             vol = self.state.plan_volume(body.get("name"), body.get("owner"),  # type: ignore[arg-type]
                                          body.get("capacity_gib", 100),
                                          self.nodes.live("metanode"), self.nodes.live("datanode"))
-            jobs = [self.nodes.create_partition(addr, "meta", p, vol)
-                    for p in vol["meta_partitions"] for addr in p["replicas"]]
-            jobs += [self.nodes.create_partition(addr, "data", p, vol)
-                     for p in vol["data_partitions"] for addr in p["replicas"]]
-            results = await asyncio.gather(*jobs, return_exceptions=True)
-            failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:
-                await self.drop_partitions(vol)
-                raise ShoalError(Code.UNAVAILABLE, f"could not place volume: {failed[0]}")
-            _, owner_key = self.keys.create(vol, OWNER, read_only=False)
-            self.state.add_volume(vol)
+            await self.state.save()  # its partition ids, before any node holds them
+            pids = {p["pid"] for key in ("meta_partitions", "data_partitions") for p in vol[key]}
+            self.nodes.creating |= pids
+            try:
+                return await self._place_volume(vol)
+            finally:
+                self.nodes.creating -= pids
+
+    async def _place_volume(self, vol: dict[str, Any]) -> Any:
+        """Create a planned volume's partitions, then record the volume."""
+        jobs = [self.nodes.create_partition(addr, "meta", p, vol)
+                for p in vol["meta_partitions"] for addr in p["replicas"]]
+        jobs += [self.nodes.create_partition(addr, "data", p, vol)
+                 for p in vol["data_partitions"] for addr in p["replicas"]]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            await self.drop_partitions(vol)
+            raise ShoalError(Code.UNAVAILABLE, f"could not place volume: {failed[0]}")
+        _, owner_key = self.keys.create(vol, OWNER, read_only=False)
+        await self.state.add_volume(vol)
         log.info("created volume %s (%s)", vol["name"], vol["vol_id"])
         return dict(self.describe(vol), owner_key=owner_key)
 
@@ -372,7 +421,7 @@ class Master:
         async with self.lock:
             vol = self.state.by_name(body.get("volume"))  # type: ignore[arg-type]
             key_id, key = self.keys.create(vol, body.get("name"), read_only)
-            self.state.save()
+            await self.state.save()
         entry = self.keys.describe(vol, key_id)
         log.info("issued %s key %r of volume %s", entry["rights"], entry["name"], vol["name"])
         return dict(entry, key=key)
@@ -385,21 +434,37 @@ class Master:
         async with self.lock:
             vol = self.state.by_name(body.get("volume"))  # type: ignore[arg-type]
             key_id = self.keys.revoke(vol, body.get("name"))
-            self.state.save()
+            await self.state.save()
         log.info("revoked key %r (%s) of volume %s", body.get("name"), key_id, vol["name"])
         await self.nodes.beat_all()  # nodes refuse its capabilities from now on
         return {"revoked": body.get("name"), "key_id": key_id}
 
+    # ----- leadership --------------------------------------------------------
+    async def _elected(self, term: int) -> None:
+        """Take over: the state from etcd, then the node heartbeats and the
+        deletion timers. Client sessions start empty: every mount registers
+        again with its next heartbeat."""
+        await self.state.load(legacy_file=os.path.join(self.data_dir, "master.json"))
+        self.sessions.table.clear()
+        await self.nodes.start(master_credential(self.authority, term))
+        await self.lifecycle.start()
+
+    async def _deposed(self) -> None:
+        await self.lifecycle.stop()
+        await self.nodes.stop()
+        self.sessions.table.clear()
+        self.state.clear()
+
     # ----- life cycle --------------------------------------------------------
     async def run(self) -> None:
-        await self.nodes.start()
-        await self.lifecycle.start()
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
         assert runner.server is not None
         host, port = split_addr(self.listen)
         listener = await serve_http(runner.server, host, port, self.http_limits, self.tls_server)
-        log.info("master serving on %s://%s (%s)", http_scheme(self.tls_server), self.listen, self.http_limits)
+        log.info("master serving on %s://%s (%s), etcd %s", http_scheme(self.tls_server), self.listen,
+                 self.http_limits, self.leadership.store.endpoint)
+        self._campaign.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -407,9 +472,25 @@ class Master:
         await stop.wait()
         log.info("master stopping")
         listener.close()
+        await self._campaign.stop()  # steps down: a follower takes over at once
         await runner.cleanup()
-        await self.lifecycle.stop()
-        await self.nodes.stop()
+        await self.leadership.store.close()
+
+
+async def serve(cfg: dict[str, Any], limits: HttpLimits) -> None:
+    """Fetch the cluster's secrets (waiting for etcd), then serve."""
+    store = etcd_store(cfg)
+    data_dir = data_dir_of(cfg)
+    while True:
+        try:
+            shared = await cluster_secrets(store, cfg.get("key_file") or os.path.join(data_dir, "master.key"),
+                                           cfg.get("token_file") or os.path.join(data_dir, "admin.token"),
+                                           cfg.get("node_token_file") or os.path.join(data_dir, "node.token"))
+            break
+        except ShoalError as exc:
+            log.warning("waiting for etcd: %s", exc.msg)
+            await asyncio.sleep(1.0)
+    await Master(cfg, store, shared, limits).run()
 
 
 def main(config_path: str) -> None:
@@ -420,12 +501,9 @@ def main(config_path: str) -> None:
     fd_limit = raise_nofile_limit()
     try:
         limits = HttpLimits.from_config(cfg, fd_limit)
-    except ValueError as exc:
+        etcd_store(cfg)
+        server_context(cfg)
+    except (ValueError, TlsConfigError, OSError) as exc:
         raise SystemExit(f"shoal: config {config_path}: {exc}") from None
     install_loop_policy()
-    try:
-        master = Master(cfg, limits)
-    except TlsConfigError as exc:
-        raise SystemExit(f"shoal: config {config_path}: {exc}") from None
-    asyncio.run(master.run())
-
+    asyncio.run(serve(cfg, limits))

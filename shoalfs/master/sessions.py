@@ -12,9 +12,10 @@ POST /client/goodbye  (capability)   -> ends that session, and only that one.
 
 Every stored field is checked, so listing sessions never fails on what a
 client sent; session ids never leave the master. Sessions live in memory
-only: after a master restart every live mount re-registers at its next
-heartbeat (its capability still verifies), and a session whose heartbeats
-stop expires after `ttl` seconds.
+only, in the leader's memory: after a failover or restart every live mount
+re-registers at its next heartbeat (its capability, signed with the key all
+masters share, still verifies), and a session whose heartbeats stop expires
+after `ttl` seconds.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class SessionTable:
             self._per_key[cap.vol_id, cap.key_id] += 1
         self._sessions[cap.session] = dict(fields, vol_id=cap.vol_id, key=key_name, rights=cap.rights,
                                            key_id=cap.key_id, last_seen=time.time())
+
+    def clear(self) -> None:
+        self._sessions.clear()
+        self._per_key.clear()
 
     def drop(self, session: str) -> None:
         entry = self._sessions.pop(session, None)

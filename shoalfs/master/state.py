@@ -1,19 +1,25 @@
 """The master's durable state: nodes, volumes and partition placement.
 
-The whole state is one small JSON document rewritten atomically on every
-change (volumes and nodes number in the thousands at most, so this stays
-cheap and is trivially crash-safe).
+The leader holds the whole state in memory as one document and keeps it in
+etcd as one key per node, volume and tombstone (store.py). `save()` writes
+what changed since the last save in one transaction conditional on still
+leading, and returns only once etcd has it: a handler saves before it
+answers. A failed save leaves memory ahead of etcd, so the leader resigns
+(`on_write_failed`) and whoever leads next loads the state from etcd.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from shoalfs.common.files import atomic_write
+from shoalfs.master.store import STATE, EtcdStore, Guard
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import MAX_INO
 
@@ -21,6 +27,8 @@ INODE_RANGE = 1 << 40  # inodes per meta partition
 MIN_META_PARTITIONS = 3
 MIN_DATA_PARTITIONS = 3
 MAX_META_PARTITIONS = (MAX_INO + 1) // INODE_RANGE
+SECTIONS = ("nodes", "volumes", "graveyard")  # one etcd key per entry
+log = logging.getLogger(__name__)
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 ACTIVE = "ACTIVE"
@@ -36,23 +44,96 @@ def validate_volume_name(name: Any) -> str:
     return name
 
 
-class MasterState:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.doc: dict[str, Any] = {"next_pid": 1, "nodes": {}, "volumes": {}}
-        if os.path.exists(path):
-            with open(path) as f:
-                self.doc = json.load(f)
+def empty_doc() -> dict[str, Any]:
+    return {"next_pid": 1, "epoch": 0, "revoked": {}, **{section: {} for section in SECTIONS}}
 
-    def save(self) -> None:
-        atomic_write(self.path, json.dumps(self.doc, indent=1, sort_keys=True).encode())
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def flatten(doc: dict[str, Any]) -> dict[str, bytes]:
+    """The document as etcd keys (relative to state/) and values."""
+    out = {"meta": _encode({"next_pid": doc["next_pid"], "epoch": doc.get("epoch", 0)}),
+           "revoked": _encode(doc.get("revoked", {}))}
+    for section in SECTIONS:
+        for name, value in doc.get(section, {}).items():
+            out[f"{section}/{name}"] = _encode(value)
+    return out
+
+
+def unflatten(flat: dict[str, bytes]) -> dict[str, Any]:
+    doc = empty_doc()
+    for name, raw in flat.items():
+        value = json.loads(raw)
+        section, _, entry = name.partition("/")
+        if name == "meta":
+            doc["next_pid"], doc["epoch"] = int(value["next_pid"]), int(value.get("epoch", 0))
+        elif name == "revoked":
+            doc["revoked"] = dict(value)
+        elif section in SECTIONS and entry:
+            doc[section][entry] = value
+        else:
+            log.warning("ignoring unknown key state/%s in etcd", name)
+    return doc
+
+
+class MasterState:
+    def __init__(self, store: EtcdStore) -> None:
+        self.store = store
+        self.doc: dict[str, Any] = empty_doc()
+        self._saved: dict[str, bytes] = {}  # what etcd holds, as last loaded or written
+        self._save_lock = asyncio.Lock()  # one transaction at a time, each diffed after the last
+        # set by the master: the condition of a write (raises NOT_LEADER), and what a failed write does
+        self.guard: Callable[[], Guard] = lambda: Guard(b"", -1)
+        self.on_write_failed: Callable[[str], None] = lambda why: None
+
+    async def load(self, legacy_file: str | None = None) -> None:
+        """The state from etcd (or, once, from an old master.json: imported)."""
+        flat = await self.store.load(STATE)
+        if not flat and legacy_file and os.path.exists(legacy_file):
+            with open(legacy_file) as f:
+                self.doc = dict(empty_doc(), **json.load(f))
+            self._saved = {}
+            await self.save()
+            os.replace(legacy_file, legacy_file + ".imported")
+            log.info("imported %s into etcd (%d volumes)", legacy_file, len(self.volumes))
+            return
+        self.doc = unflatten(flat)
+        self._saved = flatten(self.doc)
+
+    def clear(self) -> None:
+        """Forget everything (no longer the leader)."""
+        self.doc = empty_doc()
+        self._saved = {}
+
+    async def save(self) -> None:
+        """Write what changed to etcd; NOT_LEADER or UNAVAILABLE if it could not."""
+        async with self._save_lock:
+            flat = flatten(self.doc)
+            puts = {k: v for k, v in flat.items() if self._saved.get(k) != v}
+            deletes = [k for k in self._saved if k not in flat]
+            if not puts and not deletes:
+                return
+            guard = self.guard()
+            try:
+                written = await self.store.commit({STATE + k: v for k, v in puts.items()},
+                                                  [STATE + k for k in deletes], guard)
+            except ShoalError as exc:
+                self.on_write_failed(f"a write to etcd failed: {exc.msg}")
+                raise
+            if not written:
+                self.on_write_failed("another master leads")
+                raise ShoalError(Code.NOT_LEADER, "this master lost the leadership; the change was not made",
+                                 {"leader": None})
+            self._saved = flat
 
     # ----- nodes ---------------------------------------------------------
     @property
     def nodes(self) -> dict[str, dict[str, Any]]:
         return self.doc["nodes"]  # type: ignore[no-any-return]
 
-    def register_node(self, role: str, addr: str) -> bool:
+    async def register_node(self, role: str, addr: str) -> bool:
         if role not in ("metanode", "datanode"):
             raise ShoalError(Code.BAD_REQUEST, f"unknown role {role!r}")
         if not isinstance(addr, str) or ":" not in addr:
@@ -61,7 +142,7 @@ class MasterState:
         if known is not None and known["role"] == role:
             return False
         self.nodes[addr] = {"role": role, "addr": addr, "registered_at": time.time()}
-        self.save()
+        await self.save()
         return True
 
     # ----- volumes -------------------------------------------------------
@@ -124,17 +205,17 @@ class MasterState:
         self.doc["next_pid"] = pid + 1
         return pid
 
-    def add_volume(self, vol: dict[str, Any]) -> None:
+    async def add_volume(self, vol: dict[str, Any]) -> None:
         self.volumes[vol["vol_id"]] = vol
-        self.save()
+        await self.save()
 
-    def remove_volume(self, vol_id: str) -> None:
+    async def remove_volume(self, vol_id: str) -> None:
         """Forget a volume; a deleted one leaves its signed tombstone behind, for
         ever (about 200 bytes), so a mount back after any absence can prove it."""
         vol = self.volumes.pop(vol_id, None)
         if vol is not None and vol.get("tombstone"):
             self.graveyard[vol_id] = vol["tombstone"]
-        self.save()
+        await self.save()
 
     @property
     def graveyard(self) -> dict[str, dict[str, Any]]:

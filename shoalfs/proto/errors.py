@@ -48,6 +48,7 @@ class Code(IntEnum):
     UNAVAILABLE = 100604
     PARTITION_NOT_EXIST = 100605  # ask the master again: placement may have moved
     EXPIRED = 100606  # the capability is past its time: renew it and retry
+    NOT_LEADER = 100607  # this master does not lead (data: {"leader": addr or None}): ask the leader
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ REGISTRY: dict[Code, CodeInfo] = {
     Code.NODE_UNREACHABLE: CodeInfo("node unreachable", True, errno.EIO),
     Code.UNAVAILABLE: CodeInfo("service unavailable", True, errno.EIO),
     Code.EXPIRED: CodeInfo("capability expired", True, errno.EACCES),
+    Code.NOT_LEADER: CodeInfo("this master is not the leader", True, errno.EIO),
 }
 
 
