@@ -281,3 +281,26 @@ def test_etcd_down_30s_then_back(healed: EmbeddedCluster, mount_factory, syslog,
     assert writer.errors == [], writer.errors[:5]
     assert m.proc.poll() is None and not syslog.records
     assert json.loads(cli(c, "volume", "info", "ha-etcd", "--json").stdout)["status"] == "ACTIVE"
+
+
+def test_nodes_fenced_above_the_leader_lead_it_higher(healed: EmbeddedCluster) -> None:
+    """As after etcd is restored from a backup (its revisions go back): a node
+    has obeyed a term above the leader's. The leader, still holding its lease,
+    records a floor above that term in etcd and leads again from there; the
+    node obeys it again."""
+    c = healed
+    forged = 10**6
+    node = c.layout["nodes"]["metanode1"]["listen"]
+    cap = capability.issue(signing_key(c), Capability("", capability.MASTER, str(forged), "master",
+                                                      time.time() + 60))
+    assert RawRpc(cap)(node, Op.HEARTBEAT, 0, {})[0] == 0  # the node now refuses every lower term
+
+    def leads_above() -> bool:
+        status = c.master_status()
+        return any(st and st["leading"] and st["term"] > forged for st in status.values())
+    wait_for(leads_above, 30, "a leader above the forged term")
+    wait_for(lambda: any(n["addr"] == node and n["status"] == "up" for n in c.http_get("/cluster/nodes") or []),
+             15, "the node to obey the leader again")
+    assert c.etcd_state()["term_floor"] >= forged
+    code, msg = RawRpc(cap)(node, Op.HEARTBEAT, 0, {})
+    assert code == Code.NOT_LEADER, msg  # and the forged term is now the stale one

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import ssl
@@ -36,12 +37,16 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+_HANDED_OUT: set[int] = set()  # ports chosen by this process: free now, but promised to a server
+
+
 def free_port() -> int:
     """A free port *outside* the kernel's ephemeral range: a port the kernel
     hands out to outgoing connections could be taken again before our
-    server binds it (seen under load in CI)."""
+    server binds it (seen under load in CI). Never the same port twice in
+    one process: a cluster's ports are chosen before any of its servers bind."""
     low, high = _ephemeral_range()
-    candidates = [p for p in range(10000, 30000) if not low <= p <= high]
+    candidates = [p for p in range(10000, 30000) if not low <= p <= high and p not in _HANDED_OUT]
     random.shuffle(candidates)
     for port in candidates[:500]:
         with socket.socket() as s:
@@ -49,6 +54,7 @@ def free_port() -> int:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     with socket.socket() as s:  # fall back to whatever the kernel picks
         s.bind(("127.0.0.1", 0))
@@ -64,6 +70,7 @@ class EmbeddedCluster:
         self.dir = os.path.abspath(data_dir)
         self.layout_path = os.path.join(self.dir, "cluster.json")
         self.layout: dict[str, Any] = {}
+        self._leader_addr: str | None = None  # the master that answered last as leader
         if os.path.exists(self.layout_path):
             with open(self.layout_path) as f:
                 self.layout = json.load(f)
@@ -160,6 +167,15 @@ class EmbeddedCluster:
                                     **(extra or {}).get(node["role"], {})})
         atomic_write(self.layout_path, json.dumps(self.layout, indent=2).encode())
 
+    def _add_etcd(self) -> None:
+        """A cluster made before etcd: give it one; its master imports its old state file."""
+        self.layout["etcd"] = {"client": f"127.0.0.1:{free_port()}", "peer": f"127.0.0.1:{free_port()}"}
+        for name in self.masters:
+            with open(self._conf(name)) as f:
+                cfg = json.load(f)
+            self._write_conf(name, dict(cfg, etcd=self.etcd_endpoint))
+        atomic_write(self.layout_path, json.dumps(self.layout, indent=2).encode())
+
     def _write_conf(self, name: str, cfg: dict[str, Any]) -> None:
         atomic_write(self._conf(name), json.dumps(cfg, indent=2).encode(), mode=0o600)
 
@@ -203,10 +219,13 @@ class EmbeddedCluster:
     def start(self, name: str) -> None:
         if self.pid(name) is not None:
             return
+        command = self._command(name)
+        if shutil.which(command[0]) is None:
+            raise ClusterError(f"{command[0]} not found: install it (./scripts/install installs etcd-server)")
         log = open_private_log(self.log_path(name))
         try:
             proc = subprocess.Popen(
-                self._command(name), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, close_fds=True)
         finally:
             log.close()
@@ -244,6 +263,8 @@ class EmbeddedCluster:
            extra: dict[str, Any] | None = None, masters: int = 1) -> None:
         if not self.layout:
             self.create(metanodes, datanodes, extra, masters)
+        elif "etcd" not in self.layout:
+            self._add_etcd()
         # etcd, then the masters (the first writes the token the nodes read), then the nodes
         names = self.names()
         for name in names:
@@ -296,6 +317,9 @@ class EmbeddedCluster:
         """The leader's envelope: each master in turn (a follower's answer names
         the leader); NOT_LEADER if none leads, ClusterError if none answers."""
         order, tried = list(self.masters.values()), set()
+        if self._leader_addr in order:  # the last leader first: a stopped master costs a timeout
+            order.remove(self._leader_addr)
+            order.insert(0, self._leader_addr)
         last: dict[str, Any] | None = None
         while order:
             addr = order.pop(0)
@@ -307,6 +331,7 @@ class EmbeddedCluster:
             except (OSError, ValueError, urllib.error.URLError):
                 continue
             if env["code"] != NOT_LEADER:
+                self._leader_addr = addr
                 return env
             last = env
             hint = (env.get("data") or {}).get("leader")
@@ -324,12 +349,18 @@ class EmbeddedCluster:
             return None
         return env.get("data") if env.get("code") == 0 else None
 
-    def admin(self, path: str, body: dict[str, Any]) -> Any:
-        """An authenticated admin call to the leader; raises ShoalError on an error envelope."""
-        try:
-            env = self._leader_call(path, body, 30.0)
-        except ClusterError as exc:
-            raise ShoalError(Code.NODE_UNREACHABLE, str(exc)) from None
+    def admin(self, path: str, body: dict[str, Any], election_wait: float = 10.0) -> Any:
+        """An authenticated admin call to the leader (waiting up to `election_wait`
+        while none leads); raises ShoalError on an error envelope."""
+        end = time.monotonic() + election_wait
+        while True:
+            try:
+                env = self._leader_call(path, body, 30.0)
+            except ClusterError as exc:
+                env = {"code": Code.NODE_UNREACHABLE, "msg": str(exc)}
+            if env["code"] not in (NOT_LEADER, Code.NODE_UNREACHABLE) or time.monotonic() > end:
+                break
+            time.sleep(0.1)
         if env["code"] != 0:
             raise ShoalError(env["code"], env["msg"], env.get("data"))
         return env["data"]
@@ -344,6 +375,8 @@ class EmbeddedCluster:
                 out[name] = self._envelope(addr, "/master/status", None, 2.0).get("data")
             except (OSError, ValueError, urllib.error.URLError):
                 out[name] = None
+            if (out[name] or {}).get("leading"):
+                self._leader_addr = addr
         return out
 
     def etcd_state(self) -> dict[str, Any]:

@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", default=DEFAULT_DATA, help="directory for configs, logs, pids, data")
     c.add_argument("--metanodes", type=int, default=3)
     c.add_argument("--datanodes", type=int, default=3)
-    c.add_argument("--masters", type=int, default=1, help="masters sharing the cluster's etcd (one leads)")
+    c.add_argument("--masters", type=int, default=1,
+                   help="masters sharing the cluster's etcd (one leads); chosen when the cluster is created")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_cluster)
 

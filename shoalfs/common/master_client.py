@@ -56,44 +56,48 @@ class MasterClient:
                                                   connector=aiohttp.TCPConnector(ssl=self.tls or True))
         return self._session
 
-    def _next_master(self, failed: str) -> None:
-        if self.addr == failed:
-            self.addr = self.masters[(self.masters.index(failed) + 1) % len(self.masters)] \
-                if failed in self.masters else self.masters[0]
-
     async def request_once(self, method: str, path: str, params: dict[str, Any] | None = None,
-                           body: dict[str, Any] | None = None) -> Any:
-        """One pass over the masters: ask the one believed to lead, follow a
-        redirect to the leader, skip unreachable ones; the last error (transient)
-        if none answered as leader."""
+                           body: dict[str, Any] | None = None, budget: float | None = None) -> Any:
+        """One pass over the masters, each asked at most once: the one believed
+        to lead first, a leader a follower names next, then the rest of the list.
+        Within `budget` seconds (default: the client's timeout per master). The
+        most telling transient error if none answered as leader."""
+        end = None if budget is None else time.monotonic() + budget
+        order = [self.addr, *(m for m in self.masters if m != self.addr)]
+        asked: set[str] = set()
         error: ShoalError | None = None
-        for _ in range(len(self.masters) + 1):
-            addr = self.addr
+        while order:
+            addr = order.pop(0)
+            if addr in asked:
+                continue
+            asked.add(addr)
+            left = self.timeout if end is None else min(self.timeout, end - time.monotonic())
+            if left <= 0:
+                break
             try:
-                return await self._ask(addr, method, path, params, body)
+                data = await self._ask(addr, method, path, params, body, left)
+                self.addr = addr
+                return data
             except ShoalError as exc:
                 if exc.code == Code.NOT_LEADER:
-                    hint = exc.data.get("leader") if isinstance(exc.data, dict) else None
                     error = exc  # says more than an unreachable master: a leader is being elected
-                    if isinstance(hint, str) and hint and hint != addr:
-                        self.addr = hint
-                        continue
+                    hint = exc.data.get("leader") if isinstance(exc.data, dict) else None
+                    if isinstance(hint, str) and hint and hint not in asked:
+                        order.insert(0, hint)
                 elif exc.code not in (Code.NODE_UNREACHABLE, Code.TIMEOUT):
                     raise
                 elif error is None or error.code != Code.NOT_LEADER:
                     error = exc
-                self._next_master(addr)
-        assert error is not None
-        raise error
+        raise error or ShoalError(Code.TIMEOUT, "no master answered in time")
 
     async def _ask(self, addr: str, method: str, path: str, params: dict[str, Any] | None,
-                   body: dict[str, Any] | None) -> Any:
+                   body: dict[str, Any] | None, timeout: float) -> Any:
         """One request to one master; transport failures become transient ShoalErrors."""
         headers = {"Authorization": self.authorization} if self.authorization else {}
         try:
             session = await self._http()
-            async with session.request(method, f"{self.scheme}://{addr}{path}", params=params,
-                                       json=body, headers=headers) as resp:
+            async with session.request(method, f"{self.scheme}://{addr}{path}", params=params, json=body,
+                                       headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 try:
                     env = await resp.json(content_type=None)
                 except ValueError:
@@ -102,7 +106,7 @@ class MasterClient:
         except (aiohttp.ClientError, OSError) as exc:
             raise ShoalError(Code.NODE_UNREACHABLE, f"master {addr} unreachable: {exc}") from None
         except TimeoutError:
-            raise ShoalError(Code.TIMEOUT, f"master {addr} did not answer in {self.timeout}s") from None
+            raise ShoalError(Code.TIMEOUT, f"master {addr} did not answer in {timeout:.1f}s") from None
         if not isinstance(env, dict) or "code" not in env:
             raise ShoalError(Code.UNAVAILABLE, "master answered without an envelope")
         if env["code"] != 0:
@@ -116,7 +120,7 @@ class MasterClient:
         attempt = 0
         while True:
             try:
-                return await self.request_once(method, path, params, body)
+                return await self.request_once(method, path, params, body, budget=end - time.monotonic())
             except ShoalError as exc:
                 delay = random.uniform(0, min(1.0, 0.1 * 2**attempt))
                 if not exc.transient or time.monotonic() + delay >= end:

@@ -183,7 +183,7 @@ class NodeService:
         term = int(cap.session) if cap.session.isdigit() else 0
         if term < self.master_term:
             raise ShoalError(Code.NOT_LEADER, f"a later master leads (term {self.master_term} > {term})",
-                             {"leader": None})
+                             {"leader": None, "term": self.master_term})
         if term > self.master_term:
             self.master_term = term
             self._save_master_file()

@@ -23,6 +23,7 @@ from shoalfs.proto.errors import Code, ShoalError
 KEY_PATTERN = re.compile(r"shoal1-([0-9a-f]{16})-([0-9a-f]{64})")
 OWNER = "owner"
 ADMIN_KEY_ID = "admin"  # capabilities the admin token obtains: not a key, never revoked
+MAX_KEYS_PER_VOLUME = 1000  # keys live in the volume's etcd record (about 150 bytes each)
 
 
 def _digest(secret: str) -> str:
@@ -48,6 +49,8 @@ class KeyRing:
         """A new key of the volume (the caller saves the state): its id, and the
         key itself (the secret is returned once and never stored)."""
         keys = self.keys(vol)
+        if len(keys) >= MAX_KEYS_PER_VOLUME:
+            raise ShoalError(Code.INVALID, f"volume {vol['name']} has {MAX_KEYS_PER_VOLUME} keys: revoke some first")
         taken = {k["name"] for k in keys.values()}
         if name is None:
             name = next(f"key{i}" for i in range(1, len(keys) + 2) if f"key{i}" not in taken)

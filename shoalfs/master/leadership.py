@@ -10,6 +10,9 @@ another, and every write it attempts is conditional on its key (store.Guard).
 
 Followers read the key every `poll` seconds; when the leader's lease
 expires (killed, stopped, cut off) one of them wins the next campaign.
+
+Times are CLOCK_BOOTTIME, which keeps counting while the machine is
+suspended: a leader whose VM was paused past its lease knows it on waking.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ log = logging.getLogger(__name__)
 VALID_FRACTION = 0.9  # of the lease: margin for the clocks of etcd and this master
 
 
+def now() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class Leadership:
     def __init__(self, store: EtcdStore, advertise: str, lease_ttl: int,
                  on_elected: Callable[[int], Awaitable[None]], on_deposed: Callable[[], Awaitable[None]],
@@ -45,16 +52,22 @@ class Leadership:
         self.leader: str | None = None  # the leader's address, as last read
         self.etcd_error: str | None = None  # why etcd did not answer last time, if it did not
         self._lease: int | None = None
-        self._valid_until = 0.0
+        self._valid_until = float("-inf")
         self._ready = False  # elected and the state loaded
 
     @property
+    def holds_lease(self) -> bool:
+        """Elected, and the lease surely not expired (also while taking over)."""
+        return self._lease is not None and now() < self._valid_until
+
+    @property
     def leading(self) -> bool:
-        return self._ready and time.monotonic() < self._valid_until
+        """Elected and serving: the state is loaded."""
+        return self._ready and self.holds_lease
 
     def guard(self) -> Guard:
-        """The condition of a write; NOT_LEADER if we do not lead now."""
-        if not self.leading:
+        """The condition of a write; NOT_LEADER if we do not hold the lease now."""
+        if not self.holds_lease:
             raise self.not_leader()
         return self.store.guard(self.term)
 
@@ -69,7 +82,7 @@ class Leadership:
         if self._ready:
             log.warning("master %s stops leading: %s", self.advertise, why)
         self._ready = False
-        self._valid_until = 0.0
+        self._valid_until = float("-inf")
 
     def status(self) -> dict[str, Any]:
         return {"addr": self.advertise, "leading": self.leading, "leader": self.leader,
@@ -94,6 +107,11 @@ class Leadership:
                     if not self.leading:
                         self.leader = None  # whoever it was may have lost its lease since
                     log.debug("leadership: %s", exc.msg)
+                except Exception as exc:  # never let the campaign die: this master would never lead again
+                    self.etcd_error = repr(exc)
+                    log.exception("leadership loop")
+                    if self._lease is not None:
+                        self.resign(f"unexpected error: {exc!r}")
                 await asyncio.sleep(self.lease_ttl / 4 if self.leading else self.poll)
         finally:
             if self._lease is not None:
@@ -104,7 +122,7 @@ class Leadership:
         if current is not None:
             self.leader = self._addr_of(current[0])
             return
-        started = time.monotonic()
+        started = now()
         lease = await self.store.grant_lease(self.lease_ttl)
         value = json.dumps({"addr": self.advertise, "id": self.id}).encode()
         try:
@@ -130,12 +148,14 @@ class Leadership:
 
     async def _renew(self) -> None:
         assert self._lease is not None
-        started = time.monotonic()
+        started = now()
         ttl = await self.store.refresh_lease(self._lease)
         if ttl <= 0:
             self.resign("its lease expired")
-            return
-        self._valid_until = max(self._valid_until, started + min(ttl, self.lease_ttl) * VALID_FRACTION)
+        elif now() >= self._valid_until:  # lapsed before the renewal came back: others may have led
+            self.resign("its lease was renewed too late")
+        else:
+            self._valid_until = max(self._valid_until, started + min(ttl, self.lease_ttl) * VALID_FRACTION)
 
     async def _step_down(self, why: str) -> None:
         self.resign(why)

@@ -45,6 +45,8 @@ class NodeMonitor:
         self.first_round = asyncio.Event()  # set once every node has been asked since start()
         # whether this master still leads: checked before every round and command
         self.leading: Callable[[], bool] = lambda: True
+        # a node refused our term, having obeyed the later one given (etcd restored from a backup?)
+        self.fenced_off: Callable[[int], None] = lambda term: None
         # fields of every node's heartbeat, computed once per round
         self.round_state: Callable[[], dict[str, Any]] = lambda: {}
         # extra fields sent when dropping a partition of a volume that is gone
@@ -92,6 +94,7 @@ class NodeMonitor:
     async def start(self, credential: Credential) -> None:
         """Begin heartbeating, every connection presenting `credential` (the
         leader's capability: nodes obey no one else)."""
+        await self.stop()  # whatever a failed stop left behind
         self.pool = RpcPool(RetryPolicy(deadline=5.0, attempt_timeout=3.0), credential=credential, tls=self.tls)
         self.last_ok.clear()
         self.reports.clear()
@@ -135,6 +138,9 @@ class NodeMonitor:
         except ShoalError as exc:
             if self.is_up(addr) or addr not in self.last_ok:
                 log.debug("heartbeat to %s failed: %s", addr, exc)
+            obeyed = exc.data.get("term") if exc.code == Code.NOT_LEADER and isinstance(exc.data, dict) else None
+            if isinstance(obeyed, int):
+                self.fenced_off(obeyed)
             return
         was_up = self.is_up(addr)
         self.mark_seen(addr)
@@ -154,6 +160,12 @@ class NodeMonitor:
                 except ShoalError as exc:
                     log.warning("re-create of partition %d on %s failed: %s", pid, addr, exc)
         for pid in have - set(want) - self.creating:
+            if pid >= self.state.doc["next_pid"]:
+                # never allocated by this state: etcd wiped, restored or another cluster's prefix
+                log.error("node %s holds partition %d, newer than any this cluster's state knows "
+                          "(next pid %d): kept; check the masters' etcd and etcd_prefix",
+                          addr, pid, self.state.doc["next_pid"])
+                continue
             log.info("dropping orphan partition %d on %s", pid, addr)
             try:
                 await self.delete_partition(addr, pid, self.orphan_context(pid, report))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import ssl
@@ -210,6 +211,8 @@ def etcd_store(cfg: Mapping[str, Any]) -> EtcdStore:
     if cfg.get("etcd_password_file"):
         with open(str(cfg["etcd_password_file"])) as f:
             password = f.read().strip()
+    if bool(cfg.get("etcd_user")) != bool(password):
+        raise ValueError("etcd_user and etcd_password_file go together")
     try:
         return EtcdStore(str(cfg.get("etcd", "127.0.0.1:2379")), str(cfg.get("etcd_prefix", "/shoal/")),
                          user=cfg.get("etcd_user"), password=password)
@@ -226,7 +229,7 @@ class Master:
         self.data_dir = data_dir_of(cfg)
         self.signing_key = shared.signing_key  # signs tombstones and capabilities
         self.authority = Authority(cfg, shared)
-        lease = int(config_seconds(cfg, "leader_lease", 3.0))
+        lease = math.ceil(config_seconds(cfg, "leader_lease", 3.0))  # etcd leases are whole seconds
         self.leadership = Leadership(store, str(cfg.get("advertise") or self.listen), max(2, lease),
                                      self._elected, self._deposed)
         self._campaign = BackgroundTask(self.leadership.run)
@@ -239,7 +242,10 @@ class Master:
         self.nodes = NodeMonitor(self.state, float(cfg.get("heartbeat_interval", 1.0)),
                                  float(cfg.get("node_timeout", 5.0)), tls=client_context(cfg.get("tls_ca")))
         self.nodes.leading = lambda: self.leadership.leading
+        self.nodes.fenced_off = self._fenced_off
+        self.fence_term = 0  # the term node commands carry: above every term nodes have obeyed
         self.lock = asyncio.Lock()
+        self._background_jobs: set[asyncio.Task[None]] = set()
         self.app = web.Application(middlewares=[self._envelope_mw], client_max_size=1 << 20)
         self.routes: dict[tuple[str, str], tuple[Handler, Auth]] = {}
         self.add("GET", "/master/status", self.master_status, Auth.OPEN, leader_only=False)
@@ -265,12 +271,23 @@ class Master:
 
     def _wrap(self, handler: Handler, auth: Auth, leader_only: bool) -> Handler:
         async def wrapped(request: web.Request) -> web.Response:
-            if leader_only and not self.leadership.leading:
-                raise self.leadership.not_leader()
+            term = self.leadership.term
+            if leader_only:
+                self._check_leading(term)
             request["caller"] = self.authority.caller(request, auth)
-            data = await handler(request)
+            try:
+                data = await handler(request)
+            finally:
+                if leader_only:
+                    # an answer from a state dropped meanwhile (deposed, or re-elected
+                    # and reloaded) proves nothing: the client asks the leader again
+                    self._check_leading(term)
             return envelope(0, "ok", data)
         return wrapped
+
+    def _check_leading(self, term: int) -> None:
+        if not self.leadership.leading or self.leadership.term != term:
+            raise self.leadership.not_leader()
 
     @staticmethod
     def caller(request: web.Request) -> Caller:
@@ -315,7 +332,8 @@ class Master:
 
     # ----- handlers ----------------------------------------------------------
     async def master_status(self, request: web.Request) -> Any:
-        return self.leadership.status()
+        status = self.leadership.status()
+        return dict(status, term=self.fence_term if status["leading"] else None)  # the term nodes obey
 
     async def cluster_info(self, request: web.Request) -> Any:
         return {"version": VERSION, "master_pubkey": self.lifecycle.public_key,
@@ -446,14 +464,39 @@ class Master:
         again with its next heartbeat."""
         await self.state.load(legacy_file=os.path.join(self.data_dir, "master.json"))
         self.sessions.table.clear()
-        await self.nodes.start(master_credential(self.authority, term))
+        self.fence_term = max(term, int(self.state.doc["term_floor"]) + 1)
+        await self.nodes.start(master_credential(self.authority, self.fence_term))
         await self.lifecycle.start()
 
+    def _fenced_off(self, obeyed: int) -> None:
+        """A node has obeyed a later term than ours while we hold the lease:
+        etcd's revisions went back (restored from a backup, or replaced).
+        Record a floor above it in etcd and lead again from there. (A leader
+        deposed for real fails the write: it no longer holds the lease.)"""
+        if obeyed < self.fence_term or not self.leadership.leading or self.state.doc["term_floor"] >= obeyed:
+            return
+        self.state.doc["term_floor"] = obeyed
+
+        async def raise_floor() -> None:
+            try:
+                await self.state.save()
+            except ShoalError as exc:
+                log.warning("could not record term floor %d: %s", obeyed, exc.msg)
+                return
+            self.leadership.resign(f"nodes have obeyed term {obeyed}, above ours ({self.fence_term}): "
+                                   "was etcd restored? leading again above it")
+        self._background_jobs.add(task := asyncio.create_task(raise_floor()))
+        task.add_done_callback(self._background_jobs.discard)
+
     async def _deposed(self) -> None:
-        await self.lifecycle.stop()
-        await self.nodes.stop()
-        self.sessions.table.clear()
-        self.state.clear()
+        try:
+            await self.lifecycle.stop()
+        finally:
+            try:
+                await self.nodes.stop()
+            finally:
+                self.sessions.table.clear()
+                self.state.clear()
 
     # ----- life cycle --------------------------------------------------------
     async def run(self) -> None:

@@ -45,7 +45,7 @@ def validate_volume_name(name: Any) -> str:
 
 
 def empty_doc() -> dict[str, Any]:
-    return {"next_pid": 1, "epoch": 0, "revoked": {}, **{section: {} for section in SECTIONS}}
+    return {"next_pid": 1, "epoch": 0, "term_floor": 0, "revoked": {}, **{section: {} for section in SECTIONS}}
 
 
 def _encode(value: Any) -> bytes:
@@ -54,7 +54,8 @@ def _encode(value: Any) -> bytes:
 
 def flatten(doc: dict[str, Any]) -> dict[str, bytes]:
     """The document as etcd keys (relative to state/) and values."""
-    out = {"meta": _encode({"next_pid": doc["next_pid"], "epoch": doc.get("epoch", 0)}),
+    out = {"meta": _encode({"next_pid": doc["next_pid"], "epoch": doc.get("epoch", 0),
+                            "term_floor": doc.get("term_floor", 0)}),
            "revoked": _encode(doc.get("revoked", {}))}
     for section in SECTIONS:
         for name, value in doc.get(section, {}).items():
@@ -69,6 +70,7 @@ def unflatten(flat: dict[str, bytes]) -> dict[str, Any]:
         section, _, entry = name.partition("/")
         if name == "meta":
             doc["next_pid"], doc["epoch"] = int(value["next_pid"]), int(value.get("epoch", 0))
+            doc["term_floor"] = int(value.get("term_floor", 0))
         elif name == "revoked":
             doc["revoked"] = dict(value)
         elif section in SECTIONS and entry:
@@ -89,18 +91,24 @@ class MasterState:
         self.on_write_failed: Callable[[str], None] = lambda why: None
 
     async def load(self, legacy_file: str | None = None) -> None:
-        """The state from etcd (or, once, from an old master.json: imported)."""
+        """The state from etcd. `state/meta` marks it initialized and is written
+        last: without it, the state of an older master (`legacy_file`) is
+        imported (again, if an import was cut short), or a new cluster begins."""
         flat = await self.store.load(STATE)
-        if not flat and legacy_file and os.path.exists(legacy_file):
+        if "meta" in flat:
+            self.doc = unflatten(flat)
+            self._saved = flatten(self.doc)
+            return
+        self.doc, imported = empty_doc(), False
+        if legacy_file and os.path.exists(legacy_file):
             with open(legacy_file) as f:
                 self.doc = dict(empty_doc(), **json.load(f))
-            self._saved = {}
-            await self.save()
+            imported = True
+        self._saved = {k: v for k, v in flat.items()}  # a partial import is overwritten, leftovers deleted
+        await self.save()
+        if imported and legacy_file:
             os.replace(legacy_file, legacy_file + ".imported")
             log.info("imported %s into etcd (%d volumes)", legacy_file, len(self.volumes))
-            return
-        self.doc = unflatten(flat)
-        self._saved = flatten(self.doc)
 
     def clear(self) -> None:
         """Forget everything (no longer the leader)."""
@@ -108,17 +116,19 @@ class MasterState:
         self._saved = {}
 
     async def save(self) -> None:
-        """Write what changed to etcd; NOT_LEADER or UNAVAILABLE if it could not."""
+        """Write what changed to etcd; NOT_LEADER or UNAVAILABLE if it could not.
+        On failure memory is ahead of etcd: the leader resigns."""
         async with self._save_lock:
             flat = flatten(self.doc)
             puts = {k: v for k, v in flat.items() if self._saved.get(k) != v}
             deletes = [k for k in self._saved if k not in flat]
             if not puts and not deletes:
                 return
-            guard = self.guard()
+            if "meta" in puts:  # the marker of an initialized state goes last (store.commit keeps order)
+                puts["meta"] = puts.pop("meta")
             try:
                 written = await self.store.commit({STATE + k: v for k, v in puts.items()},
-                                                  [STATE + k for k in deletes], guard)
+                                                  [STATE + k for k in deletes], self.guard())
             except ShoalError as exc:
                 self.on_write_failed(f"a write to etcd failed: {exc.msg}")
                 raise

@@ -93,12 +93,17 @@ class EtcdStore:
         try:
             return await op(client)
         except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError,
-                aetcd.exceptions.InternalError, TimeoutError) as exc:
+                aetcd.exceptions.InternalError, aetcd.exceptions.UnauthenticatedError, TimeoutError) as exc:
+            # unreachable, no quorum, or an auth token the member forgot: a new client, the next member
             failed = self.endpoint
             await self._rotate()
             raise ShoalError(Code.UNAVAILABLE, f"etcd {failed} unreachable ({what}): {exc}") from None
         except aetcd.exceptions.ClientError as exc:
             raise ShoalError(Code.UNAVAILABLE, f"etcd refused {what}: {exc}") from None
+        except Exception as exc:  # the gRPC layer's own errors: treated as an unreachable member
+            failed = self.endpoint
+            await self._rotate()
+            raise ShoalError(Code.UNAVAILABLE, f"etcd {failed} failed ({what}): {exc!r}") from None
 
     async def _rotate(self) -> None:
         client, self._client = self._client, None
@@ -130,8 +135,8 @@ class EtcdStore:
     async def commit(self, puts: dict[str, bytes], deletes: list[str], guard: Guard) -> bool:
         """Apply puts and deletes atomically if the guard holds; False if it does not
         (the caller is no longer the leader). Large changes (a first import) go in
-        batches, each guarded."""
-        names: list[tuple[str, bytes | None]] = [*puts.items(), *((n, None) for n in deletes)]
+        batches, each guarded, in order: the deletes, then the puts as given."""
+        names: list[tuple[str, bytes | None]] = [*((n, None) for n in deletes), *puts.items()]
         for start in range(0, max(1, len(names)), MAX_TXN_OPS):
             batch = names[start:start + MAX_TXN_OPS]
 
