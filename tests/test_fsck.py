@@ -29,6 +29,17 @@ HALF_MKDIR = textwrap.dedent("""
 """)
 
 
+def leak_directory(c: EmbeddedCluster, volume: str) -> int:
+    """A directory inode leaked by a client killed between mkdir's two steps."""
+    half = subprocess.Popen([sys.executable, "-c", HALF_MKDIR, c.master_addr, volume, c.key_file(volume)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        return int(half.stdout.readline())
+    finally:
+        half.send_signal(signal.SIGKILL)
+        half.wait()
+
+
 def fsck(c: EmbeddedCluster, *extra: str) -> tuple[int, dict]:
     proc = shoal("volume", "fsck", "fs", "--grace", "0", "--json", *extra, env=shoal_env(c))
     return proc.returncode, json.loads(proc.stdout)
@@ -44,14 +55,7 @@ def test_fsck_finds_and_repairs(cluster_factory) -> None:
         ino = vol.stat("/a/file").st_ino
         a_ino = vol.stat("/a").st_ino
     assert fsck(c) == (0, {"inodes": 4, "entries": 3, "findings": []})
-    # a client killed between mkdir's two steps leaks a directory inode
-    half = subprocess.Popen([sys.executable, "-c", HALF_MKDIR, c.master_addr, "fs", c.key_file("fs")],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        leaked = int(half.stdout.readline())
-    finally:
-        half.send_signal(signal.SIGKILL)
-        half.wait()
+    leaked = leak_directory(c, "fs")
     # a dangling entry, and a link count one too high
     rpc = RawRpc(volume_cap(c, "fs"))
     a_part = next(p for p in info["meta_partitions"] if p["start"] <= a_ino < p["end"])

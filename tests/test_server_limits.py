@@ -144,13 +144,31 @@ def test_over_the_cap_with_none_idle_a_new_connection_is_closed(cluster_factory)
         "rpc_max_connections": 20, "rpc_read_timeout": 30})
     addr = c.layout["nodes"]["datanode1"]["listen"]
     wait_for(lambda: serving(addr), 30, "the datanode to serve")
-    busy = open_sockets(addr, 30)
+    frame = HEADER.pack(1000, MAGIC, VERSION, 0, Op.PING, 0, 1, 0, 0) + b"\0" * 10
+
+    def busy_socket() -> socket.socket:
+        s = open_sockets(addr, 1)[0]
+        s.sendall(frame)  # a frame under way: not idle, may not be evicted
+        return s
+    busy: list[socket.socket] = []
     try:
-        for s in busy:  # each has a frame under way: none is idle, none may be evicted
-            s.sendall(HEADER.pack(1000, MAGIC, VERSION, 0, Op.PING, 0, 1, 0, 0) + b"\0" * 10)
-        late = open_sockets(addr, 1)[0]
-        wait_for(lambda: closed_by_peer(late), 5, "a connection over the cap to be closed")
-        late.close()
+        busy = [busy_socket() for _ in range(20)]  # up to the cap
+
+        def late_one_is_closed() -> bool:
+            """A connection the server accepted before it read the frame of the one
+            before it found that one idle and evicted it: replace it, try again."""
+            for i, s in enumerate(busy):
+                if closed_by_peer(s):
+                    s.close()
+                    busy[i] = busy_socket()
+            late = open_sockets(addr, 1)[0]
+            try:
+                wait_for(lambda: closed_by_peer(late) or any(closed_by_peer(s) for s in busy), 5,
+                         "the server to close a connection")
+                return not any(closed_by_peer(s) for s in busy)
+            finally:
+                late.close()
+        wait_for(late_one_is_closed, 30, "a connection over the cap to be closed, none of the busy ones")
         pid = c.pid("datanode1")
         assert pid is not None and len(os.listdir(f"/proc/{pid}/fd")) < 20 + 64
     finally:

@@ -34,7 +34,6 @@ from shoalfs.proto.rpc import EventCallback, RetryPolicy, RpcPool
 log = logging.getLogger(__name__)
 
 IO_PIECE = 4 * 1024 * 1024  # data per RPC (the servers take up to layout.MAX_IO)
-ROOT_INO = 1
 CALL_GRACE = 0.1  # how far past its deadline a call may run (the pool's last attempt lasts >= 0.05 s)
 
 

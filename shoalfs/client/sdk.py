@@ -25,10 +25,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from shoalfs.client.core import ROOT_INO, ClientOptions, VolumeClient, split_path
+from shoalfs.client.core import ClientOptions, VolumeClient, split_path
 from shoalfs.client.handle import FileHandle
 from shoalfs.client.lifecycle import GuardConfig, LifecycleGuard
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.layout import ROOT_INO
 
 log = logging.getLogger(__name__)
 

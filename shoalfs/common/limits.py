@@ -43,11 +43,13 @@ def raise_nofile_limit() -> int:
     return sys.maxsize if soft == resource.RLIM_INFINITY else soft
 
 
-def config_seconds(cfg: Mapping[str, Any], key: str, default: float) -> float:
-    """A duration from config: a finite number of seconds > 0 (ValueError otherwise)."""
+def config_seconds(cfg: Mapping[str, Any], key: str, default: float, zero: bool = False) -> float:
+    """A duration from config: a finite number of seconds > 0 (>= 0 if `zero`
+    is allowed); ValueError otherwise."""
     value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{key} must be a number of seconds > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{key} must be a number of seconds {'>=' if zero else '>'} 0, got {value!r}")
     return float(value)
 
 

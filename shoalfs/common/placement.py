@@ -75,9 +75,12 @@ class VolumeMaps:
                 return list(replicas)
         return None
 
+    def meta_partitions(self, vol_id: str) -> list[tuple[int, int, int, list[str]]]:
+        """(pid, start, end, replicas) of each of the volume's meta partitions."""
+        return [(pid, start, end, list(replicas))
+                for pid, start, end, replicas in (self.maps.get(vol_id) or {}).get("meta", [])]
+
     def meta_partition(self, vol_id: str, pid: int) -> tuple[int, int, list[str]] | None:
         """(start, end, replicas) of one of the volume's meta partitions."""
-        for m_pid, start, end, replicas in (self.maps.get(vol_id) or {}).get("meta", []):
-            if m_pid == pid:
-                return start, end, replicas
-        return None
+        return next(((start, end, replicas) for m_pid, start, end, replicas in self.meta_partitions(vol_id)
+                     if m_pid == pid), None)

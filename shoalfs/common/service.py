@@ -155,7 +155,7 @@ class NodeService:
         if access is Access.OPEN:
             return
         cap = self.check_capability(conn.capability)
-        if access is Access.RECLAIM and cap.rights == capability.NODE:
+        if access in (Access.RECLAIM, Access.INSPECT) and cap.rights == capability.NODE:
             access = Access.PEER
         if access is Access.MASTER or access is Access.PEER:
             capability.check_expiry(cap)

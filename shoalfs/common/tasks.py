@@ -1,4 +1,4 @@
-"""A background coroutine with an explicit start and stop."""
+"""Background coroutines with an explicit start and stop: one body, or a round every interval."""
 
 from __future__ import annotations
 
@@ -21,3 +21,27 @@ class BackgroundTask:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+
+
+class Periodic:
+    """A round every `interval` seconds in the background (0: never), with an
+    explicit start and stop. Subclasses say what a round does."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._background = BackgroundTask(self._loop)
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._background.start()
+
+    async def stop(self) -> None:
+        await self._background.stop()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.round()
+
+    async def round(self) -> None:
+        raise NotImplementedError

@@ -10,10 +10,12 @@ memory exactly as it was — then answered.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sortedcontainers import SortedDict
@@ -29,10 +31,10 @@ from shoalfs.proto.layout import (
     MAX_XATTR_NAME,
     MAX_XATTR_TOTAL,
     MAX_XATTR_VALUE,
+    ROOT_INO,
     extent_id,
 )
 
-ROOT_INO = 1
 SCAN_ENTRIES = 10_000
 DYING_NS = 30 * 10**9  # how long a directory being removed refuses new entries
 MAX_LINKS = 65000
@@ -71,6 +73,10 @@ class MetaPartition:
         self.before_commit: Callable[[], None] | None = None  # refuses writes while pending delete
         self.data_partitions: Callable[[], set[int] | None] = lambda: None  # the volume's, from the master
         self.leases = OpenLeases()  # which sessions have which files open
+        # renames since this partition was loaded (with a token of the load): what the
+        # orphan sweeper compares before and after a scan
+        self.moves = 0
+        self.boot = secrets.token_hex(8)
 
     # ----- persistence -------------------------------------------------
     def load(self) -> None:
@@ -321,7 +327,8 @@ class MetaPartition:
         entries add up to SCAN_ENTRIES) with their directory entries."""
         # the next page only: a full sort per page would cost n log n on the event loop each time
         inos = heapq.nsmallest(limit + 1, (i for i in self.inodes if i > after))
-        out: dict[str, Any] = {"inodes": [], "dentries": [], "more": False}
+        # the rename counter: a scan during which it changed may have missed a moved entry
+        out: dict[str, Any] = {"inodes": [], "dentries": [], "more": False, "boot": self.boot, "moves": self.moves}
         for ino in inos[:limit]:
             node = self.inodes[ino]
             out["inodes"].append([ino, node["mode"], node["nlink"], node["ctime"]])
@@ -428,6 +435,11 @@ class MetaPartition:
     async def rename_local(self, sp: int, sn: str, dp: int, dn: str, noreplace: bool,
                            replace_dir: int = 0) -> dict[str, Any]:
         """Both parents in this partition: one journal record, atomic."""
+        with self._moving():
+            return await self._rename_local(sp, sn, dp, dn, noreplace, replace_dir)
+
+    async def _rename_local(self, sp: int, sn: str, dp: int, dn: str, noreplace: bool,
+                            replace_dir: int) -> dict[str, Any]:
         self.check_name(dn)
         moving = self.lookup(sp, sn, staged=True)
         self.open_directory(dp)
@@ -448,12 +460,23 @@ class MetaPartition:
         await self.commit(effects)
         return {"ino": moving["ino"], "replaced": list(existing) if existing else None}
 
+    @contextlib.contextmanager
+    def _moving(self) -> Iterator[None]:
+        """Counts a rename step when it begins and when it is applied (or fails):
+        a scan that saw the counter unchanged saw no entry move."""
+        self.moves += 1
+        try:
+            yield
+        finally:
+            self.moves += 1
+
     async def begin_rename_tx(self, txid: str, sp: int, sn: str, tx: dict[str, Any]) -> dict[str, Any]:
         moving = self.lookup(sp, sn, staged=True)
         if any(t["sp"] == sp and t["sn"] == sn for t in self.staged.all_txs()):
             raise ShoalError(Code.TRY_AGAIN, f"{sn!r} is being renamed")
         tx = dict(tx, sp=sp, sn=sn, ino=moving["ino"], mode=moving["mode"])
-        await self.commit([("T", txid, tx)])
+        with self._moving():
+            await self.commit([("T", txid, tx)])
         return tx
 
     async def finish_rename_tx(self, txid: str) -> None:
@@ -464,7 +487,8 @@ class MetaPartition:
         current = self.staged.dentry(tx["sp"], tx["sn"])
         if current is not None and current[0] == tx["ino"]:
             effects += [("d", tx["sp"], tx["sn"]), self._dir_changed(tx["sp"], -_is_dir(tx["mode"]))]
-        await self.commit(effects)
+        with self._moving():
+            await self.commit(effects)
 
     async def abort_rename_tx(self, txid: str) -> None:
         if self.staged.tx(txid) is not None:
@@ -485,7 +509,8 @@ class MetaPartition:
         self._check_replace(mode, existing, noreplace, replace_dir)
         replaced = list(existing) if existing else None
         subdirs = _is_dir(mode) - (_is_dir(existing[1]) if existing else 0)
-        await self.commit([("D", dp, dn, ino, mode), self._dir_changed(dp, subdirs), ("A", txid, replaced)])
+        with self._moving():
+            await self.commit([("D", dp, dn, ino, mode), self._dir_changed(dp, subdirs), ("A", txid, replaced)])
         return {"replaced": replaced}
 
     # ----- extents and xattrs -------------------------------------------

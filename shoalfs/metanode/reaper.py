@@ -13,12 +13,11 @@ needs every partition of the volume.)
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Mapping
 
 from shoalfs.common.placement import VolumeMaps
-from shoalfs.common.tasks import BackgroundTask
+from shoalfs.common.tasks import Periodic
 from shoalfs.metanode.partition import MetaPartition
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
@@ -29,32 +28,23 @@ log = logging.getLogger(__name__)
 BATCH = 100  # inodes per partition per round: a backlog is worked off, never all at once
 
 
-class Reaper:
+class Reaper(Periodic):
     def __init__(self, partitions: Callable[[], Mapping[int, MetaPartition]], maps: VolumeMaps,
                  peers: RpcPool, lease: float) -> None:
+        super().__init__(max(0.5, lease / 4))
         self.partitions = partitions
         self.maps = maps
         self.peers = peers
-        self.interval = max(0.5, lease / 4)
         self.grace_ns = int(2 * lease * 1e9)
         self.reclaimed = 0
-        self._background = BackgroundTask(self._loop)
 
-    def start(self) -> None:
-        self._background.start()
-
-    async def stop(self) -> None:
-        await self._background.stop()
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            for part in list(self.partitions().values()):
-                for ino in part.reclaimable(self.grace_ns)[:BATCH]:
-                    try:
-                        await self.reclaim(part, ino)
-                    except ShoalError as exc:
-                        log.warning("could not reclaim inode %d of partition %d yet: %s", ino, part.pid, exc.msg)
+    async def round(self) -> None:
+        for part in list(self.partitions().values()):
+            for ino in part.reclaimable(self.grace_ns)[:BATCH]:
+                try:
+                    await self.reclaim(part, ino)
+                except ShoalError as exc:
+                    log.warning("could not reclaim inode %d of partition %d yet: %s", ino, part.pid, exc.msg)
 
     async def reclaim(self, part: MetaPartition, ino: int) -> None:
         node = part.inodes.get(ino)

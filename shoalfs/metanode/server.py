@@ -24,6 +24,7 @@ from shoalfs.common.limits import config_seconds
 from shoalfs.common.placement import VolumeMaps
 from shoalfs.common.service import DELETE_PARTITION, MASTER_STATE, NEW_PARTITION, NodeService
 from shoalfs.metanode.leases import OpenLeases
+from shoalfs.metanode.orphans import OrphanSweeper
 from shoalfs.metanode.partition import SCAN_ENTRIES, MetaPartition, public_attr
 from shoalfs.metanode.reaper import Reaper
 from shoalfs.proto.capability import READ_WRITE, Access
@@ -85,9 +86,12 @@ class MetaNode(NodeService):
         self.volume_maps = VolumeMaps(os.path.join(self.data_dir, "volumes.json"))
         try:
             self.open_lease = config_seconds(cfg, "open_lease", OPEN_LEASE)
+            sweep = (config_seconds(cfg, "orphan_scan_interval", 300.0, zero=True),
+                     config_seconds(cfg, "orphan_grace", 600.0, zero=True))
         except ValueError as exc:
             raise SystemExit(f"shoal: config: {exc}") from None
         self.reaper = Reaper(lambda: self.partitions, self.volume_maps, self.peers, self.open_lease)
+        self.sweeper = OrphanSweeper(lambda: self.partitions, self.volume_maps, self.peers, *sweep)
         r = self.rpc.route
         R, W, M, P = Access.READ, Access.WRITE, Access.MASTER, Access.PEER
         r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE, access=M)
@@ -110,7 +114,7 @@ class MetaNode(NodeService):
         r(Op.META_LINK_INODE, on(lambda p, b: p.link_inode(b["ino"])), {"ino": INO}, access=W)
         r(Op.META_UNLINK_INODE, on(lambda p, b: p.unlink_inode(b["ino"])), {"ino": INO}, access=W)
         r(Op.META_EVICT_INODE, on(lambda p, b, s: p.evict_inode(b["ino"], s), session=True), {"ino": INO},
-          access=W)
+          access=Access.RECLAIM)
         # a read-only session holds files open too; only a read-write one drops an unlinked file
         r(Op.META_CLOSE, on(lambda p, b, s, rw: p.close_inode(b["ino"], s, rw), session=True, rights=True),
           {"ino": INO}, access=R)
@@ -122,10 +126,10 @@ class MetaNode(NodeService):
         r(Op.META_RMDIR_PREPARE, on(lambda p, b: p.prepare_rmdir(b["ino"])), {"ino": INO}, access=W)
         r(Op.META_RMDIR_ABORT, on(lambda p, b: p.abort_rmdir(b["ino"])), {"ino": INO}, access=W)
         r(Op.META_SCAN, on(lambda p, b: p.scan(b["after"], b["limit"])),
-          {"after": Opt(Int(0, MAX_INO), 0), "limit": Opt(Int(1, 1000), 1000)},
-          cost=lambda b: b["limit"] * ATTR_BYTES + SCAN_ENTRIES * DENTRY_BYTES, access=R)
+          {"after": Opt(Int(0, MAX_INO), 0), "limit": Opt(Int(0, 1000), 1000)},  # 0: the counters only
+          cost=lambda b: b["limit"] * ATTR_BYTES + SCAN_ENTRIES * DENTRY_BYTES, access=Access.INSPECT)
         r(Op.META_SET_NLINK, on(lambda p, b: p.set_nlink(b["ino"], b["nlink"])),
-          {"ino": INO, "nlink": Int(0, 1 << 32)}, access=W)
+          {"ino": INO, "nlink": Int(0, 1 << 32)}, access=Access.RECLAIM)
         r(Op.META_DELETE_DENTRY, on(lambda p, b, s: p.delete_dentry(
             b["parent"], b["name"], b["dir"], b["keep"], s), session=True),
           {"parent": INO, "name": NAME, "dir": Opt(Bool), "keep": Opt(ListOf(INO, 1_000_000))}, access=W)
@@ -168,6 +172,7 @@ class MetaNode(NodeService):
                 self._spawn(self._resolve_tx(part, txid))
         log.info("loaded %d meta partitions", len(self.partitions))
         self.reaper.start()
+        self.sweeper.start()
 
     def _partition(self, info: dict[str, Any], pdir: str) -> MetaPartition:
         part = MetaPartition(info["pid"], info, pdir)
@@ -179,6 +184,7 @@ class MetaNode(NodeService):
         return part
 
     async def close(self) -> None:
+        await self.sweeper.stop()
         await self.reaper.stop()
         for t in list(self._tasks):
             t.cancel()

@@ -40,6 +40,7 @@ class Access(enum.Enum):
     READ = "read"      # ro or rw on the partition's volume
     WRITE = "write"    # rw on the partition's volume
     RECLAIM = "reclaim"  # rw on the partition's volume, or a node (its reaper frees unlinked files' data)
+    INSPECT = "inspect"  # ro or rw on the partition's volume, or a node (its orphan sweeper scans)
     PEER = "peer"      # a node or the master
     MASTER = "master"  # the master only
 

@@ -14,6 +14,7 @@ MAX_CHUNK = (1 << CHUNK_BITS) - 1
 MAX_FILE_SIZE = CHUNK << CHUNK_BITS
 MAX_IO = 8 * 1024 * 1024  # data bytes in one DATA_WRITE or DATA_READ
 MAX_INO = (1 << (64 - CHUNK_BITS)) - 1  # extent ids must fit in 64 bits
+ROOT_INO = 1  # a volume's root directory
 MAX_NAME = 255  # bytes of one path component (NAME_MAX)
 MAX_SYMLINK = 4095  # bytes of a symlink target (PATH_MAX - 1)
 MAX_XATTR_NAME = 255
