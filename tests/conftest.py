@@ -59,7 +59,8 @@ def volume_cap(c: EmbeddedCluster, volume: str, key: str | None = None) -> str:
     if key is None:
         with open(c.key_file(volume)) as f:
             key = f.read().strip()
-    req = urllib.request.Request(c._url("/client/session"), method="POST",
+    leader = c.leader() if len(c.masters) > 1 else None
+    req = urllib.request.Request(c._url("/client/session", c.masters[leader] if leader else None), method="POST",
                                  data=json.dumps({"volume": volume, "key": key}).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10, context=c._tls()) as r:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -17,12 +19,13 @@ from cryptography.hazmat.primitives import serialization
 
 from shoalfs.cli.cluster import EmbeddedCluster
 from shoalfs.client.mount import MountOptions
+from shoalfs.common.master_client import REQUEST_ID
 from shoalfs.master.store import EtcdStore
 from shoalfs.proto import capability
 from shoalfs.proto.capability import Capability
 from shoalfs.proto.errors import Code
 from shoalfs.proto.opcodes import Op
-from tests.conftest import RawRpc, shoal_env, wait_for
+from tests.conftest import RawRpc, shoal_env, volume_cap, wait_for
 from tests.test_lifecycle import expect_deleted_exit, lifecycle_opts, parse_sd
 
 FAILOVER_LIMIT = 5.0  # seconds from kill -9 of the leader to a follower leading
@@ -304,3 +307,41 @@ def test_nodes_fenced_above_the_leader_lead_it_higher(healed: EmbeddedCluster) -
     assert c.etcd_state()["term_floor"] >= forged
     code, msg = RawRpc(cap)(node, Op.HEARTBEAT, 0, {})
     assert code == Code.NOT_LEADER, msg  # and the forged term is now the stale one
+
+
+def leader_call(c: EmbeddedCluster, path: str, body: dict, request_id: str) -> dict:
+    """An admin call to the leader as MasterClient makes it: with a request id."""
+    leader = wait_for(c.leader, 30, "a leader")
+    req = urllib.request.Request(c._url(path, c.masters[str(leader)]), data=json.dumps(body).encode(),
+                                 method="POST", headers={"Authorization": f"Bearer {c.token}",
+                                                         "Content-Type": "application/json",
+                                                         REQUEST_ID: request_id})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return dict(json.load(r))
+    except urllib.error.HTTPError as exc:
+        return dict(json.load(exc))
+
+
+def test_a_create_or_delete_retried_after_a_failover_is_answered_as_done(healed: EmbeddedCluster) -> None:
+    """The leader made the change, then a failover lost its answer: the client's
+    retry (same request id) reaches the new leader and is answered as done."""
+    c = healed
+    made = leader_call(c, "/volume/create", {"name": "ha-retry", "owner": "o"}, "create0001")
+    assert made["code"] == 0
+    fail_over(c)
+    again = leader_call(c, "/volume/create", {"name": "ha-retry", "owner": "o"}, "create0001")
+    assert again["code"] == 0 and again["data"]["vol_id"] == made["data"]["vol_id"]
+    # the retry's owner key works; the lost answer's key no longer does
+    assert volume_cap(c, "ha-retry", key=again["data"]["owner_key"])
+    with pytest.raises(urllib.error.HTTPError):
+        volume_cap(c, "ha-retry", key=made["data"]["owner_key"])
+    other = leader_call(c, "/volume/create", {"name": "ha-retry", "owner": "o"}, "create0002")
+    assert other["code"] == Code.VOLUME_EXISTS  # another request: the name is taken
+    gone = leader_call(c, "/volume/delete", {"name": "ha-retry"}, "delete0001")
+    assert gone["code"] == 0
+    fail_over(c)
+    again = leader_call(c, "/volume/delete", {"name": "ha-retry"}, "delete0001")
+    assert again["code"] == 0 and again["data"]["tombstone"] == gone["data"]["tombstone"]
+    other = leader_call(c, "/volume/delete", {"name": "ha-retry"}, "delete0002")
+    assert other["code"] == Code.VOLUME_NOT_EXIST

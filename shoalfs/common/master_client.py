@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 import ssl
 import time
 from typing import Any
@@ -18,6 +19,8 @@ import aiohttp
 
 from shoalfs.common.tls import http_scheme
 from shoalfs.proto.errors import Code, ShoalError
+
+REQUEST_ID = "X-Shoal-Request-Id"
 
 
 def master_list(spec: str) -> list[str]:
@@ -57,7 +60,8 @@ class MasterClient:
         return self._session
 
     async def request_once(self, method: str, path: str, params: dict[str, Any] | None = None,
-                           body: dict[str, Any] | None = None, budget: float | None = None) -> Any:
+                           body: dict[str, Any] | None = None, budget: float | None = None,
+                           request_id: str | None = None) -> Any:
         """One pass over the masters, each asked at most once: the one believed
         to lead first, a leader a follower names next, then the rest of the list.
         Within `budget` seconds (default: the client's timeout per master). The
@@ -75,7 +79,7 @@ class MasterClient:
             if left <= 0:
                 break
             try:
-                data = await self._ask(addr, method, path, params, body, left)
+                data = await self._ask(addr, method, path, params, body, left, request_id)
                 self.addr = addr
                 return data
             except ShoalError as exc:
@@ -91,9 +95,11 @@ class MasterClient:
         raise error or ShoalError(Code.TIMEOUT, "no master answered in time")
 
     async def _ask(self, addr: str, method: str, path: str, params: dict[str, Any] | None,
-                   body: dict[str, Any] | None, timeout: float) -> Any:
+                   body: dict[str, Any] | None, timeout: float, request_id: str | None = None) -> Any:
         """One request to one master; transport failures become transient ShoalErrors."""
         headers = {"Authorization": self.authorization} if self.authorization else {}
+        if request_id:
+            headers[REQUEST_ID] = request_id
         try:
             session = await self._http()
             async with session.request(method, f"{self.scheme}://{addr}{path}", params=params, json=body,
@@ -115,12 +121,16 @@ class MasterClient:
 
     async def request(self, method: str, path: str, params: dict[str, Any] | None = None,
                       body: dict[str, Any] | None = None, deadline: float = 10.0) -> Any:
-        """With retries of transient failures (capped backoff, jitter) up to deadline."""
+        """With retries of transient failures (capped backoff, jitter) up to deadline.
+        Every attempt carries the same request id: a change the master made but
+        could not confirm (it failed over) is answered as done, not done twice."""
         end = time.monotonic() + deadline
         attempt = 0
+        request_id = secrets.token_hex(12)
         while True:
             try:
-                return await self.request_once(method, path, params, body, budget=end - time.monotonic())
+                return await self.request_once(method, path, params, body, budget=end - time.monotonic(),
+                                               request_id=request_id)
             except ShoalError as exc:
                 delay = random.uniform(0, min(1.0, 0.1 * 2**attempt))
                 if not exc.transient or time.monotonic() + delay >= end:

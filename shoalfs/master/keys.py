@@ -62,6 +62,16 @@ class KeyRing:
                         "created_at": time.time(), "hash": _digest(secret)}
         return key_id, f"shoal1-{key_id}-{secret}"
 
+    def reissue(self, vol: dict[str, Any], name: str) -> tuple[str, str]:
+        """A new secret for the key of that name (its old one is refused from now
+        on): a create retried after a failover gets an owner key it can use."""
+        old = next((i for i, k in self.keys(vol).items() if k["name"] == name), None)
+        rights = self.keys(vol)[old]["rights"] if old else READ_WRITE
+        if old is not None:
+            del self.keys(vol)[old]
+            self.revoked[old] = time.time() + self.capability_ttl
+        return self.create(vol, name, read_only=rights == READ_ONLY)
+
     def describe(self, vol: dict[str, Any], key_id: str) -> dict[str, Any]:
         """A key as listings show it: never its secret or hash."""
         k = self.keys(vol)[key_id]

@@ -48,11 +48,17 @@ class VolumeLifecycle:
         delay = body.get("delay_s", 0)
         if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay <= MAX_DELAY:
             raise ShoalError(Code.BAD_REQUEST, f"delay_s must be 0..{MAX_DELAY:.0f} seconds")
+        rid = self.m.request_id(request)
         async with self.m.lock:
+            done = self.m.state.made_by(rid, "deleted_by")
+            if done is not None:  # a retry of a deletion the master made but could not confirm
+                return dict(self.m.describe(done), **{k: done[k] for k in ("tombstone",) if k in done})
             vol = self.m.state.by_name(body.get("name"))  # type: ignore[arg-type]
+            if delay > 0 and vol["status"] == PENDING_DELETE:
+                raise ShoalError(Code.INVALID, f"volume {vol['name']} is already pending deletion")
+            if rid:
+                vol["deleted_by"] = rid  # saved with the deletion
             if delay > 0:
-                if vol["status"] == PENDING_DELETE:
-                    raise ShoalError(Code.INVALID, f"volume {vol['name']} is already pending deletion")
                 vol["status"] = PENDING_DELETE
                 vol["purge_at"] = time.time() + delay
                 await self.m.state.save()
@@ -71,6 +77,7 @@ class VolumeLifecycle:
                 raise ShoalError(Code.INVALID, f"volume {vol['name']} is not pending deletion")
             vol["status"] = ACTIVE
             vol.pop("purge_at", None)
+            vol.pop("deleted_by", None)
             await self.m.state.save()
         await self.m.nodes.beat_all()
         log.info("volume %s restored", vol["name"])

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import StreamReader, web
 
 from shoalfs.common.limits import config_count, config_seconds, connection_cap, raise_nofile_limit
+from shoalfs.common.master_client import REQUEST_ID
 from shoalfs.common.tasks import BackgroundTask
 from shoalfs.common.tls import TlsConfigError, client_context, http_scheme, server_context
 from shoalfs.master.access import Auth, Authority, Caller, master_credential
@@ -38,6 +39,7 @@ from shoalfs.proto.rpc import split_addr
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[Any]]
+PRIVATE_FIELDS = ("keys", "created_by", "deleted_by")  # of a volume record: never in an answer
 VERSION = "0.1.0"
 
 
@@ -324,6 +326,12 @@ class Master:
         return data
 
     @staticmethod
+    def request_id(request: web.Request) -> str | None:
+        """The client's id of this request, the same on its retries (or None)."""
+        rid = request.headers.get(REQUEST_ID, "")
+        return rid if 8 <= len(rid) <= 64 and rid.isalnum() else None
+
+    @staticmethod
     def arg(request: web.Request, name: str) -> str:
         value = request.query.get(name)
         if not value:
@@ -360,10 +368,18 @@ class Master:
     async def volume_create(self, request: web.Request) -> Any:
         body = await self.body(request)
         await self.nodes.settled()
+        rid = self.request_id(request)
         async with self.lock:
+            done = self.state.made_by(rid, "created_by")
+            if done is not None:  # a retry of a create the master made but could not confirm
+                _, owner_key = self.keys.reissue(done, OWNER)
+                await self.state.save()
+                return dict(self.describe(done), owner_key=owner_key)
             vol = self.state.plan_volume(body.get("name"), body.get("owner"),  # type: ignore[arg-type]
                                          body.get("capacity_gib", 100),
                                          self.nodes.live("metanode"), self.nodes.live("datanode"))
+            if rid:
+                vol["created_by"] = rid
             await self.state.save()  # its partition ids, before any node holds them
             pids = {p["pid"] for key in ("meta_partitions", "data_partitions") for p in vol[key]}
             self.nodes.creating |= pids
@@ -400,10 +416,11 @@ class Master:
         return {"tombstone": tomb} if tomb else {}
 
     def describe(self, vol: dict[str, Any]) -> dict[str, Any]:
-        return dict({k: v for k, v in vol.items() if k != "keys"}, master_pubkey=self.lifecycle.public_key)
+        return dict({k: v for k, v in vol.items() if k not in PRIVATE_FIELDS}, master_pubkey=self.lifecycle.public_key)
 
     async def volume_list(self, request: web.Request) -> Any:
-        return [{k: v for k, v in vol.items() if k not in ("meta_partitions", "data_partitions", "tombstone", "keys")}
+        return [{k: v for k, v in vol.items() if k not in ("meta_partitions", "data_partitions", "tombstone",
+                                                           *PRIVATE_FIELDS)}
                 for vol in sorted(self.state.volumes.values(), key=lambda v: v["name"])
                 if vol["status"] != DELETED]
 

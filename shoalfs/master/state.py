@@ -178,6 +178,15 @@ class MasterState:
                 return vol.get("tombstone")  # type: ignore[no-any-return]
         return None
 
+    def made_by(self, request_id: str | None, field: str) -> dict[str, Any] | None:
+        """The volume a request with this id created or deleted (`field`
+        created_by or deleted_by), if any: the master made the change and a
+        failover lost its answer."""
+        if not request_id:
+            return None
+        return next((v for v in self.volumes.values()
+                     if v.get(field) == request_id and (field == "deleted_by" or v["status"] != DELETED)), None)
+
     def by_name(self, name: str) -> dict[str, Any]:
         for vol in self.volumes.values():
             if vol["name"] == name and vol["status"] != DELETED:
