@@ -11,6 +11,7 @@ from conftest import RawRpc, volume_cap, wait_for
 from test_fsck import fsck, leak_directory
 
 from shoalfs.cli.cluster import EmbeddedCluster
+from shoalfs.proto.errors import Code
 from shoalfs.proto.opcodes import Op
 
 FAST_SWEEPS = {"orphan_scan_interval": 0.3, "orphan_grace": 1, "open_lease": 2}
@@ -53,10 +54,10 @@ def test_nameless_inodes_are_reclaimed(cluster_factory) -> None:
 
 
 def test_a_rename_storm_during_sweeps_loses_no_file(cluster_factory) -> None:
-    """With no grace at all, only the rename counters stand between a sweep
+    """With next to no grace (1 ms), only the rename counters stand between a sweep
     that missed a moving entry and a named file reclaimed."""
     c: EmbeddedCluster = cluster_factory(metanodes=3, datanodes=1,
-                                         metanode=dict(FAST_SWEEPS, orphan_scan_interval=0.05, orphan_grace=0))
+                                         metanode=dict(FAST_SWEEPS, orphan_scan_interval=0.05, orphan_grace=0.001))
     c.create_volume("fs")
     dirs = [f"/d{i}" for i in range(6)]  # directories are spread over the partitions
     names = [f"f{i}" for i in range(20)]
@@ -96,3 +97,34 @@ def test_a_rename_storm_during_sweeps_loses_no_file(cluster_factory) -> None:
     assert "orphan inode" not in metanode_logs(c)
     code, report = fsck(c)
     assert code == 0 and report["findings"] == [], json.dumps(report)
+
+
+def test_a_reclaim_takes_only_what_the_sweep_saw(cluster_factory) -> None:
+    """The partition reclaims an inode only if its link count and ctime are
+    still those the sweep saw, and never a directory that holds entries."""
+    c: EmbeddedCluster = cluster_factory(metanodes=1, datanodes=1)
+    info = c.create_volume("fs")
+    part = info["meta_partitions"][0]
+    addr, pid = part["replicas"][0], part["pid"]
+    rpc = RawRpc(volume_cap(c, "fs"))
+
+    def seen(ino: int) -> list:
+        code, page = rpc(addr, Op.META_SCAN, pid, {"after": 0, "limit": 1000})
+        assert code == 0
+        return next(i for i in page["inodes"] if i[0] == ino)
+    code, made = rpc(addr, Op.META_CREATE_INODE, pid, {"mode": 0o100644})
+    assert code == 0
+    ino, _mode, nlink, ctime = seen(made["ino"])
+    assert rpc(addr, Op.META_RECLAIM_ORPHAN, pid, {"ino": ino, "ctime": ctime - 1, "nlink": nlink})[0] \
+        == Code.TRY_AGAIN
+    assert rpc(addr, Op.META_RECLAIM_ORPHAN, pid, {"ino": ino, "ctime": ctime, "nlink": nlink + 1})[0] \
+        == Code.TRY_AGAIN
+    assert rpc(addr, Op.META_RECLAIM_ORPHAN, pid, {"ino": ino, "ctime": ctime, "nlink": nlink}) \
+        == (0, {"reclaimed": True})
+    assert seen(ino)[2] == 0  # the reaper's now
+    code, made = rpc(addr, Op.META_CREATE_INODE, pid, {"mode": 0o040755})
+    assert code == 0
+    d, _mode, nlink, ctime = seen(made["ino"])
+    assert rpc(addr, Op.META_CREATE_DENTRY, pid, {"parent": d, "name": "x", "ino": ino, "mode": 0o100644})[0] == 0
+    d, _mode, nlink, ctime = seen(d)
+    assert rpc(addr, Op.META_RECLAIM_ORPHAN, pid, {"ino": d, "ctime": ctime, "nlink": nlink})[0] == Code.NOT_EMPTY

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class BackgroundTask:
@@ -41,7 +44,10 @@ class Periodic:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.round()
+            try:
+                await self.round()
+            except Exception:
+                log.exception("%s: round failed; the next one runs in %gs", type(self).__name__, self.interval)
 
     async def round(self) -> None:
         raise NotImplementedError

@@ -54,11 +54,11 @@ class VolumeLifecycle:
             if done is not None:  # a retry of a deletion the master made but could not confirm
                 return dict(self.m.describe(done), **{k: done[k] for k in ("tombstone",) if k in done})
             vol = self.m.state.by_name(body.get("name"))  # type: ignore[arg-type]
-            if delay > 0 and vol["status"] == PENDING_DELETE:
-                raise ShoalError(Code.INVALID, f"volume {vol['name']} is already pending deletion")
-            if rid:
-                vol["deleted_by"] = rid  # saved with the deletion
             if delay > 0:
+                if vol["status"] == PENDING_DELETE:
+                    raise ShoalError(Code.INVALID, f"volume {vol['name']} is already pending deletion")
+                if rid:
+                    vol["deleted_by"] = rid  # saved with the pending state
                 vol["status"] = PENDING_DELETE
                 vol["purge_at"] = time.time() + delay
                 await self.m.state.save()
@@ -66,7 +66,7 @@ class VolumeLifecycle:
         if delay > 0:
             await self.m.nodes.beat_all()  # nodes refuse writes from now on
             return self.m.describe(vol)
-        tomb = await self.purge(vol)
+        tomb = await self.purge(vol, rid)
         return dict(self.m.describe(vol), tombstone=tomb)
 
     async def undelete(self, request: web.Request) -> Any:
@@ -83,11 +83,14 @@ class VolumeLifecycle:
         log.info("volume %s restored", vol["name"])
         return self.m.describe(vol)
 
-    async def purge(self, vol: dict[str, Any]) -> dict[str, Any]:
-        """Issue the tombstone, persist it, then tell every node."""
+    async def purge(self, vol: dict[str, Any], request_id: str | None = None) -> dict[str, Any]:
+        """Issue the tombstone, persist it (with the id of the request that
+        asked, if any), then tell every node."""
         async with self.m.lock:
             if vol["status"] == DELETED:
                 return vol["tombstone"]  # type: ignore[no-any-return]
+            if request_id:
+                vol["deleted_by"] = request_id
             tomb = tombstone.sign(self.key, {"vol_id": vol["vol_id"], "name": vol["name"],
                                              "deleted_at": time.time(), "epoch": self.m.state.next_epoch()})
             vol["status"] = DELETED

@@ -28,6 +28,7 @@ MIN_META_PARTITIONS = 3
 MIN_DATA_PARTITIONS = 3
 MAX_META_PARTITIONS = (MAX_INO + 1) // INODE_RANGE
 SECTIONS = ("nodes", "volumes", "graveyard")  # one etcd key per entry
+RETRY_WINDOW = 120.0  # a create's request id is honoured this long: clients retry within their deadline
 log = logging.getLogger(__name__)
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -184,8 +185,9 @@ class MasterState:
         failover lost its answer."""
         if not request_id:
             return None
-        return next((v for v in self.volumes.values()
-                     if v.get(field) == request_id and (field == "deleted_by" or v["status"] != DELETED)), None)
+        return next((v for v in self.volumes.values() if v.get(field) == request_id
+                     and (v["status"] in (PENDING_DELETE, DELETED) if field == "deleted_by" else
+                          v["status"] != DELETED and time.time() - v["created_at"] < RETRY_WINDOW)), None)
 
     def by_name(self, name: str) -> dict[str, Any]:
         for vol in self.volumes.values():

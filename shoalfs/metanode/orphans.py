@@ -8,13 +8,15 @@ volume's root partition sweeps it every `orphan_scan_interval` seconds:
 1. it reads every partition's rename counter (`moves`, with its boot id),
 2. scans every partition (common/namespace.py, as fsck does),
 3. reads the counters again. A rename moves an entry between pages or
-   partitions, so a scan during which any counter changed may have missed
-   a name: it proves nothing and is thrown away.
+   partitions, so a scan during which any counter changed, or that began or
+   ended with a rename under way, may have missed a name: it proves
+   nothing and is thrown away.
 
 An inode is reclaimed only when two such clean sweeps at least
 `orphan_grace` apart both found it nameless and it has not changed for
-`orphan_grace`: a file's link count is set to 0 (the reaper frees it
-once nobody holds it open), an empty directory is dropped. Each sweep holds
+`orphan_grace`; the partition then reclaims it only if its link count and
+ctime are still what the sweep saw: a file's link count is set to 0 (the
+reaper frees it once nobody holds it open), an empty directory is dropped. Each sweep holds
 the volume's inodes and entries in memory for a moment, as fsck does;
 `orphan_scan_interval` 0 turns sweeping off.
 """
@@ -79,15 +81,23 @@ class OrphanSweeper(Periodic):
         parts = self.maps.meta_partitions(vol_id)
         if not parts:
             return []
-        before = await self._counters(parts)
+        try:
+            before = await self._counters(parts)
+        except ShoalError as exc:  # a rename under way, or a partition away: next time
+            log.debug("orphan sweep of %s not begun: %s", vol_id, exc.msg)
+            return []
 
         async def fetch(part: MetaPart, after: int, limit: int) -> dict[str, Any]:
             return dict(await self._call(part, Op.META_SCAN, {"after": after, "limit": limit}))
         ns = await scan(parts, fetch)
-        if await self._counters(parts) != before:
+        try:
+            after = await self._counters(parts)
+        except ShoalError:
+            after = []
+        if after != before:
             log.debug("orphan sweep of %s: renames during the scan, nothing concluded", vol_id)
             return []
-        now = time.time()
+        now = time.monotonic()
         settled = time.time_ns() - int(self.grace * 1e9)
         parents = {entry[0] for entry in ns.entries}
         # a directory that still holds entries is fsck's to judge, not ours to drop
@@ -103,7 +113,7 @@ class OrphanSweeper(Periodic):
             if part is None:
                 continue
             try:
-                await self.reclaim(part, finding)
+                await self.reclaim(part, finding, ns.inodes[ino])
             except ShoalError as exc:
                 log.warning("could not reclaim orphan inode %d of volume %s yet: %s", ino, vol_id, exc.msg)
                 continue
@@ -111,10 +121,12 @@ class OrphanSweeper(Periodic):
             reclaimed.append(ino)
         return reclaimed
 
-    async def reclaim(self, part: MetaPart, orphan: Finding) -> None:
-        await self._call(part, Op.META_SET_NLINK, {"ino": orphan.ino, "nlink": 0})
-        if stat.S_ISDIR(orphan.mode):
-            await self._call(part, Op.META_EVICT_INODE, {"ino": orphan.ino})  # an orphan directory is empty
+    async def reclaim(self, part: MetaPart, orphan: Finding, seen: list[Any]) -> None:
+        """Only if the inode is still as the sweep saw it (the partition checks)."""
+        _mode, nlink, ctime = seen
+        res = await self._call(part, Op.META_RECLAIM_ORPHAN, {"ino": orphan.ino, "ctime": ctime, "nlink": nlink})
+        if not res.get("reclaimed"):
+            return  # gone meanwhile
         self.reclaimed += 1
         log.info("orphan inode %d (no name for %.0fs): %s", orphan.ino, self.grace,
                  "directory dropped" if stat.S_ISDIR(orphan.mode) else "file handed to the reaper")

@@ -10,8 +10,8 @@ memory exactly as it was — then answered.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-import heapq
 import secrets
 import stat
 import time
@@ -76,7 +76,9 @@ class MetaPartition:
         # renames since this partition was loaded (with a token of the load): what the
         # orphan sweeper compares before and after a scan
         self.moves = 0
+        self.renaming = 0  # rename steps under way
         self.boot = secrets.token_hex(8)
+        self._scan_order: list[int] = []  # inode numbers, sorted when a scan begins
 
     # ----- persistence -------------------------------------------------
     def load(self) -> None:
@@ -325,19 +327,42 @@ class MetaPartition:
     def scan(self, after: int, limit: int) -> dict[str, Any]:
         """Inodes after `after` (at most `limit`, fewer once their directories'
         entries add up to SCAN_ENTRIES) with their directory entries."""
-        # the next page only: a full sort per page would cost n log n on the event loop each time
-        inos = heapq.nsmallest(limit + 1, (i for i in self.inodes if i > after))
-        # the rename counter: a scan during which it changed may have missed a moved entry
-        out: dict[str, Any] = {"inodes": [], "dentries": [], "more": False, "boot": self.boot, "moves": self.moves}
-        for ino in inos[:limit]:
-            node = self.inodes[ino]
+        # the inode numbers are sorted once per scan (at its first page, and again
+        # past the end: numbers only grow, so inodes made since come last)
+        if after == 0 or not self._scan_order or after >= self._scan_order[-1]:
+            self._scan_order = sorted(self.inodes)
+        order = self._scan_order
+        # the rename counters: a scan during which they moved may have missed a moved entry
+        out: dict[str, Any] = {"inodes": [], "dentries": [], "more": False, "boot": self.boot,
+                               "moves": self.moves, "renaming": self.renaming}
+        i = bisect.bisect_right(order, after)
+        while i < len(order) and len(out["inodes"]) < limit and len(out["dentries"]) < SCAN_ENTRIES:
+            ino, i = order[i], i + 1
+            node = self.inodes.get(ino)
+            if node is None:
+                continue  # dropped since the scan began
             out["inodes"].append([ino, node["mode"], node["nlink"], node["ctime"]])
             for name, (child, mode) in (self.dentries.get(ino) or {}).items():
                 out["dentries"].append([ino, name, child, mode])
-            if len(out["dentries"]) >= SCAN_ENTRIES:
-                break
-        out["more"] = bool(out["inodes"]) and out["inodes"][-1][0] != inos[-1]
+        out["more"] = bool(out["inodes"]) and (i < len(order) or max(self.inodes, default=0) > order[-1])
         return out
+
+    async def reclaim_orphan(self, ino: int, ctime: int, nlink: int) -> dict[str, Any]:
+        """The orphan sweeper's step: only if the inode is as the sweep saw it
+        (link count and ctime), a file's link count goes to 0 (the reaper frees
+        it once nobody holds it open) and an empty directory is dropped."""
+        node = self.staged.inode(ino)
+        if node is None:
+            return {"reclaimed": False}
+        if node["ctime"] != ctime or node["nlink"] != nlink:
+            raise ShoalError(Code.TRY_AGAIN, f"inode {ino} changed since the sweep found it nameless")
+        if not stat.S_ISDIR(node["mode"]):
+            await self._relink(ino, 0)
+        elif self.staged.has_entries(ino):
+            raise ShoalError(Code.NOT_EMPTY, f"directory {ino} is not empty")
+        else:
+            await self.commit([("i", ino)])
+        return {"reclaimed": True}
 
     async def set_nlink(self, ino: int, nlink: int) -> dict[str, Any]:
         return await self._relink(ino, nlink)
@@ -465,9 +490,11 @@ class MetaPartition:
         """Counts a rename step when it begins and when it is applied (or fails):
         a scan that saw the counter unchanged saw no entry move."""
         self.moves += 1
+        self.renaming += 1
         try:
             yield
         finally:
+            self.renaming -= 1
             self.moves += 1
 
     async def begin_rename_tx(self, txid: str, sp: int, sn: str, tx: dict[str, Any]) -> dict[str, Any]:

@@ -87,7 +87,7 @@ class MetaNode(NodeService):
         try:
             self.open_lease = config_seconds(cfg, "open_lease", OPEN_LEASE)
             sweep = (config_seconds(cfg, "orphan_scan_interval", 300.0, zero=True),
-                     config_seconds(cfg, "orphan_grace", 600.0, zero=True))
+                     config_seconds(cfg, "orphan_grace", 600.0))
         except ValueError as exc:
             raise SystemExit(f"shoal: config: {exc}") from None
         self.reaper = Reaper(lambda: self.partitions, self.volume_maps, self.peers, self.open_lease)
@@ -114,7 +114,7 @@ class MetaNode(NodeService):
         r(Op.META_LINK_INODE, on(lambda p, b: p.link_inode(b["ino"])), {"ino": INO}, access=W)
         r(Op.META_UNLINK_INODE, on(lambda p, b: p.unlink_inode(b["ino"])), {"ino": INO}, access=W)
         r(Op.META_EVICT_INODE, on(lambda p, b, s: p.evict_inode(b["ino"], s), session=True), {"ino": INO},
-          access=Access.RECLAIM)
+          access=W)
         # a read-only session holds files open too; only a read-write one drops an unlinked file
         r(Op.META_CLOSE, on(lambda p, b, s, rw: p.close_inode(b["ino"], s, rw), session=True, rights=True),
           {"ino": INO}, access=R)
@@ -129,7 +129,9 @@ class MetaNode(NodeService):
           {"after": Opt(Int(0, MAX_INO), 0), "limit": Opt(Int(0, 1000), 1000)},  # 0: the counters only
           cost=lambda b: b["limit"] * ATTR_BYTES + SCAN_ENTRIES * DENTRY_BYTES, access=Access.INSPECT)
         r(Op.META_SET_NLINK, on(lambda p, b: p.set_nlink(b["ino"], b["nlink"])),
-          {"ino": INO, "nlink": Int(0, 1 << 32)}, access=Access.RECLAIM)
+          {"ino": INO, "nlink": Int(0, 1 << 32)}, access=W)
+        r(Op.META_RECLAIM_ORPHAN, on(lambda p, b: p.reclaim_orphan(b["ino"], b["ctime"], b["nlink"])),
+          {"ino": INO, "ctime": Int(0, I64_MAX), "nlink": Int(0, 1 << 32)}, access=Access.RECLAIM)
         r(Op.META_DELETE_DENTRY, on(lambda p, b, s: p.delete_dentry(
             b["parent"], b["name"], b["dir"], b["keep"], s), session=True),
           {"parent": INO, "name": NAME, "dir": Opt(Bool), "keep": Opt(ListOf(INO, 1_000_000))}, access=W)

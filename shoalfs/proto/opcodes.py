@@ -43,6 +43,7 @@ class Op(IntEnum):
     META_SET_NLINK = 125  # fsck: repair a link count
     META_CLOSE = 126  # a session's last handle on a file closed (an unlinked file may go now)
     META_RENEW_LEASES = 127  # the files a session has open in a partition: still open
+    META_RECLAIM_ORPHAN = 128  # the orphan sweeper: reclaim an inode if it is as the sweep saw it
     # datanode
     DATA_WRITE = 200
     DATA_READ = 201
