@@ -138,13 +138,27 @@ class Leadership:
         self._valid_until = started + self.lease_ttl * VALID_FRACTION
         log.info("master %s elected leader (term %d); loading the cluster state", self.advertise, term)
         try:
-            await self.on_elected(term)
+            await self._renewing(self.on_elected(term))
         except Exception as exc:
             log.error("master %s could not take over: %s", self.advertise, exc)
             await self._step_down(f"taking over failed: {exc}")
             raise ShoalError(Code.UNAVAILABLE, f"taking over failed: {exc}") from None
         self._ready = True
         log.info("master %s leads (term %d)", self.advertise, term)
+
+    async def _renewing(self, work: Awaitable[None]) -> None:
+        """Run `work` (taking over: loading the state) while the lease is kept
+        alive: a large state on a slow etcd must not outlast the lease."""
+        async def keep_alive() -> None:
+            while True:
+                await asyncio.sleep(self.lease_ttl / 4)
+                await self._renew()
+        renewer = asyncio.create_task(keep_alive())
+        try:
+            await work
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
 
     async def _renew(self) -> None:
         assert self._lease is not None

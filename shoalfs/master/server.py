@@ -243,7 +243,7 @@ class Master:
         self.tls_server = server_context(cfg)
         self.nodes = NodeMonitor(self.state, float(cfg.get("heartbeat_interval", 1.0)),
                                  float(cfg.get("node_timeout", 5.0)), tls=client_context(cfg.get("tls_ca")))
-        self.nodes.leading = lambda: self.leadership.leading
+        self.nodes.leading = lambda: self.leadership.holds_lease  # also while taking over
         self.nodes.fenced_off = self._fenced_off
         self.fence_term = 0  # the term node commands carry: above every term nodes have obeyed
         self.lock = asyncio.Lock()
