@@ -238,11 +238,11 @@ def test_delete_volume_drops_partitions(cluster: EmbeddedCluster) -> None:
 
 def race_creates_against(c: EmbeddedCluster, volume: str, churn: Callable[[Any, dict[str, int]], None]
                          ) -> dict[str, int]:
-    """Two clients for 4 s: one runs `churn` (which removes or replaces /d),
-    the other creates and then removes files in /d. A create that succeeded
-    must never find its directory gone under it ("lost": the file went with it)."""
+    """Two clients until each side has done its part 100 times: one runs
+    `churn` (which removes or replaces /d), the other creates and then removes
+    files in /d. A create that succeeded must never find its directory gone
+    under it ("lost": the file went with it)."""
     import threading
-    import time as _time
 
     stop = threading.Event()
     counts = {"churned": 0, "created": 0, "lost": 0}
@@ -270,11 +270,14 @@ def race_creates_against(c: EmbeddedCluster, volume: str, churn: Callable[[Any, 
     threads = [threading.Thread(target=churner), threading.Thread(target=creator)]
     for t in threads:
         t.start()
-    _time.sleep(4)  # the duration of the race is what these tests are about
-    stop.set()
-    for t in threads:
-        t.join(30)
-    assert counts["churned"] > 10 and counts["created"] > 10, counts  # both sides really raced
+    try:
+        wait_for(lambda: min(counts["churned"], counts["created"]) >= 100 or not all(t.is_alive() for t in threads),
+                 120, "both sides of the race to run 100 times")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert counts["churned"] >= 100 and counts["created"] >= 100, counts  # both sides really raced
     return counts
 
 

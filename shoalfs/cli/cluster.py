@@ -19,13 +19,12 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from shoalfs.client.keys import save_key, store_path
+from shoalfs.client.keys import layout_masters, save_key, store_path
 from shoalfs.common.files import atomic_write, open_private_log
 from shoalfs.common.tls import client_context
-from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.errors import ShoalError
 
 ETCD = "etcd"
-NOT_LEADER = int(Code.NOT_LEADER)
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -79,7 +78,7 @@ class EmbeddedCluster:
     @property
     def masters(self) -> dict[str, str]:
         """Master process name -> address ("master", "master2", ...)."""
-        return dict(self.layout.get("masters") or {"master": self.layout["master"]})
+        return layout_masters(self.layout)
 
     @property
     def master_addr(self) -> str:
@@ -313,57 +312,38 @@ class EmbeddedCluster:
             raise ValueError("no envelope")
         return env
 
-    def _leader_call(self, path: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
-        """The leader's envelope: each master in turn (a follower's answer names
-        the leader); NOT_LEADER if none leads, ClusterError if none answers."""
-        order, tried = list(self.masters.values()), set()
-        if self._leader_addr in order:  # the last leader first: a stopped master costs a timeout
-            order.remove(self._leader_addr)
-            order.insert(0, self._leader_addr)
-        last: dict[str, Any] | None = None
-        while order:
-            addr = order.pop(0)
-            if addr in tried:
-                continue
-            tried.add(addr)
+    def _leader_call(self, method: str, path: str, body: dict[str, Any] | None, deadline: float,
+                     timeout: float) -> Any:
+        """A call to the leader as the operator (the admin token, once written),
+        through the master client every role uses: it finds the leader and
+        retries transient errors (an election) until `deadline`."""
+        import asyncio
+
+        from shoalfs.common.master_client import MasterClient
+
+        async def call() -> Any:
+            token = self.token if os.path.exists(self.token_file) else None
+            client = MasterClient(self.master_addr, token, timeout=timeout, tls=self._tls())
+            if self._leader_addr in client.masters:  # the last leader first: a stopped master costs a timeout
+                client.addr = self._leader_addr
             try:
-                env = self._envelope(addr, path, body, timeout)
-            except (OSError, ValueError, urllib.error.URLError):
-                continue
-            if env["code"] != NOT_LEADER:
-                self._leader_addr = addr
-                return env
-            last = env
-            hint = (env.get("data") or {}).get("leader")
-            if isinstance(hint, str) and hint not in tried:
-                order.insert(0, hint)
-        if last is None:
-            raise ClusterError("no master answers")
-        return last
+                return await client.request(method, path, body=body, deadline=deadline)
+            finally:
+                self._leader_addr = client.addr
+                await client.close()
+        return asyncio.run(call())
 
     def http_get(self, path: str) -> Any:
         """A GET to the leader as the operator; None if it fails."""
         try:
-            env = self._leader_call(path, None, 2.0)
-        except ClusterError:
+            return self._leader_call("GET", path, None, 2.0, 2.0)
+        except ShoalError:
             return None
-        return env.get("data") if env.get("code") == 0 else None
 
     def admin(self, path: str, body: dict[str, Any], election_wait: float = 10.0) -> Any:
         """An authenticated admin call to the leader (waiting up to `election_wait`
         while none leads); raises ShoalError on an error envelope."""
-        end = time.monotonic() + election_wait
-        while True:
-            try:
-                env = self._leader_call(path, body, 30.0)
-            except ClusterError as exc:
-                env = {"code": Code.NODE_UNREACHABLE, "msg": str(exc)}
-            if env["code"] not in (NOT_LEADER, Code.NODE_UNREACHABLE) or time.monotonic() > end:
-                break
-            time.sleep(0.1)
-        if env["code"] != 0:
-            raise ShoalError(env["code"], env["msg"], env.get("data"))
-        return env["data"]
+        return self._leader_call("POST", path, body, election_wait, 30.0)
 
     def master_status(self, skip: str | None = None) -> dict[str, dict[str, Any] | None]:
         """Each master's /master/status (None if it does not answer), but `skip`'s."""

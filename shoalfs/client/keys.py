@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from shoalfs.common.files import atomic_write
 from shoalfs.common.master_client import same_cluster
@@ -25,13 +26,17 @@ def store_path(data_dir: str, volume: str) -> str:
     return os.path.join(data_dir, "keys", f"{volume}.key")
 
 
+def layout_masters(layout: dict[str, Any]) -> dict[str, str]:
+    """Master name -> address in an embedded cluster's layout (cluster.json;
+    one made before etcd names a single "master")."""
+    return {str(k): str(v) for k, v in (layout.get("masters") or {"master": layout["master"]}).items()}
+
+
 def embedded_master(data_dir: str) -> str | None:
     """The master list of the embedded cluster in data_dir, if there is one."""
     try:
         with open(os.path.join(data_dir, "cluster.json")) as f:
-            layout = json.load(f)
-        masters = layout.get("masters") or {"master": layout["master"]}
-        return ",".join(str(addr) for addr in masters.values())
+            return ",".join(layout_masters(json.load(f)).values())
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return None
 
