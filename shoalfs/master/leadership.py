@@ -86,7 +86,6 @@ class Leadership:
 
     def status(self) -> dict[str, Any]:
         return {"addr": self.advertise, "leading": self.leading, "leader": self.leader,
-                "term": self.term if self.leading else None,
                 "etcd": self.store.endpoint, "etcd_error": self.etcd_error}
 
     # ----- the campaign loop -------------------------------------------------------

@@ -127,7 +127,8 @@ class MetaNode(NodeService):
         r(Op.META_RMDIR_ABORT, on(lambda p, b: p.abort_rmdir(b["ino"])), {"ino": INO}, access=W)
         r(Op.META_SCAN, on(lambda p, b: p.scan(b["after"], b["limit"])),
           {"after": Opt(Int(0, MAX_INO), 0), "limit": Opt(Int(0, 1000), 1000)},  # 0: the counters only
-          cost=lambda b: b["limit"] * ATTR_BYTES + SCAN_ENTRIES * DENTRY_BYTES, access=Access.INSPECT)
+          cost=lambda b: b["limit"] and b["limit"] * ATTR_BYTES + SCAN_ENTRIES * DENTRY_BYTES,
+          access=Access.INSPECT)
         r(Op.META_SET_NLINK, on(lambda p, b: p.set_nlink(b["ino"], b["nlink"])),
           {"ino": INO, "nlink": Int(0, 1 << 32)}, access=W)
         r(Op.META_RECLAIM_ORPHAN, on(lambda p, b: p.reclaim_orphan(b["ino"], b["ctime"], b["nlink"])),
