@@ -378,9 +378,13 @@ class EmbeddedCluster:
         """The name of the master that leads now, if one does."""
         return next((name for name, st in self.master_status().items() if st and st.get("leading")), None)
 
-    def create_volume(self, name: str, owner: str = "test", capacity_gib: float = 10) -> dict[str, Any]:
+    def create_volume(self, name: str, owner: str = "test", capacity_gib: float = 10,
+                      replicas: int | None = None) -> dict[str, Any]:
         """Create it and keep its owner key in the cluster's key store."""
-        vol = dict(self.admin("/volume/create", {"name": name, "owner": owner, "capacity_gib": capacity_gib}))
+        body: dict[str, Any] = {"name": name, "owner": owner, "capacity_gib": capacity_gib}
+        if replicas is not None:
+            body["replicas"] = replicas
+        vol = dict(self.admin("/volume/create", body))
         save_key(self.key_file(name), vol.pop("owner_key"))
         return vol
 

@@ -23,6 +23,7 @@ from shoalfs.client.keys import embedded_master, find_key_file, save_key, store_
 from shoalfs.common.master_client import MasterClient, same_cluster
 from shoalfs.common.tls import TlsConfigError, client_context
 from shoalfs.proto.errors import ShoalError
+from shoalfs.replication.view import DEFAULT_REPLICAS, MAX_REPLICAS, View
 
 DEFAULT_DATA = os.environ.get("SHOAL_DATA", "./shoal-data")
 console = Console(width=None if sys.stdout.isatty() else 200)  # pipes get whole lines
@@ -160,11 +161,19 @@ def cmd_cluster(args: argparse.Namespace) -> None:
         fail(str(exc))
 
 
+def partition_row(part: dict[str, Any]) -> dict[str, Any]:
+    """A partition's view, as `volume info` shows it."""
+    view = View.of_partition(part)
+    return {"pid": view.pid, "epoch": view.epoch, "leader": view.leader, "members": ",".join(view.members),
+            "in_sync": ",".join(view.in_sync), "catching_up": ",".join(view.lagging()) or "-"}
+
+
 def cmd_volume(args: argparse.Namespace) -> None:
     cols = ["name", "vol_id", "owner", "status", "capacity_gib", "created_at", "purge_at"]
     if args.action == "create":
         data = call_master(args, "POST", "/volume/create",
-                           body={"name": args.name, "owner": args.owner, "capacity_gib": args.capacity})
+                           body={"name": args.name, "owner": args.owner, "capacity_gib": args.capacity,
+                                 "replicas": args.replicas})
         store = embedded_key_store(args, args.name)
         hand_over_key(args, data, "owner_key", args.out or store)
         emit(args, data, "volume created", cols)
@@ -176,11 +185,11 @@ def cmd_volume(args: argparse.Namespace) -> None:
             print(json.dumps(data, indent=2))
         else:
             print_table(f"volume {args.name}", [data], cols)
-            parts = [{"kind": "meta", "pid": p["pid"], "range": f"[{p['start']}, {p['end']})",
-                      "replicas": ",".join(p["replicas"])} for p in data["meta_partitions"]]
-            parts += [{"kind": "data", "pid": p["pid"], "range": "", "replicas": ",".join(p["replicas"])}
-                      for p in data["data_partitions"]]
-            print_table("partitions", parts, ["kind", "pid", "range", "replicas"])
+            parts = [dict(partition_row(p), kind="meta", range=f"[{p['start']}, {p['end']})")
+                     for p in data["meta_partitions"]]
+            parts += [dict(partition_row(p), kind="data", range="") for p in data["data_partitions"]]
+            print_table("partitions", parts, ["kind", "pid", "range", "epoch", "leader", "members", "in_sync",
+                                              "catching_up"])
     elif args.action == "delete":
         delete_volume(args)
     elif args.action == "undelete":
@@ -386,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("name")
     vc.add_argument("--owner", required=True)
     vc.add_argument("--capacity", type=float, default=100.0, help="GiB")
+    vc.add_argument("--replicas", type=int, default=DEFAULT_REPLICAS, choices=range(1, MAX_REPLICAS + 1),
+                    metavar="N", help=f"copies of each data partition on distinct datanodes, 1-{MAX_REPLICAS} "
+                                      f"(default {DEFAULT_REPLICAS})")
     vc.add_argument("--out", help="write the owner key to this file (0600) instead of showing it "
                                   "(the embedded cluster keeps it in DIR/keys/NAME.key)")
     vsub.add_parser("list", parents=[common])

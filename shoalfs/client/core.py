@@ -30,6 +30,7 @@ from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import CHUNK, MAX_FILE_SIZE, OPEN_LEASE, extent_id
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import EventCallback, RetryPolicy, RpcPool
+from shoalfs.replication.replica import newer_view
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,24 @@ class VolumeClient:
                 return p
         raise ShoalError(Code.PARTITION_NOT_EXIST, f"data partition {pid} is not in this volume")
 
+    def _current(self, part: dict[str, Any]) -> dict[str, Any]:
+        """The latest record of a partition (a refresh replaces the tables)."""
+        for p in (self._dps if "start" not in part else self._mps):
+            if p["pid"] == part["pid"]:
+                return p
+        return part
+
+    def _learn_view(self, exc: ShoalError) -> bool:
+        """Take a newer view of a partition that a node sent with its refusal."""
+        view = newer_view(exc)
+        if view is None:
+            return False
+        for p in (*self._dps, *self._mps):
+            if p["pid"] == view.pid and view.epoch > p.get("epoch", 1):
+                p.update(view.fields())
+                return True
+        return False
+
     async def refresh(self) -> None:
         """Ask the master for placement again (at most one request at a time)."""
         if self._refreshing is None or self._refreshing.done():
@@ -154,7 +173,13 @@ class VolumeClient:
 
         async def before_retry(exc: ShoalError) -> None:
             self.check_fence()  # deleted while we waited: ESTALE now, not at the deadline
-            if exc.code == Code.PARTITION_NOT_EXIST:  # placement may have moved: ask the master
+            if exc.code in (Code.NOT_PARTITION_LEADER, Code.STALE_EPOCH) and self._learn_view(exc):
+                return  # the node named the partition's newer view
+            moved = exc.code in (Code.PARTITION_NOT_EXIST, Code.NOT_PARTITION_LEADER, Code.STALE_EPOCH)
+            # a leader that does not answer may have been replaced by one of the other members
+            silent = exc.code in (Code.NODE_UNREACHABLE, Code.TIMEOUT) and len(self._current(part)["replicas"]) > 1
+            if moved or silent:
+                # placement may have moved, or a failover made another leader: ask the master
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.refresh(), max(0.0, until - time.monotonic()))
 
@@ -162,7 +187,7 @@ class VolumeClient:
         try:
             # the pool bounds each attempt, its connect and its send by what is
             # left, so no call outlives the deadline
-            return await self.pool.call(lambda: part["replicas"][0], op, part["pid"], body,
+            return await self.pool.call(lambda: self._current(part)["replicas"][0], op, part["pid"], body,
                                         deadline=max(0.01, end - time.monotonic()), before_retry=before_retry)
         except ShoalError as exc:
             self.check_fence()

@@ -25,9 +25,10 @@ def _is_addr_list(v: Any) -> bool:
 def _valid(vmap: Any) -> bool:
     if not isinstance(vmap, dict) or not isinstance(vmap.get("meta"), list) or not isinstance(vmap.get("data"), list):
         return False
-    meta_ok = all(isinstance(m, list) and len(m) == 4 and all(isinstance(x, int) for x in m[:3])
+    # entries may end with the view's epoch and in-sync members (replication/view.py)
+    meta_ok = all(isinstance(m, list) and len(m) in (4, 6) and all(isinstance(x, int) for x in m[:3])
                   and _is_addr_list(m[3]) for m in vmap["meta"])
-    data_ok = all(isinstance(d, list) and len(d) == 2 and isinstance(d[0], int) and _is_addr_list(d[1])
+    data_ok = all(isinstance(d, list) and len(d) in (2, 4) and isinstance(d[0], int) and _is_addr_list(d[1])
                   for d in vmap["data"])
     return meta_ok and data_ok
 
@@ -70,7 +71,7 @@ class VolumeMaps:
 
     def data_replicas(self, vol_id: str, pid: int) -> list[str] | None:
         vmap = self.maps.get(vol_id)
-        for dpid, replicas in (vmap["data"] if vmap is not None else []):
+        for dpid, replicas, *_view in (vmap["data"] if vmap is not None else []):
             if dpid == pid:
                 return list(replicas)
         return None
@@ -78,7 +79,7 @@ class VolumeMaps:
     def meta_partitions(self, vol_id: str) -> list[tuple[int, int, int, list[str]]]:
         """(pid, start, end, replicas) of each of the volume's meta partitions."""
         return [(pid, start, end, list(replicas))
-                for pid, start, end, replicas in (self.maps.get(vol_id) or {}).get("meta", [])]
+                for pid, start, end, replicas, *_view in (self.maps.get(vol_id) or {}).get("meta", [])]
 
     def meta_partition(self, vol_id: str, pid: int) -> tuple[int, int, list[str]] | None:
         """(start, end, replicas) of one of the volume's meta partitions."""

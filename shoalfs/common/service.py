@@ -23,7 +23,7 @@ from shoalfs.proto.capability import MAX_TOKEN, Access, Capability
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import split_addr
-from shoalfs.proto.schema import ListOf, Map, Opt, Schema, Str
+from shoalfs.proto.schema import I64_MAX, Int, ListOf, Map, Opt, Schema, Str
 from shoalfs.proto.server import RpcServer, ServerConnection
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ IDS = ListOf(Str(64), 1_000_000)  # vol_ids, key ids
 MASTER_STATE: Schema = {"read_only": Opt(IDS, []), "volumes": Opt(Map, {}), "revoked": Opt(IDS, []),
                         "node_cap": Opt(Str(MAX_TOKEN))}
 DELETE_PARTITION: Schema = {"tombstone": Opt(Map)}
-NEW_PARTITION: Schema = {"vol_id": Str(64), "replicas": Opt(ListOf(Str(256), 16), []), "volume": Opt(Map)}
+NEW_PARTITION: Schema = {"vol_id": Str(64), "replicas": Opt(ListOf(Str(256), 16), []), "volume": Opt(Map),
+                         "epoch": Opt(Int(1, I64_MAX), 1), "in_sync": Opt(ListOf(Str(256), 16), [])}
 
 
 def load_config(path: str, required: tuple[str, ...]) -> dict[str, Any]:

@@ -189,3 +189,60 @@ class Extent:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+
+# ----- whole-extent copies between replicas (datanode/resync.py) ---------------
+def digest(extent: Extent) -> tuple[int, int] | None:
+    """(size, crc32 of the checksum sidecar) — equal digests mean equal
+    extents, since the sidecar holds a CRC of every block; None if absent."""
+    try:
+        with open(extent.crc_path, "rb") as cf:
+            sidecar = cf.read()
+        size = os.stat(extent.path).st_size
+    except FileNotFoundError:
+        return None
+    return size, zlib.crc32(sidecar)
+
+
+def read_raw(extent: Extent, sidecar: bool, offset: int, size: int) -> tuple[bytes, int]:
+    """Bytes of the extent file (or its checksum sidecar) as they are on
+    disk, and the file's whole size."""
+    try:
+        with open(extent.crc_path if sidecar else extent.path, "rb") as f:
+            return os.pread(f.fileno(), size, offset), os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise ShoalError(Code.DATA_LOST, f"extent {extent.path} is missing") from None
+
+
+def install_piece(extent: Extent, offset: int, data: bytes, total: int, sidecar: bytes | None) -> None:
+    """One piece of a whole extent copied from another replica, into a
+    temporary file; the last piece (with the sidecar) puts both in place."""
+    tmp = extent.path + ".copy"
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0)
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            pwrite_all(fd, data, offset)
+            if sidecar is not None:
+                os.ftruncate(fd, total)
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        if sidecar is None:
+            return
+        if os.stat(tmp).st_size != total:
+            raise ShoalError(Code.IO_ERROR, f"copy of extent {extent.path} is incomplete")
+        ctmp = extent.crc_path + ".copy"
+        fd = os.open(ctmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            pwrite_all(fd, sidecar, 0)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        # a crash between the renames leaves data and checksums that disagree:
+        # read as CORRUPTED (and copied again), never as wrong bytes
+        os.replace(ctmp, extent.crc_path)
+        os.replace(tmp, extent.path)
+        fsync_dir(os.path.dirname(extent.path))
+    except OSError as exc:
+        raise disk_error(exc, f"copy of extent {extent.path}") from None

@@ -13,27 +13,63 @@ from typing import Any
 
 from shoalfs.common.files import atomic_write, fsync_dir
 from shoalfs.common.service import DELETE_PARTITION, MASTER_STATE, NEW_PARTITION, NodeService
-from shoalfs.datanode.extents import Extent
+from shoalfs.datanode.extents import BLOCK, ENTRY, Extent, install_piece, read_raw
+from shoalfs.datanode.extents import digest as extent_digest
+from shoalfs.datanode.resync import ExtentCopier
 from shoalfs.proto.capability import Access
 from shoalfs.proto.errors import Code, ShoalError, disk_error
 from shoalfs.proto.layout import CHUNK, MAX_IO
 from shoalfs.proto.opcodes import Op
-from shoalfs.proto.schema import U64, Bool, Bytes, Int, Opt
+from shoalfs.proto.rpc import RpcPool
+from shoalfs.proto.schema import U64, Bool, Bytes, Int, Map, Opt, Schema, validate
+from shoalfs.replication.hub import ReplicationHub
+from shoalfs.replication.view import View
 
 log = logging.getLogger(__name__)
 
 EXT = Int(0, U64)
 OFFSET = Int(0, CHUNK)  # within an extent
 EXTENT_SIZE = Int(0, CHUNK)
+MAX_SIDECAR = CHUNK // BLOCK * ENTRY.size
+# the changes a leader forwards to its followers, each checked there as here
+CHANGES: dict[int, Schema] = {
+    Op.DATA_WRITE: {"ext": EXT, "offset": OFFSET, "data": Bytes(MAX_IO), "sync": Opt(Bool, False)},
+    Op.DATA_TRUNCATE: {"ext": EXT, "size": EXTENT_SIZE},
+    Op.DATA_DELETE_EXTENT: {"ext": EXT},
+    Op.DATA_SYNC: {"ext": EXT},
+}
+
+
+def ANY(name: str, v: Any) -> Any:  # noqa: N802 - a checker like the schema's; the handler checks it
+    return v
 
 
 class DataPartition:
-    def __init__(self, pid: int, info: dict[str, Any], directory: str) -> None:
+    def __init__(self, pid: int, info: dict[str, Any], directory: str, hub: ReplicationHub) -> None:
         self.pid = pid
         self.info = info
         self.dir = directory
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}  # ext -> (lock, users)
         self.names_unsynced = False  # an extent was created by a write not yet followed by a sync
+        self.replica = hub.replica(View.of_partition(info), self._persist_view)
+        self.copier = ExtentCopier(self, hub.call)
+        self.replica.resync = self.copier.resync
+
+    def _persist_view(self, view: View) -> None:
+        info = dict(self.info, **view.fields())
+        atomic_write(os.path.join(self.dir, "partition.json"), json.dumps(info).encode())
+        self.info = info
+
+    def digests(self) -> dict[int, tuple[int, int]]:
+        """ext -> digest of every extent held here (see extents.digest)."""
+        out = {}
+        with os.scandir(self.dir) as it:
+            names = [e.name for e in it if e.name.startswith("e_") and e.name[2:].isdigit()]
+        for name in names:
+            d = extent_digest(self.extent(int(name[2:])))
+            if d is not None:
+                out[int(name[2:])] = d
+        return out
 
     @contextlib.asynccontextmanager
     async def extent_lock(self, ext: int) -> AsyncIterator[None]:
@@ -76,18 +112,31 @@ class DataNode(NodeService):
         super().__init__(cfg)
         self.reserve = int(cfg.get("reserve_bytes", 32 * 1024 * 1024))
         self.partitions: dict[int, DataPartition] = {}
+        self.peers = RpcPool(credential=self.credential, tls=self.tls_client)
         r = self.rpc.route
         r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE, access=Access.MASTER)
         r(Op.CREATE_PARTITION, self.create_partition, NEW_PARTITION, access=Access.MASTER)
         r(Op.DELETE_PARTITION, self.delete_partition, DELETE_PARTITION, access=Access.MASTER)
-        r(Op.DATA_WRITE, self.write, {"ext": EXT, "offset": OFFSET, "data": Bytes(MAX_IO), "sync": Opt(Bool, False)},
-          access=Access.WRITE)
+        r(Op.DATA_WRITE, self.write, CHANGES[Op.DATA_WRITE], access=Access.WRITE)
         # a read's answer is held in memory: it draws its size from the server's budget first
         r(Op.DATA_READ, self.read, {"ext": EXT, "offset": OFFSET, "size": Int(0, MAX_IO)},
           cost=lambda b: int(b["size"]), access=Access.READ)
-        r(Op.DATA_TRUNCATE, self.truncate, {"ext": EXT, "size": EXTENT_SIZE}, access=Access.WRITE)
-        r(Op.DATA_DELETE_EXTENT, self.delete_extent, {"ext": EXT}, access=Access.RECLAIM)
-        r(Op.DATA_SYNC, self.sync, {"ext": EXT}, access=Access.WRITE)
+        r(Op.DATA_TRUNCATE, self.truncate, CHANGES[Op.DATA_TRUNCATE], access=Access.WRITE)
+        r(Op.DATA_DELETE_EXTENT, self.delete_extent, CHANGES[Op.DATA_DELETE_EXTENT], access=Access.RECLAIM)
+        r(Op.DATA_SYNC, self.sync, CHANGES[Op.DATA_SYNC], access=Access.WRITE)
+        # between the replicas of a partition
+        self.replication = ReplicationHub(self.listen, self.peers, self.master_api,
+                                          lambda: {p: dp.replica for p, dp in self.partitions.items()})
+        self.replication.register(r)
+        P = Access.PEER
+        r(Op.REPL_FORWARD, self.apply_forwarded, {"view": ANY, "op": Int(0, 999), "body": Map}, access=P)
+        r(Op.REPL_DIGEST, self.digest, {"view": ANY}, access=P)
+        r(Op.REPL_EXTENT_READ, self.read_raw, {"ext": EXT, "sidecar": Bool, "offset": Int(0, CHUNK),
+                                               "size": Int(0, MAX_IO)}, cost=lambda b: int(b["size"]), access=P)
+        r(Op.REPL_EXTENT_INSTALL, self.install, {"view": ANY, "ext": EXT, "offset": OFFSET, "data": Bytes(MAX_IO),
+                                                 "total": EXTENT_SIZE, "sidecar": Opt(Bytes(MAX_SIDECAR))},
+          access=P)
+        r(Op.REPL_EXTENT_DROP, self.drop_extent, {"view": ANY, "ext": EXT}, access=P)
 
     def _pdir(self, pid: int) -> str:
         return os.path.join(self.data_dir, f"dp_{pid}")
@@ -98,8 +147,14 @@ class DataNode(NodeService):
             if entry.startswith("dp_") and os.path.exists(path):
                 with open(path) as f:
                     info = json.load(f)
-                self.partitions[info["pid"]] = DataPartition(info["pid"], info, os.path.dirname(path))
+                self.partitions[info["pid"]] = DataPartition(info["pid"], info, os.path.dirname(path),
+                                                             self.replication)
         log.info("loaded %d data partitions", len(self.partitions))
+        self.replication.start()
+
+    async def close(self) -> None:
+        await self.replication.stop()
+        await self.peers.close()
 
     def part(self, pid: int, writing: bool = False) -> DataPartition:
         part = self.partitions.get(pid)
@@ -109,24 +164,40 @@ class DataNode(NodeService):
             self.check_writable(part.info["vol_id"])
         return part
 
+    def led(self, pid: int, writing: bool = False) -> DataPartition:
+        """A partition this node may answer clients for now (it leads, under its lease)."""
+        part = self.part(pid, writing)
+        part.replica.check_serving()
+        return part
+
+    def followed(self, pid: int, view: Any) -> DataPartition:
+        """A partition whose leader sent this (fenced by the view it sent)."""
+        part = self.part(pid)
+        part.replica.accept_leader(view)
+        return part
+
     async def heartbeat(self, pid: int, body: Any, conn: Any) -> Any:
         self.apply_master_state(body)
+        self.replication.adopt_maps(body["volumes"])
         usage = shutil.disk_usage(self.data_dir)
         used = await asyncio.to_thread(
             lambda: {p: dp.used_bytes() for p, dp in list(self.partitions.items())})
-        return {"partitions": {p: {"vol_id": dp.info["vol_id"], "used": used.get(p, 0)}
+        return {"partitions": {p: {"vol_id": dp.info["vol_id"], "used": used.get(p, 0),
+                                   "epoch": dp.replica.view.epoch}
                                for p, dp in self.partitions.items()},
                 "disk_total": usage.total, "disk_free": usage.free}
 
     async def create_partition(self, pid: int, body: Any, conn: Any) -> Any:
         if pid in self.partitions:
             return {"created": False}
-        info = {"pid": pid, "vol_id": body["vol_id"], "replicas": body["replicas"]}
+        info = {"pid": pid, "vol_id": body["vol_id"], "replicas": body["replicas"] or [self.listen],
+                "epoch": body["epoch"], "in_sync": body["in_sync"] or body["replicas"] or [self.listen]}
+        View.of_partition(info)  # checked before anything is kept
         pdir = self._pdir(pid)
         os.makedirs(pdir, mode=0o700, exist_ok=True)
         atomic_write(os.path.join(pdir, "partition.json"), json.dumps(info).encode())
         fsync_dir(self.data_dir)  # the partition's directory name too
-        self.partitions[pid] = DataPartition(pid, info, pdir)
+        self.partitions[pid] = DataPartition(pid, info, pdir, self.replication)
         log.info("created data partition %d", pid)
         return {"created": True}
 
@@ -137,54 +208,111 @@ class DataNode(NodeService):
         await asyncio.to_thread(shutil.rmtree, self._pdir(pid), True)
         return {"deleted": part is not None}
 
-    async def write(self, pid: int, body: Any, conn: Any) -> Any:
-        part = self.part(pid, writing=True)
-        data, offset = body["data"], body["offset"]
-        if offset + len(data) > CHUNK:
+    # ----- client requests: at the leader, applied here and on every in-sync follower -----
+    async def _change(self, pid: int, op: Op, body: dict[str, Any]) -> Any:
+        part = self.led(pid, writing=True)
+        if op == Op.DATA_WRITE and body["offset"] + len(body["data"]) > CHUNK:
             raise ShoalError(Code.BAD_REQUEST, f"a write must end within the extent's {CHUNK} bytes")
-        if shutil.disk_usage(part.dir).free < len(data) + self.reserve:
-            raise ShoalError(Code.NO_SPACE, f"datanode {self.listen} is out of space")
-        ext = part.extent(body["ext"])
-        async with part.extent_lock(body["ext"]):
-            if await asyncio.to_thread(ext.write, offset, data, body["sync"]) and not body["sync"]:
-                part.names_unsynced = True
-        return {"written": len(data)}
+        async with part.replica.gate.change(), part.extent_lock(body["ext"]):
+            part.replica.check_serving()  # the view may have changed while we waited
+            return await part.replica.replicate(op, body, self._apply(part, op, body))
 
-    async def read(self, pid: int, body: Any, conn: Any) -> Any:
-        part = self.part(pid)
-        ext = part.extent(body["ext"])
-        async with part.extent_lock(body["ext"]):
-            try:
-                data = await asyncio.to_thread(ext.read, body["offset"], body["size"])
-            except ShoalError as exc:
-                if exc.code in (Code.DATA_LOST, Code.CORRUPTED):
-                    log.error("data partition %d, extent %d: %s", pid, body["ext"], exc.msg)
-                raise
-        return {"data": data}
+    async def write(self, pid: int, body: Any, conn: Any) -> Any:
+        return await self._change(pid, Op.DATA_WRITE, body)
 
     async def truncate(self, pid: int, body: Any, conn: Any) -> Any:
-        part = self.part(pid, writing=True)
-        async with part.extent_lock(body["ext"]):
-            await asyncio.to_thread(part.extent(body["ext"]).truncate, body["size"])
-        return {}
+        return await self._change(pid, Op.DATA_TRUNCATE, body)
 
     async def delete_extent(self, pid: int, body: Any, conn: Any) -> Any:
-        part = self.part(pid, writing=True)
-        async with part.extent_lock(body["ext"]):
-            await asyncio.to_thread(part.extent(body["ext"]).delete)
-        return {}
+        return await self._change(pid, Op.DATA_DELETE_EXTENT, body)
 
     async def sync(self, pid: int, body: Any, conn: Any) -> Any:
-        part = self.part(pid)
+        return await self._change(pid, Op.DATA_SYNC, body)
 
-        def sync() -> None:
-            part.extent(body["ext"]).sync()
-            part.sync_names()
-        try:
-            await asyncio.to_thread(sync)
-        except OSError as exc:
-            part.names_unsynced = True
-            raise disk_error(exc, f"sync of data partition {pid}") from None
+    async def apply_forwarded(self, pid: int, body: Any, conn: Any) -> Any:
+        """A change from the partition's leader, applied here as it was there."""
+        op = body["op"]
+        if op not in CHANGES:
+            raise ShoalError(Code.BAD_REQUEST, f"opcode {op} is not a data change")
+        change = validate(CHANGES[op], body["body"])
+        part = self.followed(pid, body["view"])
+        async with part.extent_lock(change["ext"]):
+            return await self._apply(part, Op(op), change)
+
+    async def _apply(self, part: DataPartition, op: Op, body: dict[str, Any]) -> Any:
+        """One change to this node's copy."""
+        ext = part.extent(body["ext"])
+        if op == Op.DATA_WRITE:
+            data, offset = body["data"], body["offset"]
+            if offset + len(data) > CHUNK:
+                raise ShoalError(Code.BAD_REQUEST, f"a write must end within the extent's {CHUNK} bytes")
+            if shutil.disk_usage(part.dir).free < len(data) + self.reserve:
+                raise ShoalError(Code.NO_SPACE, f"datanode {self.listen} is out of space")
+            if await asyncio.to_thread(ext.write, offset, data, body["sync"]) and not body["sync"]:
+                part.names_unsynced = True
+            return {"written": len(data)}
+        if op == Op.DATA_TRUNCATE:
+            await asyncio.to_thread(ext.truncate, body["size"])
+        elif op == Op.DATA_DELETE_EXTENT:
+            await asyncio.to_thread(ext.delete)
+        elif op == Op.DATA_SYNC:
+            def sync() -> None:
+                ext.sync()
+                part.sync_names()
+            try:
+                await asyncio.to_thread(sync)
+            except OSError as exc:
+                part.names_unsynced = True
+                raise disk_error(exc, f"sync of data partition {part.pid}") from None
+        return {}
+
+    async def read(self, pid: int, body: Any, conn: Any) -> Any:
+        part = self.led(pid)
+        ext_id = body["ext"]
+        async with part.extent_lock(ext_id):
+            try:
+                data = await asyncio.to_thread(part.extent(ext_id).read, body["offset"], body["size"])
+            except ShoalError as exc:
+                if exc.code not in (Code.DATA_LOST, Code.CORRUPTED):
+                    raise
+                log.error("data partition %d, extent %d: %s", pid, ext_id, exc.msg)
+                data = await self._read_repaired(part, ext_id, body, exc)
+        return {"data": data}
+
+    async def _read_repaired(self, part: DataPartition, ext_id: int, body: dict[str, Any],
+                             error: ShoalError) -> bytes:
+        """Our copy is bad: take an in-sync follower's, then read again (the
+        caller holds the extent lock). The original error if none is good."""
+        for source in part.replica.view.followers():
+            try:
+                await part.copier.pull(source, part.replica.view, ext_id)
+                return await asyncio.to_thread(part.extent(ext_id).read, body["offset"], body["size"])
+            except ShoalError as exc:
+                log.warning("data partition %d, extent %d: no good copy from %s: %s", part.pid, ext_id,
+                            source, exc.msg)
+        raise error
+
+    # ----- between replicas ----------------------------------------------------
+    async def digest(self, pid: int, body: Any, conn: Any) -> Any:
+        part = self.followed(pid, body["view"])
+        return {"extents": await asyncio.to_thread(part.digests)}
+
+    async def read_raw(self, pid: int, body: Any, conn: Any) -> Any:
+        data, size = await asyncio.to_thread(read_raw, self.part(pid).extent(body["ext"]), body["sidecar"],
+                                             body["offset"], body["size"])
+        return {"data": data, "size": size}
+
+    async def install(self, pid: int, body: Any, conn: Any) -> Any:
+        part = self.followed(pid, body["view"])
+        async with part.extent_lock(body["ext"]):
+            await asyncio.to_thread(install_piece, part.extent(body["ext"]), body["offset"], body["data"],
+                                    body["total"], body["sidecar"])
+        return {}
+
+    async def drop_extent(self, pid: int, body: Any, conn: Any) -> Any:
+        part = self.followed(pid, body["view"])
+        async with part.extent_lock(body["ext"]):
+            await asyncio.to_thread(part.extent(body["ext"]).delete)
         return {}
 
 

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shoalfs.common.tasks import BackgroundTask
@@ -28,6 +28,10 @@ from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import Credential, RetryPolicy, RpcPool
 
 log = logging.getLogger(__name__)
+
+
+async def _nothing() -> None:
+    return None
 
 
 class NodeMonitor:
@@ -53,6 +57,8 @@ class NodeMonitor:
         self.orphan_context: Callable[[int, dict[str, Any]], dict[str, Any]] = lambda pid, report: {}
         # fields of one node's heartbeat (its node capability)
         self.node_state: Callable[[str], dict[str, Any]] = lambda addr: {}
+        # what runs after each round (partition failover)
+        self.after_round: Callable[[], Awaitable[None]] = _nothing
 
     def is_up(self, addr: str) -> bool:
         return time.monotonic() - self.last_ok.get(addr, -1e9) < self.node_timeout
@@ -78,11 +84,12 @@ class NodeMonitor:
             raise ShoalError(Code.NOT_LEADER, "this master no longer leads", {"leader": None})
         return self.pool
 
-    async def command(self, addr: str, op: Op, pid: int, body: dict[str, Any]) -> Any:
-        return await self._pool().call(addr, op, pid, body, deadline=5.0)
+    async def command(self, addr: str, op: Op, pid: int, body: dict[str, Any], timeout: float = 5.0) -> Any:
+        return await self._pool().call(addr, op, pid, body, deadline=timeout)
 
     async def create_partition(self, addr: str, kind: str, part: dict[str, Any], vol: dict[str, Any]) -> None:
         body: dict[str, Any] = {"vol_id": vol["vol_id"], "replicas": part["replicas"], "kind": kind,
+                                "epoch": part.get("epoch", 1), "in_sync": part.get("in_sync", part["replicas"]),
                                 "volume": self.state.volume_map(vol)}
         if kind == "meta":
             body.update(start=part["start"], end=part["end"])
@@ -111,6 +118,10 @@ class NodeMonitor:
         while True:
             await self.beat_all()
             self.first_round.set()
+            try:
+                await self.after_round()
+            except Exception:
+                log.exception("after a heartbeat round")
             await asyncio.sleep(self.interval)
 
     async def settled(self, timeout: float = 5.0) -> None:

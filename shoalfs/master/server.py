@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import ssl
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ from shoalfs.master.nodes import NodeMonitor
 from shoalfs.master.sessions import ClientSessions
 from shoalfs.master.state import DELETED, MasterState
 from shoalfs.master.store import EtcdStore
+from shoalfs.master.views import PartitionViews
 from shoalfs.proto.errors import Code, ShoalError, info
 from shoalfs.proto.rpc import split_addr
+from shoalfs.replication.view import DEFAULT_REPLICAS
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +248,12 @@ class Master:
                                  float(cfg.get("node_timeout", 5.0)), tls=client_context(cfg.get("tls_ca")))
         self.nodes.leading = lambda: self.leadership.holds_lease  # also while taking over
         self.nodes.fenced_off = self._fenced_off
+        try:
+            failover_after = config_seconds(cfg, "failover_after", 2.0)
+        except ValueError as exc:
+            raise SystemExit(f"shoal: config: {exc}") from None
+        self.views = PartitionViews(self.state, self.nodes, failover_after)
+        self.nodes.after_round = self.views.fail_over
         self.fence_term = 0  # the term node commands carry: above every term nodes have obeyed
         self.lock = asyncio.Lock()
         self._background_jobs: set[asyncio.Task[None]] = set()
@@ -254,6 +263,7 @@ class Master:
         self.add("GET", "/cluster/info", self.cluster_info, Auth.OPEN)
         self.add("GET", "/cluster/nodes", self.cluster_nodes, Auth.ADMIN)
         self.add("POST", "/node/register", self.node_register, Auth.NODE)
+        self.add("POST", "/partition/report", self.partition_report, Auth.NODE)
         self.add("POST", "/volume/create", self.volume_create, Auth.ADMIN)
         self.add("GET", "/volume/list", self.volume_list, Auth.ADMIN)
         self.add("GET", "/volume/info", self.volume_info, Auth.VOLUME)
@@ -360,6 +370,10 @@ class Master:
         return {"new": new, "master_pubkey": self.lifecycle.public_key,
                 "node_cap": self.authority.node_capability(body["addr"])}
 
+    async def partition_report(self, request: web.Request) -> Any:
+        """A partition leader asks to drop a failed follower or add a caught-up one."""
+        return await self.views.report(await self.body(request))
+
     def _round_state(self) -> dict[str, Any]:
         """What every node hears in a heartbeat round: volumes pending deletion
         (read-only) and the keys whose capabilities to refuse."""
@@ -377,7 +391,8 @@ class Master:
                 return dict(self.describe(done), owner_key=owner_key)
             vol = self.state.plan_volume(body.get("name"), body.get("owner"),  # type: ignore[arg-type]
                                          body.get("capacity_gib", 100),
-                                         self.nodes.live("metanode"), self.nodes.live("datanode"))
+                                         self.nodes.live("metanode"), self.nodes.live("datanode"),
+                                         body.get("replicas", DEFAULT_REPLICAS))
             if rid:
                 vol["created_by"] = rid
             await self.state.save()  # its partition ids, before any node holds them
@@ -482,6 +497,7 @@ class Master:
         await self.state.load(legacy_file=os.path.join(self.data_dir, "master.json"))
         self.sessions.table.clear()
         self.fence_term = max(term, int(self.state.doc["term_floor"]) + 1)
+        self.views.leading_since = time.monotonic()
         await self.nodes.start(master_credential(self.authority, self.fence_term))
         await self.lifecycle.start()
 

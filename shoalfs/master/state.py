@@ -22,6 +22,7 @@ from typing import Any
 from shoalfs.master.store import STATE, EtcdStore, Guard
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import MAX_INO
+from shoalfs.replication.view import DEFAULT_REPLICAS, MAX_REPLICAS
 
 INODE_RANGE = 1 << 40  # inodes per meta partition
 MIN_META_PARTITIONS = 3
@@ -79,6 +80,11 @@ def unflatten(flat: dict[str, bytes]) -> dict[str, Any]:
         else:
             log.warning("ignoring unknown key state/%s in etcd", name)
     return doc
+
+
+def _view_tail(part: dict[str, Any]) -> list[Any]:
+    """A partition's epoch and in-sync members, as the volume map carries them."""
+    return [part.get("epoch", 1), part.get("in_sync", part["replicas"])]
 
 
 class MasterState:
@@ -196,28 +202,36 @@ class MasterState:
         raise ShoalError(Code.VOLUME_NOT_EXIST, f"volume {name!r} does not exist")
 
     def plan_volume(self, name: str, owner: str, capacity_gib: float, metanodes: list[str],
-                    datanodes: list[str]) -> dict[str, Any]:
-        """A new volume with partitions spread over the given live nodes."""
+                    datanodes: list[str], replicas: Any = DEFAULT_REPLICAS) -> dict[str, Any]:
+        """A new volume with partitions spread over the given live nodes; each
+        data partition has `replicas` copies on distinct nodes."""
         validate_volume_name(name)
         if not isinstance(owner, str) or not owner:
             raise ShoalError(Code.BAD_REQUEST, "owner is required")
         if not isinstance(capacity_gib, (int, float)) or capacity_gib <= 0:
             raise ShoalError(Code.BAD_REQUEST, "capacity must be a positive number of GiB")
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= MAX_REPLICAS:
+            raise ShoalError(Code.BAD_REQUEST, f"replicas must be an integer from 1 to {MAX_REPLICAS}")
         if any(v["name"] == name and v["status"] != DELETED for v in self.volumes.values()):
             raise ShoalError(Code.VOLUME_EXISTS, f"volume {name!r} already exists")
         if not metanodes or not datanodes:
             raise ShoalError(Code.UNAVAILABLE, "no live metanodes or datanodes to place the volume on")
+        if len(datanodes) < replicas:
+            raise ShoalError(Code.UNAVAILABLE, f"{replicas} replicas need {replicas} live datanodes; "
+                                               f"{len(datanodes)} are up")
         # rotate the starting node so consecutive volumes spread their load
         shift = len(self.volumes)
         mps, dps = [], []
         # extent ids hold inode numbers below 2^44: at most 16 ranges of 2^40
         for i in range(min(MAX_META_PARTITIONS, max(MIN_META_PARTITIONS, len(metanodes)))):
             start = 1 if i == 0 else i * INODE_RANGE
+            members = [metanodes[(i + shift) % len(metanodes)]]
             mps.append({"pid": self._next_pid(), "start": start, "end": (i + 1) * INODE_RANGE,
-                        "replicas": [metanodes[(i + shift) % len(metanodes)]]})
+                        "replicas": members, "epoch": 1, "in_sync": members})
         for i in range(max(MIN_DATA_PARTITIONS, len(datanodes))):
-            dps.append({"pid": self._next_pid(), "replicas": [datanodes[(i + shift) % len(datanodes)]]})
-        return {"name": name, "vol_id": str(uuid.uuid4()), "owner": owner,
+            members = [datanodes[(i + shift + k) % len(datanodes)] for k in range(replicas)]
+            dps.append({"pid": self._next_pid(), "replicas": members, "epoch": 1, "in_sync": members})
+        return {"name": name, "vol_id": str(uuid.uuid4()), "owner": owner, "replicas": replicas,
                 "capacity_gib": capacity_gib, "status": ACTIVE, "created_at": time.time(),
                 "meta_partitions": mps, "data_partitions": dps}
 
@@ -254,8 +268,9 @@ class MasterState:
     def volume_map(vol: dict[str, Any]) -> dict[str, Any]:
         """Where a volume's partitions live, as nodes need it: a metanode talks
         only to addresses from here, never to one named in a request."""
-        return {"meta": [[p["pid"], p["start"], p["end"], p["replicas"]] for p in vol["meta_partitions"]],
-                "data": [[p["pid"], p["replicas"]] for p in vol["data_partitions"]]}
+        return {"meta": [[p["pid"], p["start"], p["end"], p["replicas"], *_view_tail(p)]
+                         for p in vol["meta_partitions"]],
+                "data": [[p["pid"], p["replicas"], *_view_tail(p)] for p in vol["data_partitions"]]}
 
     def placements(self) -> dict[str, dict[int, tuple[str, dict[str, Any], dict[str, Any]]]]:
         """node addr -> pid -> (kind, partition, volume) for live volumes."""

@@ -49,6 +49,8 @@ class Code(IntEnum):
     PARTITION_NOT_EXIST = 100605  # ask the master again: placement may have moved
     EXPIRED = 100606  # the capability is past its time: renew it and retry
     NOT_LEADER = 100607  # this master does not lead (data: {"leader": addr or None}): ask the leader
+    NOT_PARTITION_LEADER = 100608  # this node does not lead the partition (data: {"view": ...}): ask the master
+    STALE_EPOCH = 100609  # a replication message of an older view of the partition (data: {"view": ...})
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ REGISTRY: dict[Code, CodeInfo] = {
     Code.UNAVAILABLE: CodeInfo("service unavailable", True, errno.EIO),
     Code.EXPIRED: CodeInfo("capability expired", True, errno.EACCES),
     Code.NOT_LEADER: CodeInfo("this master is not the leader", True, errno.EIO),
+    Code.NOT_PARTITION_LEADER: CodeInfo("this node does not lead the partition", True, errno.EIO),
+    Code.STALE_EPOCH: CodeInfo("the partition has a newer view", True, errno.EIO),
 }
 
 

@@ -15,6 +15,7 @@ class Op(IntEnum):
     SUBSCRIBE = 5  # client -> metanode: push me lifecycle events of a volume
     EVENT_VOLUME_DELETED = 6  # metanode -> client push, body {tombstone}
     AUTH = 7  # present a capability: it applies to every later request on the connection
+    PARTITION_VIEW = 8  # master -> node: the partition's view changed (replication/view.py)
     # metanode
     META_CREATE_INODE = 100
     META_GET_INODE = 101
@@ -50,3 +51,10 @@ class Op(IntEnum):
     DATA_TRUNCATE = 202
     DATA_DELETE_EXTENT = 203
     DATA_SYNC = 204
+    # replication between the members of a partition (shoalfs/replication)
+    REPL_FORWARD = 300  # leader -> follower: apply this change (an op and its body) at this view
+    REPL_PING = 301  # leader -> follower: the views it leads there; renews its read lease
+    REPL_DIGEST = 302  # what a replica holds, in brief (data: extent sizes and checksums)
+    REPL_EXTENT_READ = 303  # raw bytes of an extent or of its checksums
+    REPL_EXTENT_INSTALL = 304  # a whole extent copied from another replica, piece by piece
+    REPL_EXTENT_DROP = 305  # an extent the leader does not hold

@@ -1,0 +1,129 @@
+"""The master's side of replication: each partition's view (DESIGN.md §6).
+
+A view lives in its partition's record (`replicas` = members, leader first;
+`epoch`; `in_sync`), saved to etcd with the volume before anyone hears of
+it. It changes only here, each change one epoch up:
+
+- a leader reports a follower that failed a change or a ping: it leaves
+  in_sync, so the leader goes on without it;
+- a leader reports a lagging member it caught up: it joins in_sync;
+- a leader that has not answered the master's heartbeats for
+  `failover_after` seconds is replaced by a live in-sync member, which then
+  leads alone until the others catch up from it. A partition whose only
+  in-sync member is down waits for it: no other copy is known to hold every
+  acknowledged change.
+
+Every change is pushed to the members at once (heartbeats repeat it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from shoalfs.master.nodes import NodeMonitor
+from shoalfs.master.state import DELETED, MasterState
+from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.opcodes import Op
+from shoalfs.replication.replica import LEASE
+from shoalfs.replication.view import View
+
+log = logging.getLogger(__name__)
+
+EVENTS = ("failed", "joined")
+
+
+class PartitionViews:
+    def __init__(self, state: MasterState, nodes: NodeMonitor, failover_after: float = 2.0) -> None:
+        self.state = state
+        self.nodes = nodes
+        self.failover_after = failover_after
+        self.lock = asyncio.Lock()
+        self.leading_since = 0.0  # monotonic time this master began to lead (set at election)
+        self._pushes: set[asyncio.Task[None]] = set()
+
+    def find(self, pid: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(partition record, volume) of a live volume's partition."""
+        if isinstance(pid, int) and not isinstance(pid, bool):
+            for vol in self.state.volumes.values():
+                if vol["status"] == DELETED:
+                    continue
+                for key in ("meta_partitions", "data_partitions"):
+                    for part in vol[key]:
+                        if part["pid"] == pid:
+                            return part, vol
+        raise ShoalError(Code.PARTITION_NOT_EXIST, f"partition {pid!r} is not in any live volume")
+
+    async def report(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A partition leader asks for a view change; the answer is the view now."""
+        event, member, epoch = body.get("event"), body.get("member"), body.get("epoch")
+        if event not in EVENTS or not isinstance(member, str) or not isinstance(epoch, int):
+            raise ShoalError(Code.BAD_REQUEST, "a report names pid, epoch, member and event (failed|joined)")
+        async with self.lock:
+            part, vol = self.find(body.get("pid"))
+            view = View.of_partition(part)
+            if epoch == view.epoch:
+                if event == "failed" and member in view.followers():
+                    await self._change(part, vol, view.members, [a for a in view.in_sync if a != member],
+                                       f"{member} failed")
+                elif event == "joined" and member in view.lagging():
+                    await self._change(part, vol, view.members,
+                                       [a for a in view.members if a in view.in_sync or a == member],
+                                       f"{member} caught up")
+            return {"view": View.of_partition(part).to_wire()}
+
+    async def _change(self, part: dict[str, Any], vol: dict[str, Any], members: Any, in_sync: Any,
+                      why: str) -> None:
+        """Record a new view (durable in etcd first), then tell its members."""
+        old = View.of_partition(part)
+        view = View(old.pid, old.epoch + 1, tuple(members), tuple(in_sync))
+        part.update(view.fields())
+        try:
+            await self.state.save()
+        except BaseException:
+            part.update(old.fields())  # memory stays what etcd holds (a failed save also resigns)
+            raise
+        log.info("partition %d: epoch %d, leader %s, in sync %s (%s)", view.pid, view.epoch, view.leader,
+                 ",".join(view.in_sync), why)
+        task = asyncio.create_task(self._push(view))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+
+    async def _push(self, view: View) -> None:
+        async def one(addr: str) -> None:
+            try:
+                await self.nodes.command(addr, Op.PARTITION_VIEW, view.pid, {"view": view.to_wire()}, timeout=1.0)
+            except ShoalError as exc:
+                log.debug("view of partition %d not pushed to %s: %s", view.pid, addr, exc.msg)
+        await asyncio.gather(*(one(a) for a in view.members))
+
+    def _silent_for(self, addr: str, now: float) -> float:
+        return now - max(self.nodes.last_ok.get(addr, self.leading_since), self.leading_since)
+
+    async def fail_over(self) -> None:
+        """Replace every leader the master has not heard from for failover_after
+        seconds with a live in-sync member (after each heartbeat round)."""
+        now = time.monotonic()
+        # a new master gives nodes a round, and old leaders their lease, before judging them
+        if now - self.leading_since < max(self.failover_after, LEASE) or not self.nodes.first_round.is_set():
+            return
+        async with self.lock:
+            for vol in list(self.state.volumes.values()):
+                if vol["status"] == DELETED:
+                    continue
+                for part in vol["meta_partitions"] + vol["data_partitions"]:
+                    view = View.of_partition(part)
+                    if len(view.members) < 2 or self._silent_for(view.leader, now) < self.failover_after:
+                        continue
+                    live = [a for a in view.followers() if self._silent_for(a, now) < self.failover_after]
+                    if not live:
+                        continue  # only the silent leader is known to hold everything: wait for it
+                    new = live[0]
+                    members = [new, *(a for a in view.members if a != new)]
+                    try:
+                        await self._change(part, vol, members, [new], f"leader {view.leader} silent")
+                    except ShoalError as exc:
+                        log.warning("failover of partition %d not recorded: %s", view.pid, exc.msg)
+                        return

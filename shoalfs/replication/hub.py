@@ -1,0 +1,210 @@
+"""A node's replication work across its partitions: lease pings (one message
+per follower node for all the partitions it follows), catching lagging
+members up, and the node's side of the protocol's messages.
+
+Every partition kind (meta, data) uses this through Replica; only what a
+catch-up copies differs (Replica.resync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from shoalfs.common.master_client import MasterClient
+from shoalfs.common.tasks import BackgroundTask
+from shoalfs.proto.capability import Access
+from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.opcodes import Op
+from shoalfs.proto.rpc import RpcPool
+from shoalfs.proto.schema import ListOf, Schema
+from shoalfs.replication.replica import FORWARD_TIMEOUT, LEASE, Replica, newer_view
+from shoalfs.replication.view import View
+
+log = logging.getLogger(__name__)
+
+PING_EVERY = LEASE / 5
+CATCH_UP_EVERY = 1.0
+CATCH_UP_BACKOFF = (1.0, 10.0)  # first and longest pause after a failed catch-up
+
+PING: Schema = {"views": ListOf(lambda name, v: v, 1_000_000)}  # each checked by View.from_wire
+VIEW_CHANGE: Schema = {"view": lambda name, v: v}  # checked by View.from_wire
+
+
+class ReplicationHub:
+    def __init__(self, me: str, peers: RpcPool, master: MasterClient,
+                 replicas: Callable[[], Mapping[int, Replica]]) -> None:
+        self.me = me
+        self.peers = peers
+        self.master = master
+        self.replicas = replicas
+        self._background = BackgroundTask(self._loop)
+        self._catching_up: dict[tuple[int, str], asyncio.Task[None]] = {}
+        self._retry_at: dict[tuple[int, str], tuple[float, float]] = {}  # -> (when, pause)
+
+    def replica(self, view: View, persist: Callable[[View], None]) -> Replica:
+        return Replica(self.me, view, persist, self.call, self._report)
+
+    async def call(self, target: str, op: Op, pid: int, body: dict[str, Any]) -> Any:
+        """One message to another member of a partition (no retry: the caller decides)."""
+        return await self.peers.call_once(target, op, pid, body, timeout=FORWARD_TIMEOUT)
+
+    def register(self, route: Callable[..., None]) -> None:
+        """The node's routes for the master's view pushes and leaders' pings."""
+        route(Op.PARTITION_VIEW, self._view_pushed, VIEW_CHANGE, access=Access.MASTER)
+        route(Op.REPL_PING, self._pinged, PING, access=Access.PEER)
+
+    async def _view_pushed(self, pid: int, body: Any, conn: Any) -> Any:
+        view = View.from_wire(body["view"])
+        rep = self.replicas().get(view.pid)
+        if rep is not None:
+            rep.adopt(view)
+        return {}
+
+    async def _pinged(self, pid: int, body: Any, conn: Any) -> Any:
+        return self.answer_ping(body)
+
+    def adopt_maps(self, volumes: Any) -> None:
+        """Views of our partitions in the volume maps of a master heartbeat."""
+        replicas = self.replicas()
+        for vmap in volumes.values() if isinstance(volumes, dict) else ():
+            entries = [*((m[0], m[3:]) for m in vmap.get("meta", []) if isinstance(m, list) and len(m) == 6),
+                       *((d[0], d[1:]) for d in vmap.get("data", []) if isinstance(d, list) and len(d) == 4)]
+            for pid, (members, epoch, in_sync) in entries:
+                rep = replicas.get(pid) if isinstance(pid, int) else None
+                if rep is None:
+                    continue
+                try:
+                    rep.adopt(View.from_wire([pid, epoch, members, in_sync]))
+                except ShoalError as exc:
+                    log.warning("partition %d: the master's view is invalid: %s", pid, exc.msg)
+
+    async def _report(self, view: View, member: str, event: str) -> View:
+        data = await self.master.request("POST", "/partition/report", deadline=5.0, body={
+            "pid": view.pid, "epoch": view.epoch, "member": member, "event": event})
+        return View.from_wire(data.get("view") if isinstance(data, dict) else None)
+
+    def start(self) -> None:
+        self._background.start()
+
+    async def stop(self) -> None:
+        await self._background.stop()
+        tasks = list(self._catching_up.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        last_catch_up = 0.0
+        while True:
+            start = time.monotonic()
+            try:
+                await self.ping_round()
+                if start - last_catch_up >= CATCH_UP_EVERY:
+                    last_catch_up = start
+                    self.start_catch_ups()
+            except Exception:
+                log.exception("replication round failed")
+            await asyncio.sleep(max(0.0, PING_EVERY - (time.monotonic() - start)))
+
+    # ----- the leader's lease -------------------------------------------------
+    async def ping_round(self) -> None:
+        """Renew the lease of every partition led here with its followers: one
+        REPL_PING per follower node. A follower that does not answer is reported."""
+        by_node: dict[str, list[Replica]] = {}
+        for rep in list(self.replicas().values()):
+            if rep.leading:
+                for follower in rep.view.followers():
+                    by_node.setdefault(follower, []).append(rep)
+        await asyncio.gather(*(self._ping(addr, reps) for addr, reps in by_node.items()))
+
+    async def _ping(self, addr: str, reps: list[Replica]) -> None:
+        sent = time.monotonic()
+        views = {rep.pid: rep.view for rep in reps}
+        try:
+            answer = await self.peers.call_once(addr, Op.REPL_PING, 0,
+                                                {"views": [v.to_wire() for v in views.values()]},
+                                                timeout=min(1.0, LEASE / 2))
+        except ShoalError as exc:
+            for rep in reps:
+                if rep.view is views[rep.pid] and addr in rep.view.followers():
+                    log.warning("partition %d: follower %s does not answer (%s); asking the master to drop it",
+                                rep.pid, addr, exc.msg)
+                    self._spawn_report(rep, addr)
+            return
+        refused = answer.get("refused", {}) if isinstance(answer, dict) else {}
+        for rep in reps:
+            why = refused.get(rep.pid)
+            if why is None:
+                if rep.view is views[rep.pid]:
+                    rep.grant(addr, sent)
+                continue
+            newer = newer_view(ShoalError(Code.STALE_EPOCH, "", why))
+            if newer is not None and rep.adopt(newer):
+                continue
+            if addr in rep.view.followers():
+                self._spawn_report(rep, addr)
+
+    def _spawn_report(self, rep: Replica, member: str) -> None:
+        async def go() -> None:
+            try:
+                await rep.report(member, "failed")
+            except ShoalError as exc:
+                log.warning("partition %d: cannot report %s to the master: %s", rep.pid, member, exc.msg)
+        task = asyncio.create_task(go())
+        self._catching_up.setdefault((rep.pid, "report:" + member), task)
+        task.add_done_callback(lambda t: self._catching_up.pop((rep.pid, "report:" + member), None))
+
+    def answer_ping(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A leader's ping: accept each view we follow it in (renewing our
+        promise); the others are refused with the view we know."""
+        refused: dict[int, Any] = {}
+        replicas = self.replicas()
+        for wire in body["views"]:
+            try:
+                view = View.from_wire(wire)
+            except ShoalError:
+                continue
+            rep = replicas.get(view.pid)
+            if rep is None:
+                refused[view.pid] = {"msg": "partition not here"}
+                continue
+            try:
+                rep.accept_leader(wire)
+            except ShoalError as exc:
+                refused[view.pid] = exc.data
+        return {"refused": refused}
+
+    # ----- catching lagging members up ------------------------------------------
+    def start_catch_ups(self) -> None:
+        now = time.monotonic()
+        for rep in list(self.replicas().values()):
+            if not rep.leading or rep.resync is None:
+                continue
+            for member in rep.view.lagging():
+                key = (rep.pid, member)
+                task = self._catching_up.get(key)
+                if (task is not None and not task.done()) or member in rep.joining:
+                    continue
+                if self._retry_at.get(key, (0.0, 0.0))[0] > now:
+                    continue
+                self._catching_up[key] = asyncio.create_task(self._catch_up(rep, member))
+
+    async def _catch_up(self, rep: Replica, member: str) -> None:
+        key = (rep.pid, member)
+        try:
+            await rep.catch_up(member)
+            self._retry_at.pop(key, None)
+        except (ShoalError, OSError) as exc:
+            pause = min(CATCH_UP_BACKOFF[1], self._retry_at.get(key, (0.0, CATCH_UP_BACKOFF[0] / 2))[1] * 2)
+            self._retry_at[key] = (time.monotonic() + pause, pause)
+            log.info("partition %d: catching %s up failed (%s); again in %.0fs", rep.pid, member,
+                     exc.msg if isinstance(exc, ShoalError) else exc, pause)
+        finally:
+            with contextlib.suppress(KeyError):
+                if self._catching_up[key] is asyncio.current_task():
+                    del self._catching_up[key]

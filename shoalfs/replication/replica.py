@@ -1,0 +1,243 @@
+"""One partition's replication on one node: fencing, the leader's lease, and
+forwarding each change to the in-sync followers (DESIGN.md §6).
+
+Primary/backup under an external configuration manager (PacificA): the
+master owns the view; the leader orders changes, applies each locally and
+on every in-sync follower, and acknowledges only when all have persisted
+it. A follower that fails is reported to the master, which drops it from
+`in_sync` (a new epoch); the change then completes without it.
+
+Fencing: every message carries the sender's view; a node refuses an older
+epoch and adopts a newer one (persisted before it is used).
+
+Reads are served by the leader alone, under a lease its followers grant:
+a follower that accepts a message from the leader promises to follow no
+other leader for LEASE seconds, and the leader counts the lease from when
+it *sent* that message (its own clock), so it expires before the promise.
+A node that becomes leader waits for its own last promise to run out, so
+an old leader that does not know it was replaced has stopped serving by
+then. A node starting up makes that promise for every partition, since it
+cannot remember the ones it made before a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.opcodes import Op
+from shoalfs.replication.view import View
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LEASE = 2.0  # seconds a follower promises to follow only the leader it last heard from
+LEASE_SAFETY = 0.8  # the leader trusts its lease for this share of LEASE (clock rates differ)
+FORWARD_TIMEOUT = 1.5  # a follower that does not confirm a change within this is reported
+
+# (member, view) -> the view the master answers; raises if the master cannot be asked
+Reporter = Callable[[View, str, str], Coroutine[Any, Any, View]]
+Forwarder = Callable[[str, Op, int, dict[str, Any]], Awaitable[Any]]
+# the partition's own catch-up: make `member` hold what the leader holds; `final` runs with no change in flight
+Resync = Callable[[str, View, bool], Awaitable[None]]
+
+
+def stale(view: View) -> ShoalError:
+    return ShoalError(Code.STALE_EPOCH, f"partition {view.pid} is at epoch {view.epoch}", {"view": view.to_wire()})
+
+
+def newer_view(exc: ShoalError) -> View | None:
+    """The view an answer of STALE_EPOCH or NOT_PARTITION_LEADER carries, if valid."""
+    wire = exc.data.get("view") if isinstance(exc.data, dict) else None
+    try:
+        return View.from_wire(wire) if wire is not None else None
+    except ShoalError:
+        return None
+
+
+class Gate:
+    """Changes in flight on a partition; a catch-up's last round closes the
+    gate, waits for those in flight and lets no new one start until it is done."""
+
+    def __init__(self) -> None:
+        self._active = 0
+        self._closed = False
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def change(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._closed)
+            self._active += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def closed(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._closed)
+            self._closed = True
+            await self._cond.wait_for(lambda: self._active == 0)
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._closed = False
+                self._cond.notify_all()
+
+
+class Replica:
+    def __init__(self, me: str, view: View, persist: Callable[[View], None],
+                 forward: Forwarder, reporter: Reporter) -> None:
+        self.me = me
+        self.view = view
+        self._persist = persist
+        self._forward_rpc = forward
+        self._reporter = reporter
+        self.resync: Resync | None = None  # set by the partition kind; None: it cannot catch members up
+        self.grants: dict[str, float] = {}  # follower -> when the last message it accepted was sent
+        self.promised_until = time.monotonic() + LEASE  # see the module comment
+        self.joining: set[str] = set()  # lagging members caught up and sent every change, not yet in_sync
+        self.gate = Gate()
+        self._reports: dict[tuple[str, str], asyncio.Task[View]] = {}
+
+    @property
+    def pid(self) -> int:
+        return self.view.pid
+
+    @property
+    def leading(self) -> bool:
+        return self.view.leader == self.me
+
+    # ----- views -------------------------------------------------------------
+    def adopt(self, view: View) -> bool:
+        """Take a newer view (from the master or a peer); persisted before it counts."""
+        if view.pid != self.view.pid or view.epoch <= self.view.epoch:
+            return False
+        self._persist(view)
+        was_leading = self.leading
+        self.view = view
+        self.joining &= set(view.lagging())
+        if self.leading and not was_leading:
+            self.grants.clear()
+            log.info("partition %d: leading at epoch %d (in sync: %s)", view.pid, view.epoch, ",".join(view.in_sync))
+        return True
+
+    def accept_leader(self, wire: Any) -> None:
+        """A message from the partition's leader: refused unless its view is
+        current; renews our promise to follow that leader only."""
+        view = View.from_wire(wire)
+        if view.pid != self.pid:
+            raise ShoalError(Code.BAD_REQUEST, "the view is of another partition")
+        if view.epoch < self.view.epoch:
+            raise stale(self.view)
+        self.adopt(view)
+        if self.leading or self.me not in self.view.members:
+            raise stale(self.view)
+        self.promised_until = max(self.promised_until, time.monotonic() + LEASE)
+
+    # ----- serving -----------------------------------------------------------
+    def check_serving(self) -> None:
+        """Raise unless this node may answer for the partition now: it leads,
+        the previous leader's lease has run out, and its own holds."""
+        view = self.view
+        if not self.leading:
+            raise ShoalError(Code.NOT_PARTITION_LEADER, f"{self.me} does not lead partition {view.pid}",
+                             {"view": view.to_wire()})
+        if len(view.members) == 1:
+            return  # nobody else can lead it
+        now = time.monotonic()
+        if now < self.promised_until:
+            raise ShoalError(Code.TRY_AGAIN, f"partition {view.pid}: the previous leader's lease has "
+                                             f"{self.promised_until - now:.1f}s to run")
+        for follower in view.followers():
+            if now >= self.grants.get(follower, -1e9) + LEASE * LEASE_SAFETY:
+                raise ShoalError(Code.TRY_AGAIN, f"partition {view.pid}: follower {follower} has not "
+                                                 "renewed the leader's lease")
+
+    async def replicate(self, op: Op, body: dict[str, Any], local: Awaitable[T]) -> T:
+        """Apply a change here (`local`) and on every in-sync or joining
+        follower; return once all have it. A follower that fails is reported
+        and dropped from in_sync; the change fails (transient: retry) only if
+        some in-sync member still lacks it."""
+        view = self.view
+        targets = [*view.followers(), *sorted(self.joining - set(view.followers()))]
+        outcomes = await asyncio.gather(local, *(self._forward(t, view, op, body) for t in targets),
+                                        return_exceptions=True)
+        failed = [(t, exc) for t, exc in zip(targets, outcomes[1:], strict=True) if isinstance(exc, BaseException)]
+        if failed:
+            await self._settle(failed)
+        if isinstance(outcomes[0], BaseException):
+            raise outcomes[0]
+        return outcomes[0]  # type: ignore[return-value]
+
+    async def _forward(self, target: str, view: View, op: Op, body: dict[str, Any]) -> BaseException | None:
+        sent = time.monotonic()
+        try:
+            await self._forward_rpc(target, Op.REPL_FORWARD, view.pid,
+                                    {"view": view.to_wire(), "op": int(op), "body": body})
+        except ShoalError as exc:
+            return exc
+        self.grant(target, sent)
+        return None
+
+    def grant(self, follower: str, sent: float) -> None:
+        self.grants[follower] = max(self.grants.get(follower, -1e9), sent)
+
+    async def _settle(self, failed: list[tuple[str, BaseException]]) -> None:
+        """After some followers failed a change: learn newer views, report the
+        failed, then fail the change if an in-sync member still lacks it."""
+        for target, exc in failed:
+            newer = newer_view(exc) if isinstance(exc, ShoalError) else None
+            if newer is not None and newer.epoch > self.view.epoch:
+                self.adopt(newer)
+            elif target in self.joining:
+                self.joining.discard(target)  # caught up again later
+                log.info("partition %d: joining member %s failed (%s)", self.pid, target, exc)
+            elif target in self.view.in_sync and target != self.me:
+                log.warning("partition %d: follower %s failed (%s); asking the master to drop it",
+                            self.pid, target, exc)
+                await self.report(target, "failed")
+        if not self.leading:
+            raise ShoalError(Code.NOT_PARTITION_LEADER, f"{self.me} no longer leads partition {self.pid}",
+                             {"view": self.view.to_wire()})
+        lacking = [(t, exc) for t, exc in failed if t in self.view.followers()]
+        if lacking:
+            target, exc = lacking[0]
+            raise ShoalError(Code.TRY_AGAIN, f"partition {self.pid}: follower {target} did not confirm ({exc})")
+
+    async def report(self, member: str, event: str) -> None:
+        """Ask the master to change the view (`failed`: drop `member` from
+        in_sync; `joined`: add it); concurrent asks for the same are one."""
+        key = (member, event)
+        task = self._reports.get(key)
+        if task is None or task.done():
+            task = asyncio.create_task(self._reporter(self.view, member, event))
+            self._reports[key] = task
+        self.adopt(await asyncio.shield(task))
+
+    # ----- catching a member up ------------------------------------------------
+    async def catch_up(self, member: str) -> None:
+        """Bring a lagging member level (in bulk while changes go on, then the
+        rest with the gate closed), send it every change from then on, and
+        ask the master to count it in sync."""
+        if self.resync is None:
+            raise ShoalError(Code.UNAVAILABLE, f"partition {self.pid} cannot catch members up")
+        await self.resync(member, self.view, False)
+        async with self.gate.closed():
+            view = self.view
+            if not self.leading or member not in view.lagging():
+                return
+            await self.resync(member, view, True)
+            self.joining.add(member)
+        await self.report(member, "joined")
+        log.info("partition %d: %s caught up and is in sync (epoch %d)", self.pid, member, self.view.epoch)
