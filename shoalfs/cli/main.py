@@ -71,12 +71,14 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 
 def call_master(args: argparse.Namespace, method: str, path: str, params: dict[str, Any] | None = None,
-                body: dict[str, Any] | None = None) -> Any:
+                body: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+    """`timeout`: for a call that takes long (a scrub); others wait at most 10 s."""
     async def go() -> Any:
-        client = MasterClient(master_address(args), admin_token(args), tls=tls_context(args))
+        client = MasterClient(master_address(args), admin_token(args), tls=tls_context(args),
+                              **({"timeout": timeout} if timeout else {}))
         try:
             # long enough to ride out a master failover (a follower leads within a lease, 3 s)
-            return await client.request(method, path, params, body, deadline=10.0)
+            return await client.request(method, path, params, body, deadline=max(10.0, timeout or 0.0))
         finally:
             await client.close()
     try:
@@ -200,6 +202,20 @@ def cmd_volume(args: argparse.Namespace) -> None:
              f"clients of {args.name}", SESSION_COLUMNS)
     elif args.action == "fsck":
         fsck_volume(args)
+    elif args.action == "scrub":
+        scrub_volume(args)
+
+
+def scrub_volume(args: argparse.Namespace) -> None:
+    """Every partition's copies compared (and repaired) by its leader; exit 1
+    if a copy differed or could not be compared."""
+    rows = call_master(args, "POST", "/volume/scrub", body={"name": args.name}, timeout=900.0)
+    out = [{"kind": r["kind"], "pid": r["pid"], "leader": r["leader"], "member": member, "found": found}
+           for r in rows for member, found in (r["members"] or {"-": r.get("error", "-")}).items()]
+    emit(args, out, f"scrub of {args.name}", ["kind", "pid", "leader", "member", "found"])
+    single = "no other in-sync copy to compare"
+    if any(row["found"] not in ("same", single) for row in out):
+        sys.exit(1)
 
 
 def embedded_key_store(args: argparse.Namespace, volume: str) -> str | None:
@@ -396,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("--owner", required=True)
     vc.add_argument("--capacity", type=float, default=100.0, help="GiB")
     vc.add_argument("--replicas", type=int, default=DEFAULT_REPLICAS, choices=range(1, MAX_REPLICAS + 1),
-                    metavar="N", help=f"copies of each data partition on distinct datanodes, 1-{MAX_REPLICAS} "
+                    metavar="N", help=f"copies of each partition on distinct nodes, 1-{MAX_REPLICAS} "
                                       f"(default {DEFAULT_REPLICAS})")
     vc.add_argument("--out", help="write the owner key to this file (0600) instead of showing it "
                                   "(the embedded cluster keeps it in DIR/keys/NAME.key)")
@@ -413,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--repair", action="store_true", help="fix what is found")
     vf.add_argument("--grace", type=float, default=600.0,
                     help="leave inodes changed in the last S seconds alone (operations under way)")
+    vsub.add_parser("scrub", parents=[common], help="compare every partition's copies; repair what differs"
+                    ).add_argument("name")
     v.set_defaults(func=cmd_volume)
 
     k = sub.add_parser("key", help="access keys of a volume (admin)")

@@ -47,22 +47,53 @@ class ExtentCopier:
                      "caught up" if final else "copy round", len(differ), len(extra))
 
     async def push(self, member: str, view: View, ext: int) -> None:
-        extent = self.part.extent(ext)
         async with self.part.extent_lock(ext):
-            sidecar = await asyncio.to_thread(_whole_sidecar, extent)
-            if sidecar is None:
-                return  # gone meanwhile: the next round drops it there
-            size = extent.size()
-            offset = 0
-            while True:
-                piece, _ = await asyncio.to_thread(extents.read_raw, extent, False, offset, PIECE)
-                last = offset + len(piece) >= size
-                await self.call(member, Op.REPL_EXTENT_INSTALL, view.pid, {
-                    "view": view.to_wire(), "ext": ext, "offset": offset, "data": piece, "total": size,
-                    "sidecar": sidecar if last else None})
-                offset += len(piece)
-                if last:
-                    return
+            await self._push_locked(member, view, ext)
+
+    async def _push_locked(self, member: str, view: View, ext: int) -> None:
+        extent = self.part.extent(ext)
+        sidecar = await asyncio.to_thread(_whole_sidecar, extent)
+        if sidecar is None:
+            return  # gone meanwhile: the next round drops it there
+        size = extent.size()
+        offset = 0
+        while True:
+            piece, _ = await asyncio.to_thread(extents.read_raw, extent, False, offset, PIECE)
+            last = offset + len(piece) >= size
+            await self.call(member, Op.REPL_EXTENT_INSTALL, view.pid, {
+                "view": view.to_wire(), "ext": ext, "offset": offset, "data": piece, "total": size,
+                "sidecar": sidecar if last else None})
+            offset += len(piece)
+            if last:
+                return
+
+    async def scrub(self, member: str, view: View) -> str:
+        """Compare `member`'s copy with ours extent by extent; an extent that
+        differs is settled under its lock (no change to it in flight): the
+        sound copy, ours unless a block of ours fails its checksum, wins."""
+        wire = view.to_wire()
+        theirs = (await self.call(member, Op.REPL_DIGEST, view.pid, {"view": wire}))["extents"]
+        ours = await asyncio.to_thread(self.part.digests)
+        suspects = sorted({ext for ext, d in ours.items() if list(theirs.get(ext) or []) != list(d)}
+                          | {ext for ext in theirs if ext not in ours})
+        repaired = 0
+        for ext in suspects:
+            async with self.part.extent_lock(ext):
+                extent = self.part.extent(ext)
+                mine = await asyncio.to_thread(extents.digest, extent)
+                got = await self.call(member, Op.REPL_DIGEST, view.pid, {"view": wire, "ext": ext})
+                other = got["extents"].get(ext)
+                if (list(other) if other else None) == (list(mine) if mine else None):
+                    continue  # a change in flight made them differ for a moment
+                repaired += 1
+                if mine is None:
+                    await self.call(member, Op.REPL_EXTENT_DROP, view.pid, {"view": wire, "ext": ext})
+                elif await asyncio.to_thread(_sound, extent):
+                    await self._push_locked(member, view, ext)
+                else:
+                    await self.pull(member, view, ext)
+                log.warning("partition %d: extent %d differed on %s; repaired", view.pid, ext, member)
+        return "same" if not repaired else f"{repaired} extents differed and were repaired"
 
     async def pull(self, source: str, view: View, ext: int) -> None:
         """Replace our copy of an extent with `source`'s. The caller holds the
@@ -84,6 +115,15 @@ class ExtentCopier:
             chunks.append(got["data"])
             offset += len(got["data"])
         return b"".join(chunks)
+
+
+def _sound(extent: extents.Extent) -> bool:
+    """Whether every block of the extent matches its checksum."""
+    try:
+        extent.read(0, extent.size())
+        return True
+    except ShoalError:
+        return False
 
 
 def _whole_sidecar(extent: extents.Extent) -> bytes | None:

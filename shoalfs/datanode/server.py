@@ -21,7 +21,7 @@ from shoalfs.proto.errors import Code, ShoalError, disk_error
 from shoalfs.proto.layout import CHUNK, MAX_IO
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import RpcPool
-from shoalfs.proto.schema import U64, Bool, Bytes, Int, Map, Opt, Schema, validate
+from shoalfs.proto.schema import U64, Bool, Bytes, Int, Map, Opt, Raw, Schema, validate
 from shoalfs.replication.hub import ReplicationHub
 from shoalfs.replication.view import View
 
@@ -40,9 +40,6 @@ CHANGES: dict[int, Schema] = {
 }
 
 
-def ANY(name: str, v: Any) -> Any:  # noqa: N802 - a checker like the schema's; the handler checks it
-    return v
-
 
 class DataPartition:
     def __init__(self, pid: int, info: dict[str, Any], directory: str, hub: ReplicationHub) -> None:
@@ -54,6 +51,7 @@ class DataPartition:
         self.replica = hub.replica(View.of_partition(info), self._persist_view)
         self.copier = ExtentCopier(self, hub.call)
         self.replica.resync = self.copier.resync
+        self.replica.scrubber = self.copier.scrub
 
     def _persist_view(self, view: View) -> None:
         info = dict(self.info, **view.fields())
@@ -129,14 +127,15 @@ class DataNode(NodeService):
                                           lambda: {p: dp.replica for p, dp in self.partitions.items()})
         self.replication.register(r)
         P = Access.PEER
-        r(Op.REPL_FORWARD, self.apply_forwarded, {"view": ANY, "op": Int(0, 999), "body": Map}, access=P)
-        r(Op.REPL_DIGEST, self.digest, {"view": ANY}, access=P)
+        r(Op.REPL_FORWARD, self.apply_forwarded, {"view": Raw, "op": Int(0, 999), "body": Map}, access=P)
+        r(Op.REPL_DIGEST, self.digest, {"view": Raw, "ext": Opt(EXT)}, access=P)
+        r(Op.REPL_SCRUB, self.scrub, {}, access=Access.MASTER)
         r(Op.REPL_EXTENT_READ, self.read_raw, {"ext": EXT, "sidecar": Bool, "offset": Int(0, CHUNK),
                                                "size": Int(0, MAX_IO)}, cost=lambda b: int(b["size"]), access=P)
-        r(Op.REPL_EXTENT_INSTALL, self.install, {"view": ANY, "ext": EXT, "offset": OFFSET, "data": Bytes(MAX_IO),
+        r(Op.REPL_EXTENT_INSTALL, self.install, {"view": Raw, "ext": EXT, "offset": OFFSET, "data": Bytes(MAX_IO),
                                                  "total": EXTENT_SIZE, "sidecar": Opt(Bytes(MAX_SIDECAR))},
           access=P)
-        r(Op.REPL_EXTENT_DROP, self.drop_extent, {"view": ANY, "ext": EXT}, access=P)
+        r(Op.REPL_EXTENT_DROP, self.drop_extent, {"view": Raw, "ext": EXT}, access=P)
 
     def _pdir(self, pid: int) -> str:
         return os.path.join(self.data_dir, f"dp_{pid}")
@@ -295,7 +294,13 @@ class DataNode(NodeService):
     # ----- between replicas ----------------------------------------------------
     async def digest(self, pid: int, body: Any, conn: Any) -> Any:
         part = self.followed(pid, body["view"])
-        return {"extents": await asyncio.to_thread(part.digests)}
+        if body["ext"] is None:
+            return {"extents": await asyncio.to_thread(part.digests)}
+        one = await asyncio.to_thread(extent_digest, part.extent(body["ext"]))
+        return {"extents": {} if one is None else {body["ext"]: one}}
+
+    async def scrub(self, pid: int, body: Any, conn: Any) -> Any:
+        return {"members": await self.part(pid).replica.scrub()}
 
     async def read_raw(self, pid: int, body: Any, conn: Any) -> Any:
         data, size = await asyncio.to_thread(read_raw, self.part(pid).extent(body["ext"]), body["sidecar"],

@@ -44,6 +44,7 @@ class NodeMonitor:
         self.pool: RpcPool | None = None  # while leading
         self.creating: set[int] = set()  # partitions of volumes being created: not orphans
         self.last_ok: dict[str, float] = {}
+        self.round_started = 0.0  # when the last heartbeat round began
         self.reports: dict[str, dict[str, Any]] = {}
         self._background = BackgroundTask(self._loop)
         self.first_round = asyncio.Event()  # set once every node has been asked since start()
@@ -59,6 +60,9 @@ class NodeMonitor:
         self.node_state: Callable[[str], dict[str, Any]] = lambda addr: {}
         # what runs after each round (partition failover)
         self.after_round: Callable[[], Awaitable[None]] = _nothing
+        # before a partition a node lost is made again there (it leaves in_sync)
+        self.before_recreate: Callable[[dict[str, Any], dict[str, Any], str], Awaitable[None]] = \
+            lambda part, vol, addr: _nothing()
 
     def is_up(self, addr: str) -> bool:
         return time.monotonic() - self.last_ok.get(addr, -1e9) < self.node_timeout
@@ -91,8 +95,8 @@ class NodeMonitor:
         body: dict[str, Any] = {"vol_id": vol["vol_id"], "replicas": part["replicas"], "kind": kind,
                                 "epoch": part.get("epoch", 1), "in_sync": part.get("in_sync", part["replicas"]),
                                 "volume": self.state.volume_map(vol)}
-        if kind == "meta":
-            body.update(start=part["start"], end=part["end"])
+        if kind == "meta":  # every replica makes the root with the volume's creation time
+            body.update(start=part["start"], end=part["end"], created_ns=int(vol["created_at"] * 1e9))
         await self.command(addr, Op.CREATE_PARTITION, part["pid"], body)
 
     async def delete_partition(self, addr: str, pid: int, extra: dict[str, Any] | None = None) -> None:
@@ -135,6 +139,7 @@ class NodeMonitor:
     async def beat_all(self) -> None:
         """One heartbeat round; also carries volume states (read-only while pending delete)."""
         nodes = list(self.state.nodes)
+        self.round_started = time.monotonic()
         placements, shared = self.state.placements(), self.round_state()  # once per round
         await asyncio.gather(*(self._beat(a, placements.get(a, {}), shared) for a in nodes),
                              return_exceptions=True)
@@ -167,6 +172,8 @@ class NodeMonitor:
             if pid not in have:
                 log.info("re-creating %s partition %d on %s", kind, pid, addr)
                 try:
+                    # an empty copy holds none of the changes: it must catch up first
+                    await self.before_recreate(part, vol, addr)
                     await self.create_partition(addr, kind, part, vol)
                 except ShoalError as exc:
                     log.warning("re-create of partition %d on %s failed: %s", pid, addr, exc)

@@ -254,6 +254,7 @@ class Master:
             raise SystemExit(f"shoal: config: {exc}") from None
         self.views = PartitionViews(self.state, self.nodes, failover_after)
         self.nodes.after_round = self.views.fail_over
+        self.nodes.before_recreate = self.views.lost
         self.fence_term = 0  # the term node commands carry: above every term nodes have obeyed
         self.lock = asyncio.Lock()
         self._background_jobs: set[asyncio.Task[None]] = set()
@@ -264,6 +265,7 @@ class Master:
         self.add("GET", "/cluster/nodes", self.cluster_nodes, Auth.ADMIN)
         self.add("POST", "/node/register", self.node_register, Auth.NODE)
         self.add("POST", "/partition/report", self.partition_report, Auth.NODE)
+        self.add("POST", "/volume/scrub", self.volume_scrub, Auth.ADMIN)
         self.add("POST", "/volume/create", self.volume_create, Auth.ADMIN)
         self.add("GET", "/volume/list", self.volume_list, Auth.ADMIN)
         self.add("GET", "/volume/info", self.volume_info, Auth.VOLUME)
@@ -373,6 +375,10 @@ class Master:
     async def partition_report(self, request: web.Request) -> Any:
         """A partition leader asks to drop a failed follower or add a caught-up one."""
         return await self.views.report(await self.body(request))
+
+    async def volume_scrub(self, request: web.Request) -> Any:
+        body = await self.body(request)
+        return await self.views.scrub(self.state.by_name(body.get("name")))  # type: ignore[arg-type]
 
     def _round_state(self) -> dict[str, Any]:
         """What every node hears in a heartbeat round: volumes pending deletion

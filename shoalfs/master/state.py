@@ -204,7 +204,7 @@ class MasterState:
     def plan_volume(self, name: str, owner: str, capacity_gib: float, metanodes: list[str],
                     datanodes: list[str], replicas: Any = DEFAULT_REPLICAS) -> dict[str, Any]:
         """A new volume with partitions spread over the given live nodes; each
-        data partition has `replicas` copies on distinct nodes."""
+        partition has `replicas` copies on distinct nodes."""
         validate_volume_name(name)
         if not isinstance(owner, str) or not owner:
             raise ShoalError(Code.BAD_REQUEST, "owner is required")
@@ -216,16 +216,17 @@ class MasterState:
             raise ShoalError(Code.VOLUME_EXISTS, f"volume {name!r} already exists")
         if not metanodes or not datanodes:
             raise ShoalError(Code.UNAVAILABLE, "no live metanodes or datanodes to place the volume on")
-        if len(datanodes) < replicas:
-            raise ShoalError(Code.UNAVAILABLE, f"{replicas} replicas need {replicas} live datanodes; "
-                                               f"{len(datanodes)} are up")
+        for role, live in (("metanodes", metanodes), ("datanodes", datanodes)):
+            if len(live) < replicas:
+                raise ShoalError(Code.UNAVAILABLE, f"{replicas} replicas need {replicas} live {role}; "
+                                                   f"{len(live)} are up")
         # rotate the starting node so consecutive volumes spread their load
         shift = len(self.volumes)
         mps, dps = [], []
         # extent ids hold inode numbers below 2^44: at most 16 ranges of 2^40
         for i in range(min(MAX_META_PARTITIONS, max(MIN_META_PARTITIONS, len(metanodes)))):
             start = 1 if i == 0 else i * INODE_RANGE
-            members = [metanodes[(i + shift) % len(metanodes)]]
+            members = [metanodes[(i + shift + k) % len(metanodes)] for k in range(replicas)]
             mps.append({"pid": self._next_pid(), "start": start, "end": (i + 1) * INODE_RANGE,
                         "replicas": members, "epoch": 1, "in_sync": members})
         for i in range(max(MIN_DATA_PARTITIONS, len(datanodes))):

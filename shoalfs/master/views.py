@@ -8,10 +8,12 @@ it. It changes only here, each change one epoch up:
   in_sync, so the leader goes on without it;
 - a leader reports a lagging member it caught up: it joins in_sync;
 - a leader that has not answered the master's heartbeats for
-  `failover_after` seconds is replaced by a live in-sync member, which then
-  leads alone until the others catch up from it. A partition whose only
-  in-sync member is down waits for it: no other copy is known to hold every
-  acknowledged change.
+  `failover_after` seconds (or lost its copy) is replaced by a live in-sync
+  member, which then leads alone until the others catch up from it (their
+  copies may hold a change the old leader never acknowledged). A partition
+  whose only in-sync member is down waits for it: no other copy is known to
+  hold every acknowledged change;
+- a follower that lost its copy leaves in_sync before it is made again.
 
 Every change is pushed to the members at once (heartbeats repeat it).
 """
@@ -33,6 +35,7 @@ from shoalfs.replication.view import View
 log = logging.getLogger(__name__)
 
 EVENTS = ("failed", "joined")
+SCRUB_TIMEOUT = 600.0  # a leader compares (and repairs) its whole partition
 
 
 class PartitionViews:
@@ -74,6 +77,20 @@ class PartitionViews:
                                        f"{member} caught up")
             return {"view": View.of_partition(part).to_wire()}
 
+    async def lost(self, part: dict[str, Any], vol: dict[str, Any], addr: str) -> None:
+        """`addr` no longer holds its copy (a new disk?): it leaves in_sync, so
+        it is made again empty and caught up. Its only copy lost, a partition
+        is made again empty: what it held is gone."""
+        async with self.lock:
+            view = View.of_partition(part)
+            if addr in view.followers():
+                await self._change(part, vol, view.members, [a for a in view.in_sync if a != addr],
+                                   f"{addr} lost its copy")
+            elif addr == view.leader and view.followers():
+                new = view.followers()[0]
+                await self._change(part, vol, [new, *(a for a in view.members if a != new)], [new],
+                                   f"leader {addr} lost its copy")
+
     async def _change(self, part: dict[str, Any], vol: dict[str, Any], members: Any, in_sync: Any,
                       why: str) -> None:
         """Record a new view (durable in etcd first), then tell its members."""
@@ -109,15 +126,19 @@ class PartitionViews:
         # a new master gives nodes a round, and old leaders their lease, before judging them
         if now - self.leading_since < max(self.failover_after, LEASE) or not self.nodes.first_round.is_set():
             return
+        def answered(addr: str) -> bool:  # in the last round (a round waits for its slowest node)
+            return self.nodes.last_ok.get(addr, -1.0) >= self.nodes.round_started
+
         async with self.lock:
             for vol in list(self.state.volumes.values()):
                 if vol["status"] == DELETED:
                     continue
                 for part in vol["meta_partitions"] + vol["data_partitions"]:
                     view = View.of_partition(part)
-                    if len(view.members) < 2 or self._silent_for(view.leader, now) < self.failover_after:
+                    if (len(view.members) < 2 or answered(view.leader)
+                            or self._silent_for(view.leader, now) < self.failover_after):
                         continue
-                    live = [a for a in view.followers() if self._silent_for(a, now) < self.failover_after]
+                    live = [a for a in view.followers() if answered(a)]
                     if not live:
                         continue  # only the silent leader is known to hold everything: wait for it
                     new = live[0]
@@ -127,3 +148,21 @@ class PartitionViews:
                     except ShoalError as exc:
                         log.warning("failover of partition %d not recorded: %s", view.pid, exc.msg)
                         return
+
+    async def scrub(self, vol: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each partition's leader compares its followers' copies with its own
+        and repairs what differs; one row per partition."""
+        async def one(kind: str, part: dict[str, Any]) -> dict[str, Any]:
+            view = View.of_partition(part)
+            row: dict[str, Any] = {"kind": kind, "pid": view.pid, "leader": view.leader, "members": {}}
+            if len(view.in_sync) < 2:
+                row["error"] = "no other in-sync copy to compare"
+                return row
+            try:
+                row["members"] = (await self.nodes.command(view.leader, Op.REPL_SCRUB, view.pid, {},
+                                                           timeout=SCRUB_TIMEOUT))["members"]
+            except ShoalError as exc:
+                row["error"] = exc.msg
+            return row
+        return list(await asyncio.gather(*(one(kind, p) for kind in ("meta", "data")
+                                           for p in vol[f"{kind}_partitions"])))

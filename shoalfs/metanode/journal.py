@@ -23,7 +23,7 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 REC = struct.Struct("!II")  # length, crc32
 INLINE_SYNC_BYTES = 64 * 1024
+MAX_BATCH_BYTES = 4 * 1024 * 1024  # one group commit (and one replication message) at most, but one record
+# sends a batch's payloads to the followers while `local` writes it here (metanode/partition.py)
+Replicate = Callable[[list[Any], Awaitable[None]], Awaitable[None]]
 
 
 def encode_record(payload: Any) -> bytes:
@@ -63,6 +66,7 @@ class Journal:
         self._fd = -1
         self._end = 0  # end of the last durable record: the next write goes here
         self._torn = False  # a failed write may have left bytes past _end
+        self.replicate: Replicate | None = None
 
     def load(self) -> tuple[Any, list[Any]]:
         """Return (snapshot or None, log records after it); cuts a torn tail."""
@@ -111,14 +115,13 @@ class Journal:
     async def _flush_loop(self) -> None:
         while self._pending:
             async with self._lock:
-                batch, self._pending = self._pending, []
+                batch = self._take_batch()
                 data = b"".join(r for r, _, _ in batch)
                 try:
-                    if len(data) <= INLINE_SYNC_BYTES:
-                        # a thread hop costs more than a small fdatasync: do it here
-                        self._write_sync(data)
+                    if self.replicate is None:
+                        await self._write(data)
                     else:
-                        await asyncio.to_thread(self._write_sync, data)
+                        await self.replicate([p for _, p, _ in batch], self._write(data))
                 except OSError as exc:
                     self._fail(batch, disk_error(exc, "journal write failed"))
                     continue
@@ -131,6 +134,20 @@ class Journal:
             for _, _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
+
+    def _take_batch(self) -> list[tuple[bytes, Any, asyncio.Future[None]]]:
+        size, n = 0, 0
+        while n < len(self._pending) and (n == 0 or size + len(self._pending[n][0]) <= MAX_BATCH_BYTES):
+            size += len(self._pending[n][0])
+            n += 1
+        batch, self._pending = self._pending[:n], self._pending[n:]
+        return batch
+
+    async def _write(self, data: bytes) -> None:
+        if len(data) <= INLINE_SYNC_BYTES:
+            self._write_sync(data)  # a thread hop costs more than a small fdatasync: do it here
+        else:
+            await asyncio.to_thread(self._write_sync, data)
 
     def _fail(self, batch: list[tuple[bytes, Any, asyncio.Future[None]]], err: ShoalError) -> None:
         """Fail this batch and everything queued behind it; memory stays as it was."""
@@ -183,6 +200,25 @@ class Journal:
                 self.records_since_snapshot = self.snapshot_every // 2
                 return
             self.records_since_snapshot = len(self._pending)
+
+    async def replace(self, state: Any) -> None:
+        """Start over from another replica's state (a catch-up): it becomes our
+        snapshot and the log is emptied. Nothing may be queued here meanwhile."""
+        async with self._lock:
+            if self._pending:
+                raise ShoalError(Code.TRY_AGAIN, "changes are queued: not replacing the state now")
+            data = msgpack.packb(state, use_bin_type=True)
+            try:
+                # the log first: a crash in between leaves our older state, still
+                # lagging (caught up again), never old records replayed over new state
+                os.ftruncate(self._fd, 0)
+                os.fsync(self._fd)
+                self._end = 0
+                await asyncio.to_thread(atomic_write, self.snap_path, data)
+            except OSError as exc:
+                raise disk_error(exc, "installing a copied state") from None
+            self._torn = False
+            self.records_since_snapshot = 0
 
     async def close(self) -> None:
         if self._flusher is not None:

@@ -55,8 +55,8 @@ class OrphanSweeper(Periodic):
 
     async def round(self) -> None:
         for part in list(self.partitions().values()):
-            if part.info.get("start") != 1:  # not a root partition
-                continue
+            if part.info.get("start") != 1 or (part.replica is not None and not part.replica.leading):
+                continue  # the leader of a volume's root partition sweeps it
             vol_id = str(part.info["vol_id"])
             try:
                 await self.sweep(vol_id)

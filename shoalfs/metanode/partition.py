@@ -22,6 +22,7 @@ from sortedcontainers import SortedDict
 
 from shoalfs.metanode.journal import Journal
 from shoalfs.metanode.leases import OpenLeases
+from shoalfs.metanode.replicated import Call, ReplicatedPartition
 from shoalfs.metanode.staged import Staged
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import (
@@ -34,8 +35,10 @@ from shoalfs.proto.layout import (
     ROOT_INO,
     extent_id,
 )
+from shoalfs.replication.replica import Replica
 
 SCAN_ENTRIES = 10_000
+
 DYING_NS = 30 * 10**9  # how long a directory being removed refuses new entries
 MAX_LINKS = 65000
 INODE_FIELDS = ("uid", "gid", "size", "atime", "mtime", "ctime")
@@ -57,7 +60,7 @@ def public_attr(inode: dict[str, Any]) -> dict[str, Any]:
     return attr
 
 
-class MetaPartition:
+class MetaPartition(ReplicatedPartition):
     def __init__(self, pid: int, info: dict[str, Any], directory: str) -> None:
         self.pid = pid
         self.info = info  # vol_id, start, end, replicas
@@ -79,10 +82,20 @@ class MetaPartition:
         self.renaming = 0  # rename steps under way
         self.boot = secrets.token_hex(8)
         self._scan_order: list[int] = []  # inode numbers, sorted when a scan begins
+        self.replica: Replica | None = None  # this partition's replication (replicate_with)
+        self._call: Call | None = None
+        self._incoming: bytearray | None = None  # a snapshot from the leader, arriving piece by piece
 
     # ----- persistence -------------------------------------------------
     def load(self) -> None:
         snapshot, records = self.journal.load()
+        self._load_state(snapshot)
+        for effects in records:
+            self._apply(effects)
+
+    def _load_state(self, snapshot: dict[str, Any] | None) -> None:
+        self.cursor = self.start
+        self.inodes, self.dentries, self.txs, self.applied_txs = {}, {}, {}, {}
         if snapshot is not None:
             self.cursor = snapshot["cursor"]
             self.inodes = {int(k): v for k, v in snapshot["inodes"].items()}
@@ -90,8 +103,6 @@ class MetaPartition:
                 self.dentries[int(parent)] = SortedDict({n: tuple(e) for n, e in entries.items()})
             self.txs = snapshot.get("txs", {})
             self.applied_txs = snapshot.get("applied", {})
-        for effects in records:
-            self._apply(effects)
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -128,14 +139,23 @@ class MetaPartition:
                     self.applied_txs.pop(next(iter(self.applied_txs)))
 
     async def commit(self, effects: list[Any]) -> None:
-        """Make durable, then apply to memory (the journal calls _on_durable)."""
+        """Make durable (here and on every in-sync replica), then apply to
+        memory (the journal calls _on_durable)."""
         if self.before_commit is not None:
             self.before_commit()
+        if self.replica is None:
+            await self._append(effects)
+        else:
+            self.replica.check_serving()
+            async with self.replica.gate.change():  # a catch-up's snapshot waits for it
+                await self._append(effects)
+        if self.journal.wants_snapshot():
+            await self.journal.snapshot(self._state)
+
+    async def _append(self, effects: list[Any]) -> None:
         durable = self.journal.append(effects)  # refuses what cannot be stored, before any change
         self.staged.add(effects)
         await durable
-        if self.journal.wants_snapshot():
-            await self.journal.snapshot(self._state)
 
     def _on_durable(self, records: list[Any]) -> None:
         for effects in records:
@@ -208,8 +228,9 @@ class MetaPartition:
         return ("I", parent, self._touched(parent, mtime=t, ctime=t, nlink=max(2, nlink)))
 
     # ----- inode operations --------------------------------------------
-    def new_root(self, uid: int = 0, gid: int = 0) -> list[Any]:
-        t = now_ns()
+    def new_root(self, uid: int = 0, gid: int = 0, t: int | None = None) -> list[Any]:
+        """The root directory's record; every replica makes it with the same time `t`."""
+        t = now_ns() if t is None else t
         root: dict[str, Any] = {"ino": ROOT_INO, "mode": stat.S_IFDIR | 0o755, "uid": uid, "gid": gid, "size": 0,
                 "nlink": 2, "atime": t, "mtime": t, "ctime": t, "target": None, "rdev": 0,
                 "xattrs": {}, "extents": {}}

@@ -13,6 +13,7 @@ needs every partition of the volume.)
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 
@@ -40,11 +41,16 @@ class Reaper(Periodic):
 
     async def round(self) -> None:
         for part in list(self.partitions().values()):
+            if part.replica is not None and not part.replica.leading:
+                continue  # the leader reaps; its changes reach us
             for ino in part.reclaimable(self.grace_ns)[:BATCH]:
                 try:
                     await self.reclaim(part, ino)
                 except ShoalError as exc:
                     log.warning("could not reclaim inode %d of partition %d yet: %s", ino, part.pid, exc.msg)
+
+    def _leader(self, vol_id: str, dp: int) -> str:
+        return (self.maps.data_replicas(vol_id, dp) or [""])[0]
 
     async def reclaim(self, part: MetaPartition, ino: int) -> None:
         node = part.inodes.get(ino)
@@ -52,11 +58,11 @@ class Reaper(Periodic):
             return
         vol_id = part.info["vol_id"]
         for dp, ext in list(node["extents"].values()):
-            replicas = self.maps.data_replicas(vol_id, dp)
-            if not replicas:
+            if not self.maps.data_replicas(vol_id, dp):
                 raise ShoalError(Code.TRY_AGAIN, f"no placement known for data partition {dp}")
-            for addr in replicas:
-                await self.peers.call(addr, Op.DATA_DELETE_EXTENT, dp, {"ext": ext}, deadline=10.0)
+            # the partition's leader (first in the map) deletes it on every copy
+            await self.peers.call(functools.partial(self._leader, vol_id, dp), Op.DATA_DELETE_EXTENT, dp,
+                                  {"ext": ext}, deadline=10.0)
         res = await part.evict_inode(ino)
         if not res.get("kept"):
             self.reclaimed += 1

@@ -33,13 +33,16 @@ from shoalfs.proto.layout import (
     MAX_CHUNK,
     MAX_FILE_SIZE,
     MAX_INO,
+    MAX_IO,
     MAX_NAME,
     OPEN_LEASE,
 )
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import RetryPolicy, RpcPool
-from shoalfs.proto.schema import I64_MAX, I64_MIN, U32, U64, Bool, Bytes, Int, ListOf, Opt, Schema, Str
+from shoalfs.proto.schema import I64_MAX, I64_MIN, U32, U64, Bool, Bytes, Int, ListOf, Map, Opt, Raw, Schema, Str
 from shoalfs.proto.server import ServerConnection
+from shoalfs.replication.hub import ReplicationHub
+from shoalfs.replication.view import View
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,11 @@ RENAME_LINK: Schema = {"txid": Str(64), "parent": INO, "name": NAME, "ino": INO,
 MAX_SUBSCRIPTIONS = 64
 DENTRY_BYTES = MAX_NAME + 32  # the most one readdir entry takes in an answer
 ATTR_BYTES = 256  # about what one inode's attributes take
-CREATE_META_PARTITION: Schema = {**NEW_PARTITION, "start": Int(0, U64), "end": Int(1, U64)}
+CREATE_META_PARTITION: Schema = {**NEW_PARTITION, "start": Int(0, U64), "end": Int(1, U64),
+                                 "created_ns": Opt(Int(0, I64_MAX))}
+RECORDS = Map  # {"records": [...]}, checked by MetaPartition.apply_replicated
+MAX_SNAPSHOT = 1 << 32  # bytes of one partition's state sent to a catching-up member
+
 
 
 class MetaNode(NodeService):
@@ -92,8 +99,19 @@ class MetaNode(NodeService):
             raise SystemExit(f"shoal: config: {exc}") from None
         self.reaper = Reaper(lambda: self.partitions, self.volume_maps, self.peers, self.open_lease)
         self.sweeper = OrphanSweeper(lambda: self.partitions, self.volume_maps, self.peers, *sweep)
+        self.replication = ReplicationHub(self.listen, self.peers, self.master_api,
+                                          lambda: {p: mp.replica for p, mp in self.partitions.items()
+                                                   if mp.replica is not None})
         r = self.rpc.route
         R, W, M, P = Access.READ, Access.WRITE, Access.MASTER, Access.PEER
+        self.replication.register(r)
+        r(Op.REPL_FORWARD, self._apply_forwarded,
+          {"view": Raw, "op": Int(0, 999), "body": RECORDS}, access=P)
+        r(Op.REPL_DIGEST, self._digest, {"view": Raw}, access=P)
+        r(Op.REPL_SCRUB, self._scrub, {}, access=M)
+        r(Op.REPL_SNAPSHOT, self._receive_snapshot, {"view": Raw, "offset": Int(0, MAX_SNAPSHOT),
+                                                     "data": Bytes(MAX_IO), "total": Int(0, MAX_SNAPSHOT)},
+          access=P)
         r(Op.HEARTBEAT, self.heartbeat, MASTER_STATE, access=M)
         r(Op.CREATE_PARTITION, self.create_partition, CREATE_META_PARTITION, access=M)
         r(Op.DELETE_PARTITION, self.delete_partition, DELETE_PARTITION, access=M)
@@ -170,12 +188,37 @@ class MetaNode(NodeService):
             with open(path) as f:
                 info = json.load(f)
             part = self._partition(info, os.path.join(self.data_dir, entry))
+            self._replicate(part)
             self.partitions[part.pid] = part
-            for txid in list(part.txs):
-                self._spawn(self._resolve_tx(part, txid))
+            if part.replica is not None and part.replica.leading:
+                self._resume_txs(part)
         log.info("loaded %d meta partitions", len(self.partitions))
         self.reaper.start()
         self.sweeper.start()
+        self.replication.start()
+
+    def _replicate(self, part: MetaPartition) -> None:
+        """Give a partition its replication, as its view in partition.json says."""
+        pdir = self._pdir(part.pid)
+
+        def persist(view: View) -> None:
+            part.info = dict(part.info, **view.fields())
+            atomic_write(os.path.join(pdir, "partition.json"), json.dumps(part.info).encode())
+
+        replica = self.replication.replica(View.of_partition(part.info), persist)
+        replica.on_leading = lambda: self._took_over(part)
+        part.replicate_with(replica, self.replication.call)
+
+    def _took_over(self, part: MetaPartition) -> None:
+        """This node now leads the partition: open files are not known here
+        yet (every file counts as held for a lease period), and renames the
+        old leader began are driven to their end from here."""
+        part.leases = OpenLeases(self.open_lease)
+        self._resume_txs(part)
+
+    def _resume_txs(self, part: MetaPartition) -> None:
+        for txid in list(part.txs):
+            self._spawn(self._resolve_tx(part, txid))
 
     def _partition(self, info: dict[str, Any], pdir: str) -> MetaPartition:
         part = MetaPartition(info["pid"], info, pdir)
@@ -187,6 +230,7 @@ class MetaNode(NodeService):
         return part
 
     async def close(self) -> None:
+        await self.replication.stop()
         await self.sweeper.stop()
         await self.reaper.stop()
         for t in list(self._tasks):
@@ -203,6 +247,7 @@ class MetaNode(NodeService):
     async def heartbeat(self, pid: int, body: Any, conn: Any) -> Any:
         self.apply_master_state(body)
         self.volume_maps.update(body["volumes"], {p.info["vol_id"] for p in self.partitions.values()})
+        self.replication.adopt_maps(body["volumes"])
         return {"partitions": {p: {"vol_id": mp.info["vol_id"], "inodes": len(mp.inodes)}
                                for p, mp in self.partitions.items()}}
 
@@ -211,17 +256,21 @@ class MetaNode(NodeService):
             return {"created": False}
         if body["start"] >= body["end"]:
             raise ShoalError(Code.BAD_REQUEST, "a meta partition's range must not be empty")
-        info = {"pid": pid, "vol_id": body["vol_id"], "start": body["start"],
-                "end": body["end"], "replicas": body["replicas"]}
+        members = body["replicas"] or [self.listen]
+        info = {"pid": pid, "vol_id": body["vol_id"], "start": body["start"], "end": body["end"],
+                "replicas": members, "epoch": body["epoch"], "in_sync": body["in_sync"] or members}
+        View.of_partition(info)  # checked before anything is kept
         self.volume_maps.add(body["vol_id"], body["volume"])  # known before the next heartbeat
         pdir = self._pdir(pid)
         os.makedirs(pdir, mode=0o700, exist_ok=True)
         part = self._partition(info, pdir)
         part.leases.born()
         if part.start <= 1 < part.end and 1 not in part.inodes:
-            await part.commit(part.new_root())
+            # every replica makes the same root itself (same time): nothing to send
+            await part.commit(part.new_root(t=body["created_ns"]))
         atomic_write(os.path.join(pdir, "partition.json"), json.dumps(info).encode())
         fsync_dir(self.data_dir)  # the partition's directory name too
+        self._replicate(part)
         self.partitions[pid] = part
         log.info("created meta partition %d [%d, %d)", pid, part.start, part.end)
         return {"created": True}
@@ -235,6 +284,37 @@ class MetaNode(NodeService):
             await part.close()
         await asyncio.to_thread(shutil.rmtree, self._pdir(pid), True)
         return {"deleted": part is not None}
+
+    # ----- replication ------------------------------------------------------
+    def _followed(self, pid: int, view: Any) -> MetaPartition:
+        part = self.partitions.get(pid)
+        if part is None or part.replica is None:
+            raise self.tombstones.missing_partition(pid, self.listen)
+        part.replica.accept_leader(view)
+        return part
+
+    async def _apply_forwarded(self, pid: int, body: Any, conn: Any) -> Any:
+        if body["op"] != Op.META_RECORDS:
+            raise ShoalError(Code.BAD_REQUEST, f"opcode {body['op']} is not forwarded to metanodes")
+        records = body["body"].get("records")
+        if not isinstance(records, list):
+            raise ShoalError(Code.BAD_REQUEST, "forwarded records must be a list")
+        await self._followed(pid, body["view"]).apply_replicated(records)
+        return {}
+
+    async def _digest(self, pid: int, body: Any, conn: Any) -> Any:
+        return {"digest": self._followed(pid, body["view"]).digest()}
+
+    async def _scrub(self, pid: int, body: Any, conn: Any) -> Any:
+        part = self.partitions.get(pid)
+        if part is None or part.replica is None:
+            raise self.tombstones.missing_partition(pid, self.listen)
+        return {"members": await part.replica.scrub()}
+
+    async def _receive_snapshot(self, pid: int, body: Any, conn: Any) -> Any:
+        part = self._followed(pid, body["view"])
+        await part.receive_snapshot(body["offset"], body["data"], body["total"])
+        return {}
 
     # ----- lifecycle events -------------------------------------------------
     async def subscribe(self, pid: int, body: Any, conn: ServerConnection) -> Any:
@@ -278,6 +358,8 @@ class MetaNode(NodeService):
             part = self.partitions.get(pid)
             if part is None:
                 raise self.tombstones.missing_partition(pid, self.listen)
+            if part.replica is not None:
+                part.replica.check_serving()  # reads too: only the leader is sure to have every change
             args: list[Any] = [part, body]
             cap = conn.capability
             if session:

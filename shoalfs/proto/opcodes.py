@@ -45,6 +45,7 @@ class Op(IntEnum):
     META_CLOSE = 126  # a session's last handle on a file closed (an unlinked file may go now)
     META_RENEW_LEASES = 127  # the files a session has open in a partition: still open
     META_RECLAIM_ORPHAN = 128  # the orphan sweeper: reclaim an inode if it is as the sweep saw it
+    META_RECORDS = 129  # journal records the leader made durable (forwarded to followers only)
     # datanode
     DATA_WRITE = 200
     DATA_READ = 201
@@ -58,3 +59,5 @@ class Op(IntEnum):
     REPL_EXTENT_READ = 303  # raw bytes of an extent or of its checksums
     REPL_EXTENT_INSTALL = 304  # a whole extent copied from another replica, piece by piece
     REPL_EXTENT_DROP = 305  # an extent the leader does not hold
+    REPL_SNAPSHOT = 306  # a meta partition's whole state from its leader, piece by piece
+    REPL_SCRUB = 307  # master -> leader: compare every in-sync copy with yours; repair what differs

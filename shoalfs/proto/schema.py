@@ -61,6 +61,11 @@ def Bytes(max_len: int) -> Checker:
     return check
 
 
+def Raw(name: str, v: Any) -> Any:
+    """Any value: the handler checks it itself (a replication view, a record)."""
+    return v
+
+
 def Bool(name: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise _bad(name, "true or false")

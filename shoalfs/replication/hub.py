@@ -21,7 +21,7 @@ from shoalfs.proto.capability import Access
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import RpcPool
-from shoalfs.proto.schema import ListOf, Schema
+from shoalfs.proto.schema import ListOf, Raw, Schema
 from shoalfs.replication.replica import FORWARD_TIMEOUT, LEASE, Replica, newer_view
 from shoalfs.replication.view import View
 
@@ -31,8 +31,8 @@ PING_EVERY = LEASE / 5
 CATCH_UP_EVERY = 1.0
 CATCH_UP_BACKOFF = (1.0, 10.0)  # first and longest pause after a failed catch-up
 
-PING: Schema = {"views": ListOf(lambda name, v: v, 1_000_000)}  # each checked by View.from_wire
-VIEW_CHANGE: Schema = {"view": lambda name, v: v}  # checked by View.from_wire
+PING: Schema = {"views": ListOf(Raw, 1_000_000)}  # each checked by View.from_wire
+VIEW_CHANGE: Schema = {"view": Raw}  # checked by View.from_wire
 
 
 class ReplicationHub:
@@ -120,6 +120,8 @@ class ReplicationHub:
             if rep.leading:
                 for follower in rep.view.followers():
                     by_node.setdefault(follower, []).append(rep)
+                for member in rep.diverged:  # a failed drop: ask the master again
+                    self._spawn_report(rep, member)
         await asyncio.gather(*(self._ping(addr, reps) for addr, reps in by_node.items()))
 
     async def _ping(self, addr: str, reps: list[Replica]) -> None:
@@ -155,9 +157,11 @@ class ReplicationHub:
                 await rep.report(member, "failed")
             except ShoalError as exc:
                 log.warning("partition %d: cannot report %s to the master: %s", rep.pid, member, exc.msg)
-        task = asyncio.create_task(go())
-        self._catching_up.setdefault((rep.pid, "report:" + member), task)
-        task.add_done_callback(lambda t: self._catching_up.pop((rep.pid, "report:" + member), None))
+        key = (rep.pid, "report:" + member)
+        if key in self._catching_up:
+            return
+        task = self._catching_up[key] = asyncio.create_task(go())
+        task.add_done_callback(lambda t: self._catching_up.pop(key, None))
 
     def answer_ping(self, body: dict[str, Any]) -> dict[str, Any]:
         """A leader's ping: accept each view we follow it in (renewing our

@@ -45,6 +45,8 @@ Reporter = Callable[[View, str, str], Coroutine[Any, Any, View]]
 Forwarder = Callable[[str, Op, int, dict[str, Any]], Awaitable[Any]]
 # the partition's own catch-up: make `member` hold what the leader holds; `final` runs with no change in flight
 Resync = Callable[[str, View, bool], Awaitable[None]]
+# the partition's own comparison with one follower's copy: what it found (and repaired)
+Scrub = Callable[[str, View], Awaitable[str]]
 
 
 def stale(view: View) -> ShoalError:
@@ -104,9 +106,12 @@ class Replica:
         self._forward_rpc = forward
         self._reporter = reporter
         self.resync: Resync | None = None  # set by the partition kind; None: it cannot catch members up
+        self.scrubber: Scrub | None = None  # likewise: compares a follower's copy with ours
         self.grants: dict[str, float] = {}  # follower -> when the last message it accepted was sent
         self.promised_until = time.monotonic() + LEASE  # see the module comment
         self.joining: set[str] = set()  # lagging members caught up and sent every change, not yet in_sync
+        self.diverged: set[str] = set()  # in-sync followers whose copy differs: to drop before going on
+        self.on_leading: Callable[[], None] = lambda: None  # this node became the leader
         self.gate = Gate()
         self._reports: dict[tuple[str, str], asyncio.Task[View]] = {}
 
@@ -127,8 +132,10 @@ class Replica:
         was_leading = self.leading
         self.view = view
         self.joining &= set(view.lagging())
+        self.diverged &= set(view.followers())
         if self.leading and not was_leading:
             self.grants.clear()
+            self.on_leading()
             log.info("partition %d: leading at epoch %d (in sync: %s)", view.pid, view.epoch, ",".join(view.in_sync))
         return True
 
@@ -154,30 +161,51 @@ class Replica:
             raise ShoalError(Code.NOT_PARTITION_LEADER, f"{self.me} does not lead partition {view.pid}",
                              {"view": view.to_wire()})
         if len(view.members) == 1:
-            return  # nobody else can lead it
+            return  # nobody else can lead it (and no copy can differ)
         now = time.monotonic()
         if now < self.promised_until:
             raise ShoalError(Code.TRY_AGAIN, f"partition {view.pid}: the previous leader's lease has "
                                              f"{self.promised_until - now:.1f}s to run")
+        if self.diverged:
+            raise ShoalError(Code.TRY_AGAIN, f"partition {view.pid}: waiting for the master to drop "
+                                             f"{', '.join(sorted(self.diverged))}")
         for follower in view.followers():
             if now >= self.grants.get(follower, -1e9) + LEASE * LEASE_SAFETY:
                 raise ShoalError(Code.TRY_AGAIN, f"partition {view.pid}: follower {follower} has not "
                                                  "renewed the leader's lease")
 
-    async def replicate(self, op: Op, body: dict[str, Any], local: Awaitable[T]) -> T:
+    async def replicate(self, op: Op, body: dict[str, Any], local: Awaitable[T], rolls_back: bool = False) -> T:
         """Apply a change here (`local`) and on every in-sync or joining
-        follower; return once all have it. A follower that fails is reported
-        and dropped from in_sync; the change fails (transient: retry) only if
-        some in-sync member still lacks it."""
+        follower; return once all have it.
+
+        A follower whose copy now differs from ours is dropped from in_sync
+        before anything else is acknowledged: one that failed the change, or,
+        when ours does not keep it (`local` failed, or `rolls_back`: the
+        caller undoes it on any failure), one that applied it. The change
+        fails (transient: retry) unless every in-sync member has it."""
         view = self.view
         targets = [*view.followers(), *sorted(self.joining - set(view.followers()))]
         outcomes = await asyncio.gather(local, *(self._forward(t, view, op, body) for t in targets),
                                         return_exceptions=True)
-        failed = [(t, exc) for t, exc in zip(targets, outcomes[1:], strict=True) if isinstance(exc, BaseException)]
-        if failed:
-            await self._settle(failed)
-        if isinstance(outcomes[0], BaseException):
-            raise outcomes[0]
+        failed = [(t, o) for t, o in zip(targets, outcomes[1:], strict=True) if isinstance(o, BaseException)]
+        for _target, exc in failed:
+            newer = newer_view(exc) if isinstance(exc, ShoalError) else None
+            if newer is not None:
+                self.adopt(newer)
+        ours_kept = not isinstance(outcomes[0], BaseException)
+        if failed and ours_kept and not rolls_back:
+            self._diverged([t for t, _ in failed], failed[0][1])
+        elif not ours_kept or (failed and rolls_back):
+            # the change is undone here: whoever applied it is ahead of us
+            why = failed[0][1] if failed else outcomes[0]
+            self._diverged([t for t, o in zip(targets, outcomes[1:], strict=True) if o is None],
+                           why if isinstance(why, BaseException) else ShoalError(Code.TRY_AGAIN))
+        await self.drop_diverged()
+        if not ours_kept:
+            raise outcomes[0]  # type: ignore[misc]
+        if failed and rolls_back:
+            target, exc = failed[0]
+            raise ShoalError(Code.TRY_AGAIN, f"partition {self.pid}: follower {target} did not confirm ({exc})")
         return outcomes[0]  # type: ignore[return-value]
 
     async def _forward(self, target: str, view: View, op: Op, body: dict[str, Any]) -> BaseException | None:
@@ -193,27 +221,26 @@ class Replica:
     def grant(self, follower: str, sent: float) -> None:
         self.grants[follower] = max(self.grants.get(follower, -1e9), sent)
 
-    async def _settle(self, failed: list[tuple[str, BaseException]]) -> None:
-        """After some followers failed a change: learn newer views, report the
-        failed, then fail the change if an in-sync member still lacks it."""
-        for target, exc in failed:
-            newer = newer_view(exc) if isinstance(exc, ShoalError) else None
-            if newer is not None and newer.epoch > self.view.epoch:
-                self.adopt(newer)
-            elif target in self.joining:
+    def _diverged(self, targets: list[str], why: BaseException) -> None:
+        for target in targets:
+            if target in self.joining:
                 self.joining.discard(target)  # caught up again later
-                log.info("partition %d: joining member %s failed (%s)", self.pid, target, exc)
-            elif target in self.view.in_sync and target != self.me:
-                log.warning("partition %d: follower %s failed (%s); asking the master to drop it",
-                            self.pid, target, exc)
+                log.info("partition %d: joining member %s left behind (%s)", self.pid, target, why)
+            elif target in self.view.followers():
+                log.warning("partition %d: follower %s differs from the leader now (%s); dropping it",
+                            self.pid, target, why)
+                self.diverged.add(target)
+
+    async def drop_diverged(self) -> None:
+        """Have the master drop every follower whose copy differs from ours;
+        until it has, nothing more is acknowledged (check_serving refuses)."""
+        for target in sorted(self.diverged):
+            if target in self.view.followers():
                 await self.report(target, "failed")
+            self.diverged.discard(target)
         if not self.leading:
             raise ShoalError(Code.NOT_PARTITION_LEADER, f"{self.me} no longer leads partition {self.pid}",
                              {"view": self.view.to_wire()})
-        lacking = [(t, exc) for t, exc in failed if t in self.view.followers()]
-        if lacking:
-            target, exc = lacking[0]
-            raise ShoalError(Code.TRY_AGAIN, f"partition {self.pid}: follower {target} did not confirm ({exc})")
 
     async def report(self, member: str, event: str) -> None:
         """Ask the master to change the view (`failed`: drop `member` from
@@ -241,3 +268,17 @@ class Replica:
             self.joining.add(member)
         await self.report(member, "joined")
         log.info("partition %d: %s caught up and is in sync (epoch %d)", self.pid, member, self.view.epoch)
+
+    async def scrub(self) -> dict[str, str]:
+        """Compare every in-sync follower's copy with ours (the partition kind
+        repairs what differs); member -> what was found."""
+        self.check_serving()
+        if self.scrubber is None:
+            raise ShoalError(Code.UNAVAILABLE, f"partition {self.pid} cannot be scrubbed")
+        found: dict[str, str] = {}
+        for member in self.view.followers():
+            try:
+                found[member] = await self.scrubber(member, self.view)
+            except ShoalError as exc:
+                found[member] = f"not compared: {exc.msg}"
+        return found

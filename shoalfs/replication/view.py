@@ -15,9 +15,7 @@ from typing import Any
 from shoalfs.proto.errors import Code, ShoalError
 
 MAX_REPLICAS = 5
-# copies of a new volume's data partitions unless the operator says otherwise; meta
-# partitions keep one copy until the metanode replicates its journal
-DEFAULT_REPLICAS = 1
+DEFAULT_REPLICAS = 1  # copies of each partition of a new volume unless the operator says otherwise
 MAX_ADDR = 256
 
 

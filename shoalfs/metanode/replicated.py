@@ -1,0 +1,138 @@
+"""A meta partition's side of replication (shoalfs/replication): each
+journal batch the leader writes goes to the in-sync followers in the same
+step, and is acknowledged once all have it; a lagging member gets the
+leader's whole state (taken with no change in flight) and the batches after
+it; a scrub compares a hash of each copy's state.
+
+Records are effects (whole values put or deleted), so a follower applies
+them as the leader did and holds the same state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+from sortedcontainers import SortedDict
+
+from shoalfs.metanode.journal import Journal
+from shoalfs.metanode.staged import Staged
+from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.opcodes import Op
+from shoalfs.replication.replica import Replica
+
+SNAPSHOT_PIECE = 4 * 1024 * 1024
+EFFECT_KINDS = {"I": 3, "i": 2, "D": 5, "d": 3, "C": 2, "T": 3, "t": 2, "A": 3}  # kind -> fields
+Call = Callable[[str, Op, int, dict[str, Any]], Awaitable[Any]]
+
+
+def check_effects(effects: Any) -> None:
+    """A record from the leader: a list of effects of known kinds and sizes."""
+    if not isinstance(effects, list) or not all(
+            isinstance(e, (list, tuple)) and e and EFFECT_KINDS.get(e[0]) == len(e) for e in effects):
+        raise ShoalError(Code.BAD_REQUEST, "a replicated record must be a list of effects")
+
+
+
+class ReplicatedPartition:
+    """Mixed into MetaPartition, which holds the state and journal named here."""
+
+    pid: int
+    journal: Journal
+    staged: Staged
+    cursor: int
+    inodes: dict[int, dict[str, Any]]
+    dentries: dict[int, SortedDict]
+    txs: dict[str, dict[str, Any]]
+    replica: Replica | None
+    _call: Call | None
+    _incoming: bytearray | None
+
+    def _state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _load_state(self, snapshot: dict[str, Any] | None) -> None:
+        raise NotImplementedError
+
+    def replicate_with(self, replica: Replica, call: Call) -> None:
+        """Replicate every journal batch through `replica` from now on."""
+        self.replica = replica
+        self._call = call
+        self.journal.replicate = self._replicate_batch
+        replica.resync = self._resync
+        replica.scrubber = self._scrub
+
+    async def _replicate_batch(self, records: list[Any], write: Awaitable[None]) -> None:
+        rep = self.replica
+        if rep is None or not rep.leading or not (rep.view.followers() or rep.joining):
+            await write
+            return
+        # a failed batch is cut from our log: followers that took it are ahead (rolls_back)
+        await rep.replicate(Op.META_RECORDS, {"records": records}, write, rolls_back=True)
+
+    async def apply_replicated(self, records: list[Any]) -> None:
+        """Records the leader made durable, made durable and applied here in its order."""
+        for effects in records:
+            check_effects(effects)
+        pending = []
+        for effects in records:
+            pending.append(self.journal.append(effects))
+            self.staged.add(effects)
+        await asyncio.gather(*pending)
+        if self.journal.wants_snapshot():
+            await self.journal.snapshot(self._state)
+
+    async def _resync(self, member: str, view: Any, final: bool) -> None:
+        """Catch a member up: our whole state, sent once no change is in flight."""
+        if not final:
+            return
+        blob = msgpack.packb(self._state(), use_bin_type=True)
+        assert self._call is not None  # set with the replica
+        for offset in range(0, max(1, len(blob)), SNAPSHOT_PIECE):
+            await self._call(member, Op.REPL_SNAPSHOT, self.pid, {
+                "view": view.to_wire(), "offset": offset, "data": blob[offset:offset + SNAPSHOT_PIECE],
+                "total": len(blob)})
+
+    def digest(self) -> str:
+        """A hash of the whole state, the same on replicas that hold the same."""
+        h = hashlib.sha256(msgpack.packb([self.cursor, sorted(self.txs.items())], use_bin_type=True))
+        for ino in sorted(self.inodes):
+            h.update(msgpack.packb([ino, self.inodes[ino]], use_bin_type=True))
+        for parent in sorted(self.dentries):
+            h.update(msgpack.packb([parent, list(self.dentries[parent].items())], use_bin_type=True))
+        return h.hexdigest()
+
+    async def _scrub(self, member: str, view: Any) -> str:
+        """Compare a follower's state with ours (no change in flight); one that
+        differs leaves in_sync and is caught up from ours."""
+        assert self._call is not None and self.replica is not None  # set with the replica
+        async with self.replica.gate.closed():
+            ours = self.digest()
+            theirs = (await self._call(member, Op.REPL_DIGEST, self.pid, {"view": view.to_wire()}))["digest"]
+        if theirs == ours:
+            return "same"
+        await self.replica.report(member, "failed")
+        return "differed: dropped from in_sync and caught up from the leader"
+
+    async def receive_snapshot(self, offset: int, data: bytes, total: int) -> None:
+        """A piece of the leader's state; the last one replaces ours."""
+        if offset == 0:
+            self._incoming = bytearray()
+        if self._incoming is None or offset != len(self._incoming) or offset + len(data) > total:
+            self._incoming = None
+            raise ShoalError(Code.BAD_REQUEST, "snapshot pieces out of order")
+        self._incoming += data
+        if len(self._incoming) < total:
+            return
+        blob, self._incoming = bytes(self._incoming), None
+        try:
+            state = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+        except ValueError:
+            raise ShoalError(Code.BAD_REQUEST, "the snapshot does not decode") from None
+        await self.journal.replace(state)
+        self._load_state(state)
+        self.staged.clear()
+
