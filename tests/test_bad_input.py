@@ -167,7 +167,7 @@ def test_secrets_are_private(cluster: EmbeddedCluster) -> None:
 
 
 def test_corrupted_block_is_detected_on_read(cluster: EmbeddedCluster) -> None:
-    cluster.create_volume("corrupt")
+    cluster.create_volume("corrupt", replicas=1)  # the only copy (with more, another one is read)
     with cluster.connect("corrupt") as vol:
         with vol.open("/victim", "wb") as f:
             f.write(b"A" * 100_000)

@@ -5,25 +5,31 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import shoal_env, wait_for
 
 from shoalfs.cli.cluster import EmbeddedCluster
 from shoalfs.proto.errors import Code, ShoalError
 
 
 class Workload:
-    """A thread writing new files through the SDK until stopped; records
-    every acknowledged file (its bytes), every error and the longest write."""
+    """A thread writing new files until stopped, through the SDK or (with
+    `mount`, a mounted directory) the kernel; records every acknowledged
+    file (its bytes), every error and the longest write."""
 
-    def __init__(self, c: EmbeddedCluster, volume: str, prefix: str = "w", size: int = 96 * 1024) -> None:
-        self.vol = c.connect(volume)
+    def __init__(self, c: EmbeddedCluster, volume: str, prefix: str = "w", size: int = 96 * 1024,
+                 mount: str | None = None) -> None:
+        self.vol = c.connect(volume) if mount is None else None
+        self.mount = mount
         self.prefix = prefix
         self.size = size
         self.acked: dict[str, bytes] = {}
@@ -38,7 +44,17 @@ class Workload:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-        self.vol.close()
+        if self.vol is not None:
+            self.vol.close()
+
+    def _write(self, path: str, data: bytes) -> None:
+        if self.vol is not None:
+            with self.vol.open(path, "wb") as f:
+                f.write(data)
+        else:
+            assert self.mount is not None
+            with open(self.mount + path, "wb") as f:
+                f.write(data)
 
     def _run(self) -> None:
         i = 0
@@ -46,8 +62,7 @@ class Workload:
             path, data = f"/{self.prefix}{i}", os.urandom(self.size + i % 4096)
             start = time.monotonic()
             try:
-                with self.vol.open(path, "wb") as f:
-                    f.write(data)
+                self._write(path, data)
             except OSError as exc:
                 self.errors.append(exc)
                 continue
@@ -58,7 +73,7 @@ class Workload:
 
     def wait_for_writes(self, n: int) -> None:
         start = len(self.acked)
-        wait_for(lambda: len(self.acked) >= start + n or self.errors, 60, f"{n} more acknowledged writes")
+        wait_for(lambda: len(self.acked) >= start + n or self.errors, 90, f"{n} more acknowledged writes")
 
     def stop(self) -> None:
         self._stop.set()
@@ -97,7 +112,8 @@ def replica_files(c: EmbeddedCluster, pid: int) -> dict[str, dict[str, str]]:
 
 def assert_replicas_identical(c: EmbeddedCluster, volume: str) -> None:
     for part in data_views(c, volume):
-        copies = replica_files(c, part["pid"])
+        members = {node_of(c, a) for a in part["replicas"]}
+        copies = {name: files for name, files in replica_files(c, part["pid"]).items() if name in members}
         assert len(copies) == len(part["replicas"]), (part, list(copies))
         first = next(iter(copies.values()))
         for name, files in copies.items():
@@ -115,7 +131,7 @@ def assert_all_read_back(c: EmbeddedCluster, volume: str, acked: dict[str, bytes
 def rcluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
     c = EmbeddedCluster(str(tmp_path_factory.mktemp("repl")))
     try:
-        c.up(metanodes=3, datanodes=4, extra={"failover_after": 1.5})
+        c.up(metanodes=3, datanodes=4, extra={"master": {"failover_after": 1.5, "replace_after": 8}})
         yield c
     finally:
         c.down()
@@ -139,25 +155,30 @@ def test_replicas_option_is_checked_and_placed_on_distinct_nodes(rcluster: Embed
              "every replica's directory removed")
 
 
-def test_datanode_killed_for_good_during_writes_loses_nothing(rcluster: EmbeddedCluster) -> None:
+def test_datanode_killed_for_good_during_writes_loses_nothing(rcluster: EmbeddedCluster, mount_factory) -> None:
     c = rcluster
     c.create_volume("kill", replicas=3)
+    mount = mount_factory(c, "kill")
     victim_addr = data_views(c, "kill")[0]["replicas"][0]  # leads a partition, follows others
     victim = node_of(c, victim_addr)
-    with Workload(c, "kill") as load:
+    with Workload(c, "kill") as load, Workload(c, "kill", prefix="m", mount=mount.path) as through_mount:
         load.wait_for_writes(20)
+        through_mount.wait_for_writes(5)
         c.kill(victim)
         load.wait_for_writes(60)
-    assert not load.errors, load.errors[:3]
-    print(f"longest write with a datanode killed: {load.longest:.2f}s")
+        through_mount.wait_for_writes(20)
+    assert not load.errors and not through_mount.errors, (load.errors[:3], through_mount.errors[:3])
+    print(f"longest write with a datanode killed: SDK {load.longest:.2f}s, mount {through_mount.longest:.2f}s")
     assert all(victim_addr != p["replicas"][0] and victim_addr not in p["in_sync"]
                for p in data_views(c, "kill"))
-    assert_all_read_back(c, "kill", load.acked)
+    acked = {**load.acked, **through_mount.acked}
+    assert_all_read_back(c, "kill", acked)
     # back: it catches up and every copy is the same, byte for byte
     c.start(victim)
     wait_for(lambda: fully_replicated(c, "kill"), 60, "the restarted datanode back in sync")
     assert_replicas_identical(c, "kill")
-    assert_all_read_back(c, "kill", load.acked)
+    assert_all_read_back(c, "kill", acked)
+    assert mount.proc is not None and mount.proc.poll() is None  # never took the failover for a deletion
 
 
 def test_stopped_leader_cannot_acknowledge_and_catches_up(rcluster: EmbeddedCluster) -> None:
@@ -250,3 +271,66 @@ def test_metanode_leading_the_root_killed_for_good_during_writes(rcluster: Embed
     assert_all_read_back(c, "metakill", load.acked)
     c.start(second)
     wait_for(lambda: fully_replicated(c, "metakill"), 60, "every metanode back in sync")
+
+
+def scrub(c: EmbeddedCluster, volume: str) -> tuple[int, list[dict[str, Any]]]:
+    proc = subprocess.run([sys.executable, "-m", "shoalfs.cli", "volume", "scrub", volume, "--json"],
+                          capture_output=True, text=True, env=shoal_env(c), timeout=120)
+    assert proc.stdout, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_scrub_finds_and_repairs_copies_that_differ(rcluster: EmbeddedCluster) -> None:
+    c = rcluster
+    c.create_volume("scrub", replicas=3)
+    content = os.urandom(300_000)
+    with c.connect("scrub") as vol:
+        with vol.open("/f", "wb") as f:
+            f.write(content)
+        (dp, ext), = vol._run(vol.client.extents(vol.stat("/f").st_ino), "/f").values()
+    assert scrub(c, "scrub")[0] == 0
+    part = next(p for p in data_views(c, "scrub") if p["pid"] == dp)
+    # one follower's block rots; another holds an extent the leader never had
+    rotted = os.path.join(c.dir, "data", node_of(c, part["replicas"][1]), f"dp_{dp}", f"e_{ext}")
+    with open(rotted, "r+b") as f:
+        f.seek(70_000)
+        byte = f.read(1)
+        f.seek(70_000)
+        f.write(bytes([byte[0] ^ 1]))
+    stray = os.path.join(c.dir, "data", node_of(c, part["replicas"][2]), f"dp_{dp}", "e_7")
+    for path in (stray, stray + ".crc"):
+        with open(path, "wb") as f:
+            f.write(b"\1" * 8)
+    code, rows = scrub(c, "scrub")
+    assert code == 1
+    found = {row["member"]: row["found"] for row in rows if row["pid"] == dp}
+    assert "repaired" in found[part["replicas"][1]] and "repaired" in found[part["replicas"][2]], found
+    assert all(row["found"] == "same" for row in rows if row["pid"] != dp), rows
+    code, rows = scrub(c, "scrub")
+    assert code == 0 and all(row["found"] == "same" for row in rows), rows
+    assert_replicas_identical(c, "scrub")
+    with c.connect("scrub") as vol:
+        assert vol.open("/f", "rb").read() == content
+
+
+def test_node_gone_for_good_is_replaced_by_another(rcluster: EmbeddedCluster) -> None:
+    c = rcluster
+    c.create_volume("moved", replicas=3)
+    with Workload(c, "moved") as load:
+        load.wait_for_writes(20)
+    assert not load.errors
+    victim_addr = data_views(c, "moved")[0]["replicas"][1]
+    victim = node_of(c, victim_addr)
+    c.kill(victim)
+    try:
+        # past replace_after (8 s here) every copy it held is made again on the spare datanode
+        wait_for(lambda: all(victim_addr not in p["replicas"] and sorted(p["in_sync"]) == sorted(p["replicas"])
+                             for p in data_views(c, "moved")), 120, "copies rebuilt elsewhere")
+        assert_all_read_back(c, "moved", load.acked)
+        assert_replicas_identical(c, "moved")
+    finally:
+        c.start(victim)
+    # back, it drops the copies it no longer holds
+    pids = [p["pid"] for p in data_views(c, "moved")]
+    wait_for(lambda: not any(os.path.isdir(os.path.join(c.dir, "data", victim, f"dp_{pid}")) for pid in pids),
+             60, "the returning node dropped its old copies")

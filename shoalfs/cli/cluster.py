@@ -23,6 +23,7 @@ from shoalfs.client.keys import layout_masters, save_key, store_path
 from shoalfs.common.files import atomic_write, open_private_log
 from shoalfs.common.tls import client_context
 from shoalfs.proto.errors import ShoalError
+from shoalfs.replication.view import DEFAULT_REPLICAS
 
 ETCD = "etcd"
 
@@ -158,6 +159,8 @@ class EmbeddedCluster:
                                     "etcd": etcd["client"],
                                     # the first master's token files are the cluster's (all hold the same)
                                     **({"token_file": self.token_file} if name == "master" else {}),
+                                    # as many copies as the cluster has nodes for, up to 3
+                                    "default_replicas": max(1, min(DEFAULT_REPLICAS, metanodes, datanodes)),
                                     **(extra or {}).get("master", {})})
         for name, node in nodes.items():
             self._write_conf(name, {"listen": node["listen"], "master": self.master_addr,

@@ -175,7 +175,7 @@ def cmd_volume(args: argparse.Namespace) -> None:
     if args.action == "create":
         data = call_master(args, "POST", "/volume/create",
                            body={"name": args.name, "owner": args.owner, "capacity_gib": args.capacity,
-                                 "replicas": args.replicas})
+                                 **({"replicas": args.replicas} if args.replicas else {})})
         store = embedded_key_store(args, args.name)
         hand_over_key(args, data, "owner_key", args.out or store)
         emit(args, data, "volume created", cols)
@@ -411,9 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("name")
     vc.add_argument("--owner", required=True)
     vc.add_argument("--capacity", type=float, default=100.0, help="GiB")
-    vc.add_argument("--replicas", type=int, default=DEFAULT_REPLICAS, choices=range(1, MAX_REPLICAS + 1),
-                    metavar="N", help=f"copies of each partition on distinct nodes, 1-{MAX_REPLICAS} "
-                                      f"(default {DEFAULT_REPLICAS})")
+    vc.add_argument("--replicas", type=int, choices=range(1, MAX_REPLICAS + 1), metavar="N",
+                    help=f"copies of each partition on distinct nodes, 1-{MAX_REPLICAS} (default: the "
+                         f"master's default_replicas, {DEFAULT_REPLICAS} unless configured)")
     vc.add_argument("--out", help="write the owner key to this file (0600) instead of showing it "
                                   "(the embedded cluster keeps it in DIR/keys/NAME.key)")
     vsub.add_parser("list", parents=[common])

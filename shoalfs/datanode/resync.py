@@ -23,7 +23,9 @@ from shoalfs.replication.view import View
 log = logging.getLogger(__name__)
 
 PIECE = 4 * 1024 * 1024  # bytes of one copy message (a sidecar rides with the last)
-Call = Callable[[str, Op, int, dict[str, Any]], Awaitable[Any]]
+DIGEST_TIMEOUT = 120.0  # a whole partition's digests (reading every sidecar; a scrub, every block)
+UNSOUND = (-1, -1)  # the digest of an extent with a block that fails its checksum
+Call = Callable[..., Awaitable[Any]]  # ReplicationHub.call
 
 
 class ExtentCopier:
@@ -34,7 +36,8 @@ class ExtentCopier:
     async def resync(self, member: str, view: View, final: bool) -> None:
         """Make `member` hold exactly the extents this leader holds."""
         wire = view.to_wire()
-        theirs = (await self.call(member, Op.REPL_DIGEST, view.pid, {"view": wire}))["extents"]
+        theirs = (await self.call(member, Op.REPL_DIGEST, view.pid, {"view": wire},
+                                  timeout=DIGEST_TIMEOUT))["extents"]
         ours = await asyncio.to_thread(self.part.digests)
         differ = [ext for ext, d in ours.items() if list(theirs.get(ext) or []) != list(d)]
         extra = [ext for ext in theirs if ext not in ours]
@@ -72,8 +75,9 @@ class ExtentCopier:
         differs is settled under its lock (no change to it in flight): the
         sound copy, ours unless a block of ours fails its checksum, wins."""
         wire = view.to_wire()
-        theirs = (await self.call(member, Op.REPL_DIGEST, view.pid, {"view": wire}))["extents"]
-        ours = await asyncio.to_thread(self.part.digests)
+        theirs = (await self.call(member, Op.REPL_DIGEST, view.pid, {"view": wire, "verify": True},
+                                  timeout=DIGEST_TIMEOUT))["extents"]
+        ours = await asyncio.to_thread(self.part.digests, True)
         suspects = sorted({ext for ext, d in ours.items() if list(theirs.get(ext) or []) != list(d)}
                           | {ext for ext in theirs if ext not in ours})
         repaired = 0
@@ -83,12 +87,13 @@ class ExtentCopier:
                 mine = await asyncio.to_thread(extents.digest, extent)
                 got = await self.call(member, Op.REPL_DIGEST, view.pid, {"view": wire, "ext": ext})
                 other = got["extents"].get(ext)
-                if (list(other) if other else None) == (list(mine) if mine else None):
+                rotten = list(theirs.get(ext) or []) == list(UNSOUND) or ours.get(ext) == UNSOUND
+                if (list(other) if other else None) == (list(mine) if mine else None) and not rotten:
                     continue  # a change in flight made them differ for a moment
                 repaired += 1
                 if mine is None:
                     await self.call(member, Op.REPL_EXTENT_DROP, view.pid, {"view": wire, "ext": ext})
-                elif await asyncio.to_thread(_sound, extent):
+                elif await asyncio.to_thread(sound, extent):
                     await self._push_locked(member, view, ext)
                 else:
                     await self.pull(member, view, ext)
@@ -117,7 +122,7 @@ class ExtentCopier:
         return b"".join(chunks)
 
 
-def _sound(extent: extents.Extent) -> bool:
+def sound(extent: extents.Extent) -> bool:
     """Whether every block of the extent matches its checksum."""
     try:
         extent.read(0, extent.size())

@@ -15,7 +15,7 @@ from shoalfs.common.files import atomic_write, fsync_dir
 from shoalfs.common.service import DELETE_PARTITION, MASTER_STATE, NEW_PARTITION, NodeService
 from shoalfs.datanode.extents import BLOCK, ENTRY, Extent, install_piece, read_raw
 from shoalfs.datanode.extents import digest as extent_digest
-from shoalfs.datanode.resync import ExtentCopier
+from shoalfs.datanode.resync import UNSOUND, ExtentCopier, sound
 from shoalfs.proto.capability import Access
 from shoalfs.proto.errors import Code, ShoalError, disk_error
 from shoalfs.proto.layout import CHUNK, MAX_IO
@@ -58,15 +58,17 @@ class DataPartition:
         atomic_write(os.path.join(self.dir, "partition.json"), json.dumps(info).encode())
         self.info = info
 
-    def digests(self) -> dict[int, tuple[int, int]]:
-        """ext -> digest of every extent held here (see extents.digest)."""
+    def digests(self, verify: bool = False) -> dict[int, tuple[int, int]]:
+        """ext -> digest of every extent held here (see extents.digest); with
+        `verify`, an extent with a block that fails its checksum is UNSOUND."""
         out = {}
         with os.scandir(self.dir) as it:
             names = [e.name for e in it if e.name.startswith("e_") and e.name[2:].isdigit()]
         for name in names:
-            d = extent_digest(self.extent(int(name[2:])))
+            extent = self.extent(int(name[2:]))
+            d = extent_digest(extent)
             if d is not None:
-                out[int(name[2:])] = d
+                out[int(name[2:])] = d if not verify or sound(extent) else UNSOUND
         return out
 
     @contextlib.asynccontextmanager
@@ -128,7 +130,8 @@ class DataNode(NodeService):
         self.replication.register(r)
         P = Access.PEER
         r(Op.REPL_FORWARD, self.apply_forwarded, {"view": Raw, "op": Int(0, 999), "body": Map}, access=P)
-        r(Op.REPL_DIGEST, self.digest, {"view": Raw, "ext": Opt(EXT)}, access=P)
+        # verify: every block is read and checked (a scrub): a rotten extent's digest is UNSOUND
+        r(Op.REPL_DIGEST, self.digest, {"view": Raw, "ext": Opt(EXT), "verify": Opt(Bool, False)}, access=P)
         r(Op.REPL_SCRUB, self.scrub, {}, access=Access.MASTER)
         r(Op.REPL_EXTENT_READ, self.read_raw, {"ext": EXT, "sidecar": Bool, "offset": Int(0, CHUNK),
                                                "size": Int(0, MAX_IO)}, cost=lambda b: int(b["size"]), access=P)
@@ -210,8 +213,8 @@ class DataNode(NodeService):
     # ----- client requests: at the leader, applied here and on every in-sync follower -----
     async def _change(self, pid: int, op: Op, body: dict[str, Any]) -> Any:
         part = self.led(pid, writing=True)
-        if op == Op.DATA_WRITE and body["offset"] + len(body["data"]) > CHUNK:
-            raise ShoalError(Code.BAD_REQUEST, f"a write must end within the extent's {CHUNK} bytes")
+        if op == Op.DATA_WRITE:  # refused here before any copy changes
+            self._check_write(part, body)
         async with part.replica.gate.change(), part.extent_lock(body["ext"]):
             part.replica.check_serving()  # the view may have changed while we waited
             return await part.replica.replicate(op, body, self._apply(part, op, body))
@@ -236,17 +239,21 @@ class DataNode(NodeService):
         change = validate(CHANGES[op], body["body"])
         part = self.followed(pid, body["view"])
         async with part.extent_lock(change["ext"]):
+            part.replica.accept_leader(body["view"])  # a catch-up may have run while we waited
             return await self._apply(part, Op(op), change)
+
+    def _check_write(self, part: DataPartition, body: dict[str, Any]) -> None:
+        if body["offset"] + len(body["data"]) > CHUNK:
+            raise ShoalError(Code.BAD_REQUEST, f"a write must end within the extent's {CHUNK} bytes")
+        if shutil.disk_usage(part.dir).free < len(body["data"]) + self.reserve:
+            raise ShoalError(Code.NO_SPACE, f"datanode {self.listen} is out of space")
 
     async def _apply(self, part: DataPartition, op: Op, body: dict[str, Any]) -> Any:
         """One change to this node's copy."""
         ext = part.extent(body["ext"])
         if op == Op.DATA_WRITE:
             data, offset = body["data"], body["offset"]
-            if offset + len(data) > CHUNK:
-                raise ShoalError(Code.BAD_REQUEST, f"a write must end within the extent's {CHUNK} bytes")
-            if shutil.disk_usage(part.dir).free < len(data) + self.reserve:
-                raise ShoalError(Code.NO_SPACE, f"datanode {self.listen} is out of space")
+            self._check_write(part, body)
             if await asyncio.to_thread(ext.write, offset, data, body["sync"]) and not body["sync"]:
                 part.names_unsynced = True
             return {"written": len(data)}
@@ -295,7 +302,7 @@ class DataNode(NodeService):
     async def digest(self, pid: int, body: Any, conn: Any) -> Any:
         part = self.followed(pid, body["view"])
         if body["ext"] is None:
-            return {"extents": await asyncio.to_thread(part.digests)}
+            return {"extents": await asyncio.to_thread(part.digests, body["verify"])}
         one = await asyncio.to_thread(extent_digest, part.extent(body["ext"]))
         return {"extents": {} if one is None else {body["ext"]: one}}
 

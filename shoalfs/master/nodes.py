@@ -45,6 +45,7 @@ class NodeMonitor:
         self.creating: set[int] = set()  # partitions of volumes being created: not orphans
         self.last_ok: dict[str, float] = {}
         self.round_started = 0.0  # when the last heartbeat round began
+        self.refused: set[str] = set()  # nodes whose last heartbeat found no process listening
         self.reports: dict[str, dict[str, Any]] = {}
         self._background = BackgroundTask(self._loop)
         self.first_round = asyncio.Event()  # set once every node has been asked since start()
@@ -152,6 +153,8 @@ class NodeMonitor:
         try:
             report = await self._pool().call_once(addr, Op.HEARTBEAT, 0, body, timeout=3.0)
         except ShoalError as exc:
+            if exc.code == Code.NODE_UNREACHABLE:  # refused or reset: no process listens there now
+                self.refused.add(addr)
             if self.is_up(addr) or addr not in self.last_ok:
                 log.debug("heartbeat to %s failed: %s", addr, exc)
             obeyed = exc.data.get("term") if exc.code == Code.NOT_LEADER and isinstance(exc.data, dict) else None
@@ -159,6 +162,7 @@ class NodeMonitor:
                 self.fenced_off(obeyed)
             return
         was_up = self.is_up(addr)
+        self.refused.discard(addr)
         self.mark_seen(addr)
         self.reports[addr] = report
         if not was_up:

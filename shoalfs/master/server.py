@@ -34,10 +34,10 @@ from shoalfs.master.nodes import NodeMonitor
 from shoalfs.master.sessions import ClientSessions
 from shoalfs.master.state import DELETED, MasterState
 from shoalfs.master.store import EtcdStore
-from shoalfs.master.views import PartitionViews
+from shoalfs.master.views import REPLACE_AFTER, PartitionViews
 from shoalfs.proto.errors import Code, ShoalError, info
 from shoalfs.proto.rpc import split_addr
-from shoalfs.replication.view import DEFAULT_REPLICAS
+from shoalfs.replication.view import DEFAULT_REPLICAS, MAX_REPLICAS
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +250,14 @@ class Master:
         self.nodes.fenced_off = self._fenced_off
         try:
             failover_after = config_seconds(cfg, "failover_after", 2.0)
+            replace_after = config_seconds(cfg, "replace_after", REPLACE_AFTER)
+            # copies of each partition of a volume created without saying
+            self.default_replicas = config_count(cfg, "default_replicas", DEFAULT_REPLICAS)
+            if self.default_replicas > MAX_REPLICAS:
+                raise ValueError(f"default_replicas must be at most {MAX_REPLICAS}")
         except ValueError as exc:
             raise SystemExit(f"shoal: config: {exc}") from None
-        self.views = PartitionViews(self.state, self.nodes, failover_after)
+        self.views = PartitionViews(self.state, self.nodes, failover_after, replace_after)
         self.nodes.after_round = self.views.fail_over
         self.nodes.before_recreate = self.views.lost
         self.fence_term = 0  # the term node commands carry: above every term nodes have obeyed
@@ -398,7 +403,7 @@ class Master:
             vol = self.state.plan_volume(body.get("name"), body.get("owner"),  # type: ignore[arg-type]
                                          body.get("capacity_gib", 100),
                                          self.nodes.live("metanode"), self.nodes.live("datanode"),
-                                         body.get("replicas", DEFAULT_REPLICAS))
+                                         body.get("replicas", self.default_replicas))
             if rid:
                 vol["created_by"] = rid
             await self.state.save()  # its partition ids, before any node holds them

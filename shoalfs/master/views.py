@@ -8,12 +8,15 @@ it. It changes only here, each change one epoch up:
   in_sync, so the leader goes on without it;
 - a leader reports a lagging member it caught up: it joins in_sync;
 - a leader that has not answered the master's heartbeats for
-  `failover_after` seconds (or lost its copy) is replaced by a live in-sync
+  `failover_after` seconds (at once if its node refuses connections: no
+  process listens there; or if it lost its copy) is replaced by a live in-sync
   member, which then leads alone until the others catch up from it (their
   copies may hold a change the old leader never acknowledged). A partition
   whose only in-sync member is down waits for it: no other copy is known to
   hold every acknowledged change;
-- a follower that lost its copy leaves in_sync before it is made again.
+- a follower that lost its copy leaves in_sync before it is made again;
+- a member silent for `replace_after` seconds is swapped for another node,
+  which gets an empty copy and is caught up by the leader.
 
 Every change is pushed to the members at once (heartbeats repeat it).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shoalfs.master.nodes import NodeMonitor
@@ -36,13 +40,16 @@ log = logging.getLogger(__name__)
 
 EVENTS = ("failed", "joined")
 SCRUB_TIMEOUT = 600.0  # a leader compares (and repairs) its whole partition
+REPLACE_AFTER = 900.0  # seconds a member may be silent before its copy is made again elsewhere
 
 
 class PartitionViews:
-    def __init__(self, state: MasterState, nodes: NodeMonitor, failover_after: float = 2.0) -> None:
+    def __init__(self, state: MasterState, nodes: NodeMonitor, failover_after: float = 2.0,
+                 replace_after: float = REPLACE_AFTER) -> None:
         self.state = state
         self.nodes = nodes
         self.failover_after = failover_after
+        self.replace_after = replace_after
         self.lock = asyncio.Lock()
         self.leading_since = 0.0  # monotonic time this master began to lead (set at election)
         self._pushes: set[asyncio.Task[None]] = set()
@@ -135,8 +142,11 @@ class PartitionViews:
                     continue
                 for part in vol["meta_partitions"] + vol["data_partitions"]:
                     view = View.of_partition(part)
+                    # a leader whose node refuses connections is gone (killed, crashed, restarting):
+                    # no need to wait failover_after for it
                     if (len(view.members) < 2 or answered(view.leader)
-                            or self._silent_for(view.leader, now) < self.failover_after):
+                            or (view.leader not in self.nodes.refused
+                                and self._silent_for(view.leader, now) < self.failover_after)):
                         continue
                     live = [a for a in view.followers() if answered(a)]
                     if not live:
@@ -148,6 +158,38 @@ class PartitionViews:
                     except ShoalError as exc:
                         log.warning("failover of partition %d not recorded: %s", view.pid, exc.msg)
                         return
+            await self._replace_gone(now, answered)
+
+    async def _replace_gone(self, now: float, answered: Callable[[str], bool]) -> None:
+        """A member silent for replace_after (out of in_sync by then) is swapped
+        for a live node of the same role holding no copy, the one with the
+        fewest partitions; it gets the partition (the node monitor makes it)
+        and the leader catches it up. The old node, if it returns, drops its
+        copy as an orphan."""
+        load = {addr: len(parts) for addr, parts in self.state.placements().items()}
+        for vol in list(self.state.volumes.values()):
+            if vol["status"] == DELETED:
+                continue
+            for kind in ("meta", "data"):
+                for part in vol[f"{kind}_partitions"]:
+                    view = View.of_partition(part)
+                    for gone in view.lagging():
+                        if self._silent_for(gone, now) < self.replace_after:
+                            continue
+                        spare = sorted((load.get(a, 0), a) for a, node in self.state.nodes.items()
+                                       if node["role"] == f"{kind}node" and a not in view.members and answered(a))
+                        if not spare:
+                            continue
+                        new = spare[0][1]
+                        load[new] = load.get(new, 0) + 1
+                        try:
+                            await self._change(part, vol, [new if a == gone else a for a in view.members],
+                                               view.in_sync, f"{gone} gone for {self.replace_after:.0f}s: "
+                                                             f"a copy on {new}")
+                        except ShoalError as exc:
+                            log.warning("replacement in partition %d not recorded: %s", view.pid, exc.msg)
+                            return
+                        break
 
     async def scrub(self, vol: dict[str, Any]) -> list[dict[str, Any]]:
         """Each partition's leader compares its followers' copies with its own

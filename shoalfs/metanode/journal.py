@@ -7,10 +7,14 @@ in flight are committed together in the next one (group commit).
 
 A record counts only once it is on disk: `on_durable` is called with each
 batch's payloads, in log order, after its fdatasync and before anyone is
-answered. When a write fails (ENOSPC, EIO, a short write, a failed sync)
-the log is cut back to the end of the last durable record before anything
-else is appended, so the log never continues past a tear and replay (which
-stops at the first bad record) finds every acknowledged record. The failed
+answered. With `replicate` set (a partition leader), a batch is also sent to
+the followers as it is written; one durable here that a follower did not
+confirm is kept and applied, but its writers get the error.
+
+When a write fails (ENOSPC, EIO, a short write, a failed sync) the log is
+cut back to the end of the last durable record before anything else is
+appended, so the log never continues past a tear and replay (which stops at
+the first bad record) finds every acknowledged record. The failed
 batch and every record queued behind it (they were computed on top of it)
 fail with NO_SPACE or IO_ERROR, and `on_failed` tells the owner to forget
 them. Once space is back, appends work again; nothing needs a restart.
@@ -117,23 +121,35 @@ class Journal:
             async with self._lock:
                 batch = self._take_batch()
                 data = b"".join(r for r, _, _ in batch)
+                written = False
+
+                async def write(data: bytes = data) -> None:
+                    nonlocal written
+                    await self._write(data)
+                    written = True
+                unconfirmed: ShoalError | None = None
                 try:
                     if self.replicate is None:
-                        await self._write(data)
+                        await write()
                     else:
-                        await self.replicate([p for _, p, _ in batch], self._write(data))
-                except OSError as exc:
-                    self._fail(batch, disk_error(exc, "journal write failed"))
-                    continue
-                except ShoalError as exc:
-                    self._fail(batch, exc)
-                    continue
+                        await self.replicate([p for _, p, _ in batch], write())
+                except (OSError, ShoalError) as exc:
+                    err = disk_error(exc, "journal write failed") if isinstance(exc, OSError) else exc
+                    if not written:
+                        self._fail(batch, err)
+                        continue
+                    # durable here, not confirmed by every replica: kept (a replay would
+                    # apply it anyway), but nobody is told it is done
+                    unconfirmed = err
                 self._end += len(data)
                 if self.on_durable is not None:
                     self.on_durable([p for _, p, _ in batch])
             for _, _, fut in batch:
                 if not fut.done():
-                    fut.set_result(None)
+                    if unconfirmed is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(unconfirmed)
 
     def _take_batch(self) -> list[tuple[bytes, Any, asyncio.Future[None]]]:
         size, n = 0, 0

@@ -10,6 +10,7 @@ memory exactly as it was — then answered.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import contextlib
 import secrets
@@ -85,6 +86,8 @@ class MetaPartition(ReplicatedPartition):
         self.replica: Replica | None = None  # this partition's replication (replicate_with)
         self._call: Call | None = None
         self._incoming: bytearray | None = None  # a snapshot from the leader, arriving piece by piece
+        self.leading_appends = 0  # our own changes queued in the journal (as leader)
+        self._background: set[asyncio.Task[None]] = set()
 
     # ----- persistence -------------------------------------------------
     def load(self) -> None:
@@ -148,7 +151,12 @@ class MetaPartition(ReplicatedPartition):
         else:
             self.replica.check_serving()
             async with self.replica.gate.change():  # a catch-up's snapshot waits for it
-                await self._append(effects)
+                self.replica.check_serving()  # the view may have changed while the gate was shut
+                self.leading_appends += 1
+                try:
+                    await self._append(effects)
+                finally:
+                    self.leading_appends -= 1
         if self.journal.wants_snapshot():
             await self.journal.snapshot(self._state)
 

@@ -25,16 +25,55 @@ from shoalfs.proto.opcodes import Op
 from shoalfs.replication.replica import Replica
 
 SNAPSHOT_PIECE = 4 * 1024 * 1024
-EFFECT_KINDS = {"I": 3, "i": 2, "D": 5, "d": 3, "C": 2, "T": 3, "t": 2, "A": 3}  # kind -> fields
 Call = Callable[[str, Op, int, dict[str, Any]], Awaitable[Any]]
 
 
-def check_effects(effects: Any) -> None:
-    """A record from the leader: a list of effects of known kinds and sizes."""
-    if not isinstance(effects, list) or not all(
-            isinstance(e, (list, tuple)) and e and EFFECT_KINDS.get(e[0]) == len(e) for e in effects):
-        raise ShoalError(Code.BAD_REQUEST, "a replicated record must be a list of effects")
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
+
+def _str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _map(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _any(v: Any) -> bool:
+    return True
+
+
+# kind -> checks of its fields (partition.MetaPartition._apply)
+EFFECT_FIELDS: dict[str, tuple[Callable[[Any], bool], ...]] = {
+    "I": (_int, _map), "i": (_int,), "D": (_int, _str, _int, _int), "d": (_int, _str), "C": (_int,),
+    "T": (_str, _map), "t": (_str,), "A": (_str, _any)}
+
+
+def check_effects(effects: Any) -> None:
+    """A record from the leader: a list of effects of known kinds, each field of its type."""
+    def sound(e: Any) -> bool:
+        checks = EFFECT_FIELDS.get(e[0]) if isinstance(e, (list, tuple)) and e and isinstance(e[0], str) else None
+        return (checks is not None and len(e) == len(checks) + 1
+                and all(c(v) for c, v in zip(checks, e[1:], strict=True)))
+    if not isinstance(effects, list) or not all(sound(e) for e in effects):
+        raise ShoalError(Code.BAD_REQUEST, "a replicated record must be a list of well-formed effects")
+
+
+def check_state(state: Any) -> None:
+    """A leader's whole state (a catch-up), checked before it replaces ours."""
+    try:
+        ok = (isinstance(state, dict) and _int(state["cursor"])
+              and all(_int(k) and _map(v) for k, v in state["inodes"].items())
+              and all(_int(p) and _map(d) and all(_str(n) and isinstance(e, (list, tuple)) and len(e) == 2
+                                                  and _int(e[0]) and _int(e[1]) for n, e in d.items())
+                      for p, d in state["dentries"].items())
+              and all(_str(k) and _map(v) for k, v in state.get("txs", {}).items())
+              and _map(state.get("applied", {})))
+    except (KeyError, AttributeError, TypeError):
+        ok = False
+    if not ok:
+        raise ShoalError(Code.BAD_REQUEST, "the snapshot is not a partition's state")
 
 
 class ReplicatedPartition:
@@ -48,8 +87,10 @@ class ReplicatedPartition:
     dentries: dict[int, SortedDict]
     txs: dict[str, dict[str, Any]]
     replica: Replica | None
+    leading_appends: int
     _call: Call | None
     _incoming: bytearray | None
+    _background: set[asyncio.Task[None]]
 
     def _state(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -67,11 +108,16 @@ class ReplicatedPartition:
 
     async def _replicate_batch(self, records: list[Any], write: Awaitable[None]) -> None:
         rep = self.replica
+        if rep is not None and not rep.leading and self.leading_appends:
+            # deposed with our own changes queued: none of them may count
+            if asyncio.iscoroutine(write):
+                write.close()
+            raise ShoalError(Code.NOT_PARTITION_LEADER, f"no longer leading partition {self.pid}",
+                             {"view": rep.view.to_wire()})
         if rep is None or not rep.leading or not (rep.view.followers() or rep.joining):
             await write
             return
-        # a failed batch is cut from our log: followers that took it are ahead (rolls_back)
-        await rep.replicate(Op.META_RECORDS, {"records": records}, write, rolls_back=True)
+        await rep.replicate(Op.META_RECORDS, {"records": records}, write)
 
     async def apply_replicated(self, records: list[Any]) -> None:
         """Records the leader made durable, made durable and applied here in its order."""
@@ -82,8 +128,11 @@ class ReplicatedPartition:
             pending.append(self.journal.append(effects))
             self.staged.add(effects)
         await asyncio.gather(*pending)
-        if self.journal.wants_snapshot():
-            await self.journal.snapshot(self._state)
+        if self.journal.wants_snapshot() and not self._background:
+            # in the background: the leader's forward must not wait for it
+            task = asyncio.create_task(self.journal.snapshot(self._state))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _resync(self, member: str, view: Any, final: bool) -> None:
         """Catch a member up: our whole state, sent once no change is in flight."""
@@ -114,7 +163,8 @@ class ReplicatedPartition:
             theirs = (await self._call(member, Op.REPL_DIGEST, self.pid, {"view": view.to_wire()}))["digest"]
         if theirs == ours:
             return "same"
-        await self.replica.report(member, "failed")
+        self.replica.diverged.add(member)
+        await self.replica.drop_diverged()
         return "differed: dropped from in_sync and caught up from the leader"
 
     async def receive_snapshot(self, offset: int, data: bytes, total: int) -> None:
@@ -132,6 +182,7 @@ class ReplicatedPartition:
             state = msgpack.unpackb(blob, raw=False, strict_map_key=False)
         except ValueError:
             raise ShoalError(Code.BAD_REQUEST, "the snapshot does not decode") from None
+        check_state(state)
         await self.journal.replace(state)
         self._load_state(state)
         self.staged.clear()

@@ -49,9 +49,10 @@ class ReplicationHub:
     def replica(self, view: View, persist: Callable[[View], None]) -> Replica:
         return Replica(self.me, view, persist, self.call, self._report)
 
-    async def call(self, target: str, op: Op, pid: int, body: dict[str, Any]) -> Any:
+    async def call(self, target: str, op: Op, pid: int, body: dict[str, Any],
+                   timeout: float = FORWARD_TIMEOUT) -> Any:
         """One message to another member of a partition (no retry: the caller decides)."""
-        return await self.peers.call_once(target, op, pid, body, timeout=FORWARD_TIMEOUT)
+        return await self.peers.call_once(target, op, pid, body, timeout=timeout)
 
     def register(self, route: Callable[..., None]) -> None:
         """The node's routes for the master's view pushes and leaders' pings."""
@@ -118,10 +119,12 @@ class ReplicationHub:
         by_node: dict[str, list[Replica]] = {}
         for rep in list(self.replicas().values()):
             if rep.leading:
-                for follower in rep.view.followers():
+                for follower in {*rep.view.followers(), *rep.joining}:  # both renew the lease
                     by_node.setdefault(follower, []).append(rep)
                 for member in rep.diverged:  # a failed drop: ask the master again
-                    self._spawn_report(rep, member)
+                    self._spawn_report(rep, member, "failed")
+                for member in rep.joining - set(rep.view.in_sync):  # a join whose answer was lost
+                    self._spawn_report(rep, member, "joined")
         await asyncio.gather(*(self._ping(addr, reps) for addr, reps in by_node.items()))
 
     async def _ping(self, addr: str, reps: list[Replica]) -> None:
@@ -133,10 +136,13 @@ class ReplicationHub:
                                                 timeout=min(1.0, LEASE / 2))
         except ShoalError as exc:
             for rep in reps:
-                if rep.view is views[rep.pid] and addr in rep.view.followers():
+                if rep.view is views[rep.pid] and (addr in rep.view.followers() or addr in rep.joining):
                     log.warning("partition %d: follower %s does not answer (%s); asking the master to drop it",
                                 rep.pid, addr, exc.msg)
-                    self._spawn_report(rep, addr)
+                    # it may miss changes from now on (and a joining one may be in sync already)
+                    rep.joining.discard(addr)
+                    rep.diverged.add(addr)
+                    self._spawn_report(rep, addr, "failed")
             return
         refused = answer.get("refused", {}) if isinstance(answer, dict) else {}
         for rep in reps:
@@ -149,15 +155,20 @@ class ReplicationHub:
             if newer is not None and rep.adopt(newer):
                 continue
             if addr in rep.view.followers():
-                self._spawn_report(rep, addr)
+                rep.diverged.add(addr)
+                self._spawn_report(rep, addr, "failed")
 
-    def _spawn_report(self, rep: Replica, member: str) -> None:
+    def _spawn_report(self, rep: Replica, member: str, event: str) -> None:
         async def go() -> None:
             try:
-                await rep.report(member, "failed")
+                if event == "failed":
+                    await rep.drop_diverged()
+                else:
+                    await rep.report(member, event)
             except ShoalError as exc:
-                log.warning("partition %d: cannot report %s to the master: %s", rep.pid, member, exc.msg)
-        key = (rep.pid, "report:" + member)
+                log.warning("partition %d: cannot report %s %s to the master: %s", rep.pid, member, event,
+                            exc.msg)
+        key = (rep.pid, f"{event}:{member}")
         if key in self._catching_up:
             return
         task = self._catching_up[key] = asyncio.create_task(go())
@@ -203,7 +214,7 @@ class ReplicationHub:
         try:
             await rep.catch_up(member)
             self._retry_at.pop(key, None)
-        except (ShoalError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a peer answered, back off and try again
             pause = min(CATCH_UP_BACKOFF[1], self._retry_at.get(key, (0.0, CATCH_UP_BACKOFF[0] / 2))[1] * 2)
             self._retry_at[key] = (time.monotonic() + pause, pause)
             log.info("partition %d: catching %s up failed (%s); again in %.0fs", rep.pid, member,

@@ -36,7 +36,7 @@ from shoalfs.replication.view import View
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-LEASE = 2.0  # seconds a follower promises to follow only the leader it last heard from
+LEASE = 1.5  # seconds a follower promises to follow only the leader it last heard from
 LEASE_SAFETY = 0.8  # the leader trusts its lease for this share of LEASE (clock rates differ)
 FORWARD_TIMEOUT = 1.5  # a follower that does not confirm a change within this is reported
 
@@ -88,8 +88,9 @@ class Gate:
         async with self._cond:
             await self._cond.wait_for(lambda: not self._closed)
             self._closed = True
-            await self._cond.wait_for(lambda: self._active == 0)
-        try:
+        try:  # a cancel while changes drain opens the gate again too
+            async with self._cond:
+                await self._cond.wait_for(lambda: self._active == 0)
             yield
         finally:
             async with self._cond:
@@ -113,7 +114,7 @@ class Replica:
         self.diverged: set[str] = set()  # in-sync followers whose copy differs: to drop before going on
         self.on_leading: Callable[[], None] = lambda: None  # this node became the leader
         self.gate = Gate()
-        self._reports: dict[tuple[str, str], asyncio.Task[View]] = {}
+        self._reports: dict[tuple[str, str, int], asyncio.Task[View]] = {}
 
     @property
     def pid(self) -> int:
@@ -169,44 +170,41 @@ class Replica:
         if self.diverged:
             raise ShoalError(Code.TRY_AGAIN, f"partition {view.pid}: waiting for the master to drop "
                                              f"{', '.join(sorted(self.diverged))}")
-        for follower in view.followers():
+        # a joining member may be in sync already (its join's answer lost): it must renew too
+        for follower in {*view.followers(), *self.joining}:
             if now >= self.grants.get(follower, -1e9) + LEASE * LEASE_SAFETY:
                 raise ShoalError(Code.TRY_AGAIN, f"partition {view.pid}: follower {follower} has not "
                                                  "renewed the leader's lease")
 
-    async def replicate(self, op: Op, body: dict[str, Any], local: Awaitable[T], rolls_back: bool = False) -> T:
+    async def replicate(self, op: Op, body: dict[str, Any], local: Awaitable[T]) -> T:
         """Apply a change here (`local`) and on every in-sync or joining
         follower; return once all have it.
 
         A follower whose copy now differs from ours is dropped from in_sync
-        before anything else is acknowledged: one that failed the change, or,
-        when ours does not keep it (`local` failed, or `rolls_back`: the
-        caller undoes it on any failure), one that applied it. The change
-        fails (transient: retry) unless every in-sync member has it."""
+        before anything else is acknowledged: one that failed the change if
+        we applied it, one that applied it if we failed. Until the master has
+        dropped it, this raises (transient) and check_serving refuses."""
         view = self.view
         targets = [*view.followers(), *sorted(self.joining - set(view.followers()))]
         outcomes = await asyncio.gather(local, *(self._forward(t, view, op, body) for t in targets),
                                         return_exceptions=True)
         failed = [(t, o) for t, o in zip(targets, outcomes[1:], strict=True) if isinstance(o, BaseException)]
+        ours = outcomes[0]
+        if isinstance(ours, BaseException):  # whoever applied it is ahead of us
+            self._diverged([t for t, o in zip(targets, outcomes[1:], strict=True) if o is None], ours)
+        elif failed:
+            self._diverged([t for t, _ in failed], failed[0][1])
         for _target, exc in failed:
             newer = newer_view(exc) if isinstance(exc, ShoalError) else None
             if newer is not None:
-                self.adopt(newer)
-        ours_kept = not isinstance(outcomes[0], BaseException)
-        if failed and ours_kept and not rolls_back:
-            self._diverged([t for t, _ in failed], failed[0][1])
-        elif not ours_kept or (failed and rolls_back):
-            # the change is undone here: whoever applied it is ahead of us
-            why = failed[0][1] if failed else outcomes[0]
-            self._diverged([t for t, o in zip(targets, outcomes[1:], strict=True) if o is None],
-                           why if isinstance(why, BaseException) else ShoalError(Code.TRY_AGAIN))
+                try:
+                    self.adopt(newer)
+                except OSError as err:  # not persisted: not adopted; the master's push repeats it
+                    log.warning("partition %d: cannot keep view %d: %s", self.pid, newer.epoch, err)
         await self.drop_diverged()
-        if not ours_kept:
-            raise outcomes[0]  # type: ignore[misc]
-        if failed and rolls_back:
-            target, exc = failed[0]
-            raise ShoalError(Code.TRY_AGAIN, f"partition {self.pid}: follower {target} did not confirm ({exc})")
-        return outcomes[0]  # type: ignore[return-value]
+        if isinstance(ours, BaseException):
+            raise ours
+        return ours  # type: ignore[return-value]
 
     async def _forward(self, target: str, view: View, op: Op, body: dict[str, Any]) -> BaseException | None:
         sent = time.monotonic()
@@ -224,7 +222,9 @@ class Replica:
     def _diverged(self, targets: list[str], why: BaseException) -> None:
         for target in targets:
             if target in self.joining:
-                self.joining.discard(target)  # caught up again later
+                # caught up again later; dropped first, in case its join landed unanswered
+                self.joining.discard(target)
+                self.diverged.add(target)
                 log.info("partition %d: joining member %s left behind (%s)", self.pid, target, why)
             elif target in self.view.followers():
                 log.warning("partition %d: follower %s differs from the leader now (%s); dropping it",
@@ -235,8 +235,14 @@ class Replica:
         """Have the master drop every follower whose copy differs from ours;
         until it has, nothing more is acknowledged (check_serving refuses)."""
         for target in sorted(self.diverged):
-            if target in self.view.followers():
+            # asked at least once (a joining member may be in sync already without our
+            # knowing); the master acts on the current epoch only: ask again at a newer one
+            for attempt in range(3):
+                if attempt and target not in self.view.followers():
+                    break
                 await self.report(target, "failed")
+            if target in self.view.followers():
+                raise ShoalError(Code.TRY_AGAIN, f"partition {self.pid}: the master has not dropped {target} yet")
             self.diverged.discard(target)
         if not self.leading:
             raise ShoalError(Code.NOT_PARTITION_LEADER, f"{self.me} no longer leads partition {self.pid}",
@@ -245,9 +251,10 @@ class Replica:
     async def report(self, member: str, event: str) -> None:
         """Ask the master to change the view (`failed`: drop `member` from
         in_sync; `joined`: add it); concurrent asks for the same are one."""
-        key = (member, event)
+        key = (member, event, self.view.epoch)
         task = self._reports.get(key)
         if task is None or task.done():
+            self._reports = {k: t for k, t in self._reports.items() if not t.done()}
             task = asyncio.create_task(self._reporter(self.view, member, event))
             self._reports[key] = task
         self.adopt(await asyncio.shield(task))
@@ -266,7 +273,8 @@ class Replica:
                 return
             await self.resync(member, view, True)
             self.joining.add(member)
-        await self.report(member, "joined")
+            # still closed: no change can miss the member before the master counts it
+            await self.report(member, "joined")
         log.info("partition %d: %s caught up and is in sync (epoch %d)", self.pid, member, self.view.epoch)
 
     async def scrub(self) -> dict[str, str]:

@@ -15,12 +15,12 @@ from typing import Any
 from shoalfs.proto.errors import Code, ShoalError
 
 MAX_REPLICAS = 5
-DEFAULT_REPLICAS = 1  # copies of each partition of a new volume unless the operator says otherwise
+DEFAULT_REPLICAS = 3  # copies of each partition of a new volume (master config default_replicas)
 MAX_ADDR = 256
 
 
 def _addrs(v: Any) -> tuple[str, ...]:
-    if (not isinstance(v, list) or not 1 <= len(v) <= MAX_REPLICAS
+    if (not isinstance(v, (list, tuple)) or not 1 <= len(v) <= MAX_REPLICAS
             or not all(isinstance(a, str) and 0 < len(a) <= MAX_ADDR for a in v) or len(set(v)) != len(v)):
         raise ShoalError(Code.BAD_REQUEST, "a view lists 1 to 5 distinct node addresses")
     return tuple(v)
@@ -51,24 +51,24 @@ class View:
     @classmethod
     def from_wire(cls, v: Any) -> View:
         """A view from a peer or the master, checked field by field."""
-        if not isinstance(v, (list, tuple)) or len(v) != 4:
+        if not isinstance(v, (list, tuple)) or len(v) != 4:  # a tuple: from this process
             raise ShoalError(Code.BAD_REQUEST, "a view is [pid, epoch, members, in_sync]")
         pid, epoch = v[0], v[1]
         if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 63:
             raise ShoalError(Code.BAD_REQUEST, "a view's pid must be a positive integer")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 < epoch < 1 << 63:
             raise ShoalError(Code.BAD_REQUEST, "a view's epoch must be a positive integer")
-        members, in_sync = _addrs(list(v[2])), _addrs(list(v[3]))
+        members, in_sync = _addrs(v[2]), _addrs(v[3])
         if members[0] not in in_sync or not set(in_sync) <= set(members):
             raise ShoalError(Code.BAD_REQUEST, "a view's leader must be in sync, and in_sync among its members")
         return cls(pid, epoch, members, in_sync)
 
     @classmethod
     def of_partition(cls, part: dict[str, Any]) -> View:
-        """The view of a partition record (the master's, or a node's partition.json);
-        records from before replication have one replica and no epoch."""
-        members = tuple(part["replicas"])
-        return cls(int(part["pid"]), int(part.get("epoch", 1)), members, tuple(part.get("in_sync", members)))
+        """The view of a partition record (the master's, or a node's partition.json),
+        checked; records from before replication have one replica and no epoch."""
+        members = part.get("replicas")
+        return cls.from_wire([part.get("pid"), part.get("epoch", 1), members, part.get("in_sync", members)])
 
     def fields(self) -> dict[str, Any]:
         """The view as the fields of a partition record."""

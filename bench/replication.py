@@ -1,0 +1,146 @@
+"""Replication benchmark: 1 vs 3 replicas in one run, and the longest write
+stall when a node is killed -9 mid-workload.
+
+    python -m bench.replication [--kills N]     (as root; a FUSE mount)
+
+Prints two tables: FUSE throughput and metadata rates for replicas=1 and
+replicas=3 on the same cluster (3 metanodes, 3 datanodes); then, with 3
+replicas, the longest write of an SDK workload around each kill -9 of the
+datanode leading a data partition and (separately) of the metanode leading
+the root partition, p50/p99 over N kills (each node restarted and caught up
+before the next).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from bench.common import bench_cluster, show
+from bench.fuse import dd, drop_caches, mounted
+from shoalfs.cli.cluster import EmbeddedCluster
+
+FILES = 2000
+
+
+def fuse_rates(mnt: str, source: str) -> dict[str, str]:
+    """dd of 256 MiB of random bytes (from `source`, a local file), creates and stats."""
+    res: dict[str, str] = {}
+    target = os.path.join(mnt, "dd.bin")
+    res["dd write 256 MiB (fsync)"] = f"{dd([f'if={source}', f'of={target}', 'bs=1M', 'conv=fsync']):.0f} MiB/s"
+    drop_caches()
+    res["dd cold read 256 MiB"] = f"{dd([f'if={target}', 'of=/dev/null', 'bs=1M']):.0f} MiB/s"
+    os.unlink(target)
+    d = os.path.join(mnt, "meta")
+    os.mkdir(d)
+    for label, fn in (("create", lambda p: os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))),
+                      ("stat", os.stat)):
+        t = time.perf_counter()
+        for i in range(FILES):
+            fn(f"{d}/f{i}")
+        res[f"{label} {FILES} files"] = f"{FILES / (time.perf_counter() - t):.0f} /s"
+    return res
+
+
+def view_of(c: EmbeddedCluster, volume: str, kind: str) -> list[dict[str, Any]]:
+    info = c.http_get(f"/volume/info?name={volume}")
+    assert info is not None
+    return list(info[f"{kind}_partitions"])
+
+
+def in_sync(c: EmbeddedCluster, volume: str) -> bool:
+    return all(sorted(p["in_sync"]) == sorted(p["replicas"]) for k in ("meta", "data") for p in view_of(c, volume, k))
+
+
+def wait(cond: Any, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise RuntimeError("timed out")
+        time.sleep(0.1)
+
+
+def longest_write_around_kill(c: EmbeddedCluster, volume: str, kind: str) -> float:
+    """Kill -9 the leader of the first partition of `kind` while a writer
+    runs; the longest single file write (create + write + close) seen."""
+    vol = c.connect(volume)
+    stop = threading.Event()
+    longest = [0.0]
+    errors: list[BaseException] = []
+    done = [0]
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            start = time.monotonic()
+            try:
+                with vol.open(f"/k{kind}{time.time_ns()}_{i}", "wb") as f:
+                    f.write(os.urandom(64 * 1024))
+            except OSError as exc:
+                errors.append(exc)
+            longest[0] = max(longest[0], time.monotonic() - start)
+            done[0] += 1
+            i += 1
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        wait(lambda: done[0] >= 10)
+        addr = view_of(c, volume, kind)[0]["replicas"][0]
+        name = next(n for n, spec in c.layout["nodes"].items() if spec["listen"] == addr)
+        c.kill(name)
+        after = done[0]
+        wait(lambda: done[0] >= after + 30)
+    finally:
+        stop.set()
+        thread.join(60)
+        vol.close()
+    c.start(name)
+    wait(lambda: in_sync(c, volume))
+    if errors:
+        raise RuntimeError(f"the workload saw errors: {errors[:2]}")
+    return longest[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kills", type=int, default=5)
+    args = ap.parse_args()
+    results: dict[str, dict[str, str]] = {}
+    stalls: dict[str, list[float]] = {"datanode": [], "metanode": []}
+    with tempfile.TemporaryDirectory(prefix="shoal-repl-bench-") as work, bench_cluster() as c:
+        source = os.path.join(work, "random.bin")
+        with open(source, "wb") as f:
+            for _ in range(256):
+                f.write(os.urandom(1 << 20))
+        for replicas in (1, 3):
+            name = f"r{replicas}"
+            c.create_volume(name, replicas=replicas)
+            mnt = os.path.join(work, name)
+            os.makedirs(mnt)
+            with mounted([sys.executable, "-m", "shoalfs.cli", "mount", name, mnt, "--master", c.master_addr,
+                          "--key-file", c.key_file(name), "--foreground"], mnt):
+                results[f"{replicas} replica{'s' if replicas > 1 else ''}"] = fuse_rates(mnt, source)
+        for _ in range(args.kills):
+            stalls["datanode"].append(longest_write_around_kill(c, "r3", "data"))
+            stalls["metanode"].append(longest_write_around_kill(c, "r3", "meta"))
+    names = list(results)
+    show("FUSE, replicas 1 vs 3 (same cluster, same run)", ["metric", *names],
+         [[metric] + [results[n][metric] for n in names] for metric in results[names[0]]])
+
+    def pct(values: list[float], q: float) -> str:
+        ordered = sorted(values)
+        return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))]:.2f} s"
+    show(f"longest write around a kill -9 (3 replicas, {args.kills} kills each)",
+         ["node killed (a partition leader)", "p50", "p99", "max"],
+         [[kind, f"{statistics.median(v):.2f} s", pct(v, 0.99), f"{max(v):.2f} s"] for kind, v in stalls.items()])
+
+
+if __name__ == "__main__":
+    main()
