@@ -3,8 +3,9 @@ stall when a node is killed -9 mid-workload.
 
     python -m bench.replication [--kills N]     (as root; a FUSE mount)
 
-Prints two tables: FUSE throughput and metadata rates for replicas=1 and
-replicas=3 on the same cluster (3 metanodes, 3 datanodes); then, with 3
+Prints two tables: FUSE throughput of 256 MiB of random bytes and metadata
+rates for replicas=1 and replicas=3 on the same cluster (3 metanodes, 3
+datanodes); then, with 3
 replicas, the longest write of an SDK workload around each kill -9 of the
 datanode leading a data partition and (separately) of the metanode leading
 the root partition, p50/p99 over N kills (each node restarted and caught up
@@ -23,29 +24,8 @@ import time
 from typing import Any
 
 from bench.common import bench_cluster, show
-from bench.fuse import dd, drop_caches, mounted
+from bench.fuse import measure, mounted
 from shoalfs.cli.cluster import EmbeddedCluster
-
-FILES = 2000
-
-
-def fuse_rates(mnt: str, source: str) -> dict[str, str]:
-    """dd of 256 MiB of random bytes (from `source`, a local file), creates and stats."""
-    res: dict[str, str] = {}
-    target = os.path.join(mnt, "dd.bin")
-    res["dd write 256 MiB (fsync)"] = f"{dd([f'if={source}', f'of={target}', 'bs=1M', 'conv=fsync']):.0f} MiB/s"
-    drop_caches()
-    res["dd cold read 256 MiB"] = f"{dd([f'if={target}', 'of=/dev/null', 'bs=1M']):.0f} MiB/s"
-    os.unlink(target)
-    d = os.path.join(mnt, "meta")
-    os.mkdir(d)
-    for label, fn in (("create", lambda p: os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))),
-                      ("stat", os.stat)):
-        t = time.perf_counter()
-        for i in range(FILES):
-            fn(f"{d}/f{i}")
-        res[f"{label} {FILES} files"] = f"{FILES / (time.perf_counter() - t):.0f} /s"
-    return res
 
 
 def view_of(c: EmbeddedCluster, volume: str, kind: str) -> list[dict[str, Any]]:
@@ -126,7 +106,7 @@ def main() -> None:
             os.makedirs(mnt)
             with mounted([sys.executable, "-m", "shoalfs.cli", "mount", name, mnt, "--master", c.master_addr,
                           "--key-file", c.key_file(name), "--foreground"], mnt):
-                results[f"{replicas} replica{'s' if replicas > 1 else ''}"] = fuse_rates(mnt, source)
+                results[f"{replicas} replica{'s' if replicas > 1 else ''}"] = measure(mnt, source, fio=False)
         for _ in range(args.kills):
             stalls["datanode"].append(longest_write_around_kill(c, "r3", "data"))
             stalls["metanode"].append(longest_write_around_kill(c, "r3", "meta"))
