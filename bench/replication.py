@@ -46,9 +46,10 @@ def wait(cond: Any, timeout: float = 120.0) -> None:
         time.sleep(0.1)
 
 
-def longest_write_around_kill(c: EmbeddedCluster, volume: str, kind: str) -> float:
+def longest_write_around_kill(c: EmbeddedCluster, volume: str, kind: str) -> tuple[float, int]:
     """Kill -9 the leader of the first partition of `kind` while a writer
-    runs; the longest single file write (create + write + close) seen."""
+    runs; the longest single file write (create + write + close) seen, and
+    how many writes failed (there should be none)."""
     vol = c.connect(volume)
     stop = threading.Event()
     longest = [0.0]
@@ -83,9 +84,9 @@ def longest_write_around_kill(c: EmbeddedCluster, volume: str, kind: str) -> flo
         vol.close()
     c.start(name)
     wait(lambda: in_sync(c, volume))
-    if errors:
-        raise RuntimeError(f"the workload saw errors: {errors[:2]}")
-    return longest[0]
+    for exc in errors[:3]:
+        print(f"workload error around a {kind} kill: {exc}", file=sys.stderr)
+    return longest[0], len(errors)
 
 
 def main() -> None:
@@ -94,6 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     results: dict[str, dict[str, str]] = {}
     stalls: dict[str, list[float]] = {"datanode": [], "metanode": []}
+    failed: dict[str, int] = {"datanode": 0, "metanode": 0}
     with tempfile.TemporaryDirectory(prefix="shoal-repl-bench-") as work, bench_cluster() as c:
         source = os.path.join(work, "random.bin")
         with open(source, "wb") as f:
@@ -108,8 +110,10 @@ def main() -> None:
                           "--key-file", c.key_file(name), "--foreground"], mnt):
                 results[f"{replicas} replica{'s' if replicas > 1 else ''}"] = measure(mnt, source, fio=False)
         for _ in range(args.kills):
-            stalls["datanode"].append(longest_write_around_kill(c, "r3", "data"))
-            stalls["metanode"].append(longest_write_around_kill(c, "r3", "meta"))
+            for role, kind in (("datanode", "data"), ("metanode", "meta")):
+                longest, errors = longest_write_around_kill(c, "r3", kind)
+                stalls[role].append(longest)
+                failed[role] += errors
     names = list(results)
     show("FUSE, replicas 1 vs 3 (same cluster, same run)", ["metric", *names],
          [[metric] + [results[n][metric] for n in names] for metric in results[names[0]]])
@@ -118,8 +122,9 @@ def main() -> None:
         ordered = sorted(values)
         return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))]:.2f} s"
     show(f"longest write around a kill -9 (3 replicas, {args.kills} kills each)",
-         ["node killed (a partition leader)", "p50", "p99", "max"],
-         [[kind, f"{statistics.median(v):.2f} s", pct(v, 0.99), f"{max(v):.2f} s"] for kind, v in stalls.items()])
+         ["node killed (a partition leader)", "p50", "p99", "max", "failed writes"],
+         [[role, f"{statistics.median(v):.2f} s", pct(v, 0.99), f"{max(v):.2f} s", str(failed[role])]
+          for role, v in stalls.items()])
 
 
 if __name__ == "__main__":

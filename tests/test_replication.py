@@ -15,10 +15,11 @@ import time
 from typing import Any
 
 import pytest
-from conftest import shoal_env, wait_for
+from conftest import RawRpc, shoal_env, volume_cap, wait_for
 
 from shoalfs.cli.cluster import EmbeddedCluster
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.opcodes import Op
 
 
 class Workload:
@@ -334,3 +335,29 @@ def test_node_gone_for_good_is_replaced_by_another(rcluster: EmbeddedCluster) ->
     pids = [p["pid"] for p in data_views(c, "moved")]
     wait_for(lambda: not any(os.path.isdir(os.path.join(c.dir, "data", victim, f"dp_{pid}")) for pid in pids),
              60, "the returning node dropped its old copies")
+
+
+def test_a_change_retried_after_a_failover_applies_once(rcluster: EmbeddedCluster) -> None:
+    c = rcluster
+    c.create_volume("once", replicas=3)
+    rpc = RawRpc(volume_cap(c, "once"))
+    root = views(c, "once", "meta")[0]
+    create = {"parent": 1, "name": "f", "mode": 0o100644, "rid": "a1b2c3d4"}
+    # (the leader serves once its followers have renewed its lease: a moment after the create)
+    wait_for(lambda: rpc(root["replicas"][0], Op.META_GET_INODE, root["pid"], {"ino": 1})[0] == 0, 10, "served")
+    code, first = rpc(root["replicas"][0], Op.META_CREATE, root["pid"], create)
+    assert code == 0, first
+    # the same request again (its answer was lost): the same answer, nothing made twice
+    assert rpc(root["replicas"][0], Op.META_CREATE, root["pid"], create) == (0, first)
+    assert rpc(root["replicas"][0], Op.META_CREATE, root["pid"], dict(create, rid="e5f6a7b8"))[0] == Code.EXISTS
+    # and at the leader after a failover: the answer came with the change
+    old = node_of(c, root["replicas"][0])
+    c.kill(old)
+    try:
+        wait_for(lambda: views(c, "once", "meta")[0]["replicas"][0] != root["replicas"][0], 30, "a new leader")
+        new = views(c, "once", "meta")[0]["replicas"][0]
+        wait_for(lambda: rpc(new, Op.META_CREATE, root["pid"], create)[0] != Code.TRY_AGAIN, 30, "the lease")
+        assert rpc(new, Op.META_CREATE, root["pid"], create) == (0, first)
+    finally:
+        c.start(old)
+    wait_for(lambda: fully_replicated(c, "once"), 60, "back in sync")

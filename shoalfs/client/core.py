@@ -17,6 +17,7 @@ import bisect
 import contextlib
 import logging
 import os
+import secrets
 import stat
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -28,7 +29,7 @@ from shoalfs.common.master_client import MasterClient
 from shoalfs.common.tls import client_context
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import CHUNK, MAX_FILE_SIZE, OPEN_LEASE, extent_id
-from shoalfs.proto.opcodes import Op
+from shoalfs.proto.opcodes import META_ONCE, Op
 from shoalfs.proto.rpc import EventCallback, RetryPolicy, RpcPool
 from shoalfs.replication.replica import newer_view
 
@@ -170,6 +171,10 @@ class VolumeClient:
         if end is None:
             end = time.monotonic() + self.options.op_deadline
         until = end
+        if op in META_ONCE and "rid" not in body:
+            # every attempt of this change carries one id: one that reached the
+            # partition before a failover is answered, not made twice
+            body = {**body, "rid": secrets.token_hex(8)}
 
         async def before_retry(exc: ShoalError) -> None:
             self.check_fence()  # deleted while we waited: ESTALE now, not at the deadline

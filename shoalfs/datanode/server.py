@@ -42,13 +42,14 @@ CHANGES: dict[int, Schema] = {
 
 
 class DataPartition:
-    def __init__(self, pid: int, info: dict[str, Any], directory: str, hub: ReplicationHub) -> None:
+    def __init__(self, pid: int, info: dict[str, Any], directory: str, hub: ReplicationHub,
+                 fresh: bool = False) -> None:
         self.pid = pid
         self.info = info
         self.dir = directory
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}  # ext -> (lock, users)
         self.names_unsynced = False  # an extent was created by a write not yet followed by a sync
-        self.replica = hub.replica(View.of_partition(info), self._persist_view)
+        self.replica = hub.replica(View.of_partition(info), self._persist_view, fresh)
         self.copier = ExtentCopier(self, hub.call)
         self.replica.resync = self.copier.resync
         self.replica.scrubber = self.copier.scrub
@@ -199,7 +200,7 @@ class DataNode(NodeService):
         os.makedirs(pdir, mode=0o700, exist_ok=True)
         atomic_write(os.path.join(pdir, "partition.json"), json.dumps(info).encode())
         fsync_dir(self.data_dir)  # the partition's directory name too
-        self.partitions[pid] = DataPartition(pid, info, pdir, self.replication)
+        self.partitions[pid] = DataPartition(pid, info, pdir, self.replication, fresh=True)
         log.info("created data partition %d", pid)
         return {"created": True}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import contextvars
 import secrets
 import stat
 import time
@@ -39,6 +40,11 @@ from shoalfs.proto.layout import (
 from shoalfs.replication.replica import Replica
 
 SCAN_ENTRIES = 10_000
+MAX_ANSWERED = 50_000  # answers kept by request id (metadata changes retried after a failover)
+# the client's id of the request being served (a change it may retry): commit() records
+# the answer with the change, so the retry gets that answer and the change applies once
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+NO_ANSWER: Any = object()
 
 DYING_NS = 30 * 10**9  # how long a directory being removed refuses new entries
 MAX_LINKS = 65000
@@ -98,7 +104,7 @@ class MetaPartition(ReplicatedPartition):
 
     def _load_state(self, snapshot: dict[str, Any] | None) -> None:
         self.cursor = self.start
-        self.inodes, self.dentries, self.txs, self.applied_txs = {}, {}, {}, {}
+        self.inodes, self.dentries, self.txs, self.applied_txs, self.answered = {}, {}, {}, {}, {}
         if snapshot is not None:
             self.cursor = snapshot["cursor"]
             self.inodes = {int(k): v for k, v in snapshot["inodes"].items()}
@@ -106,6 +112,7 @@ class MetaPartition(ReplicatedPartition):
                 self.dentries[int(parent)] = SortedDict({n: tuple(e) for n, e in entries.items()})
             self.txs = snapshot.get("txs", {})
             self.applied_txs = snapshot.get("applied", {})
+            self.answered = snapshot.get("answered", {})
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -114,6 +121,7 @@ class MetaPartition(ReplicatedPartition):
             "dentries": {p: dict(d) for p, d in self.dentries.items()},
             "txs": self.txs,
             "applied": self.applied_txs,
+            "answered": self.answered,
         }
 
     def _apply(self, effects: list[Any]) -> None:
@@ -140,12 +148,21 @@ class MetaPartition(ReplicatedPartition):
                 self.applied_txs[eff[1]] = eff[2]
                 if len(self.applied_txs) > 10_000:  # bounded memory of applied txids
                     self.applied_txs.pop(next(iter(self.applied_txs)))
+            elif kind == "R":
+                self.answered[eff[1]] = eff[2]
+                if len(self.answered) > MAX_ANSWERED:
+                    self.answered.pop(next(iter(self.answered)))
 
-    async def commit(self, effects: list[Any]) -> None:
+    async def commit(self, effects: list[Any], answer: Any = NO_ANSWER) -> Any:
         """Make durable (here and on every in-sync replica), then apply to
-        memory (the journal calls _on_durable)."""
+        memory (the journal calls _on_durable). `answer`: what the change's
+        request gets, kept with it under the request's id (REQUEST_ID), so a
+        retry is answered the same and changes nothing; returned."""
         if self.before_commit is not None:
             self.before_commit()
+        rid = REQUEST_ID.get()
+        if rid is not None and answer is not NO_ANSWER:
+            effects = [*effects, ("R", rid, answer)]
         if self.replica is None:
             await self._append(effects)
         else:
@@ -159,6 +176,15 @@ class MetaPartition(ReplicatedPartition):
                     self.leading_appends -= 1
         if self.journal.wants_snapshot():
             await self.journal.snapshot(self._state)
+        return None if answer is NO_ANSWER else answer
+
+    def answer_of(self, rid: str) -> tuple[bool, Any]:
+        """(True, answer) if the change of request `rid` was applied."""
+        if rid in self.staged.requests:  # not durable yet: no answer may be given for it
+            raise ShoalError(Code.TRY_AGAIN, "this request's change is being made")
+        if rid in self.answered:
+            return True, self.answered[rid]
+        return False, None
 
     async def _append(self, effects: list[Any]) -> None:
         durable = self.journal.append(effects)  # refuses what cannot be stored, before any change
@@ -207,12 +233,12 @@ class MetaPartition(ReplicatedPartition):
         self.directory(ino, staged=True)
         if self.staged.has_entries(ino):
             raise ShoalError(Code.NOT_EMPTY, f"directory {ino} is not empty")
-        await self.commit([("I", ino, self._touched(ino, dying=now_ns()))])
+        await self.commit([("I", ino, self._touched(ino, dying=now_ns()))], answer=None)
 
     async def abort_rmdir(self, ino: int) -> None:
         node = self.staged.inode(ino)
         if node is not None and "dying" in node:
-            await self.commit([("I", ino, {k: v for k, v in node.items() if k != "dying"})])
+            await self.commit([("I", ino, {k: v for k, v in node.items() if k != "dying"})], answer=None)
 
     @staticmethod
     def check_name(name: str) -> None:
@@ -262,8 +288,7 @@ class MetaPartition(ReplicatedPartition):
     async def create_inode(self, mode: int, uid: int, gid: int, target: str | None = None,
                            rdev: int = 0) -> dict[str, Any]:
         node = self._new_inode(mode, uid, gid, target, rdev)
-        await self.commit([("C", node["ino"] + 1), ("I", node["ino"], node)])
-        return public_attr(node)
+        return await self.commit([("C", node["ino"] + 1), ("I", node["ino"], node)], answer=public_attr(node))
 
     async def create(self, parent: int, name: str, mode: int, uid: int, gid: int,
                      target: str | None = None, rdev: int = 0, opened_by: str | None = None) -> dict[str, Any]:
@@ -278,13 +303,12 @@ class MetaPartition(ReplicatedPartition):
         if opened_by is not None:
             self.leases.open(ino, opened_by)
         try:
-            await self.commit([("C", ino + 1), ("I", ino, node), ("D", parent, name, ino, node["mode"]),
-                               self._dir_changed(parent, _is_dir(mode))])
+            return await self.commit([("C", ino + 1), ("I", ino, node), ("D", parent, name, ino, node["mode"]),
+                                      self._dir_changed(parent, _is_dir(mode))], answer=public_attr(node))
         except BaseException:
             if opened_by is not None:
                 self.leases.release(ino, opened_by)
             raise
-        return public_attr(node)
 
     async def set_attr(self, ino: int, changes: dict[str, Any]) -> dict[str, Any]:
         node = dict(self.inode(ino, staged=True))
@@ -300,8 +324,7 @@ class MetaPartition(ReplicatedPartition):
             node["mode"] = (node["mode"] & ~0o7777) | (changes["mode"] & 0o7777)
         if changes.get("ctime") is None:
             node["ctime"] = now_ns()
-        await self.commit([("I", ino, node)])
-        return public_attr(node)
+        return await self.commit([("I", ino, node)], answer=public_attr(node))
 
     async def link_inode(self, ino: int) -> dict[str, Any]:
         node = self.inode(ino, staged=True)
@@ -317,8 +340,7 @@ class MetaPartition(ReplicatedPartition):
 
     async def _relink(self, ino: int, nlink: int) -> dict[str, Any]:
         node = self._touched(ino, nlink=nlink, ctime=now_ns())
-        await self.commit([("I", ino, node)])
-        return public_attr(node)
+        return await self.commit([("I", ino, node)], answer=public_attr(node))
 
     async def evict_inode(self, ino: int, session: str | None = None) -> dict[str, Any]:
         """Drop an inode with no links left and no other session holding it
@@ -328,8 +350,7 @@ class MetaPartition(ReplicatedPartition):
             return {"extents": {}}
         if node["nlink"] > 0 or self.leases.held(ino, besides=session):
             return {"extents": {}, "kept": True}
-        await self.commit([("i", ino)])
-        return {"extents": node["extents"]}
+        return await self.commit([("i", ino)], answer={"extents": node["extents"]})
 
     async def close_inode(self, ino: int, session: str, may_evict: bool) -> dict[str, Any]:
         """A session that unlinked the inode closed its last handle on it: if
@@ -339,8 +360,7 @@ class MetaPartition(ReplicatedPartition):
         if (node is None or node["nlink"] > 0 or stat.S_ISDIR(node["mode"]) or not may_evict
                 or self.leases.held(ino)):
             return {"extents": {}}
-        await self.commit([("i", ino)])
-        return {"extents": node["extents"]}
+        return await self.commit([("i", ino)], answer={"extents": node["extents"]})
 
     def reclaimable(self, grace_ns: int) -> list[int]:
         """Unlinked inodes nobody has open, unchanged for grace_ns: left by a
@@ -415,7 +435,7 @@ class MetaPartition(ReplicatedPartition):
         self.open_directory(parent)
         if self.staged.dentry(parent, name) is not None:
             raise ShoalError(Code.EXISTS, f"{name!r} exists")
-        await self.commit([("D", parent, name, ino, mode), self._dir_changed(parent, _is_dir(mode))])
+        await self.commit([("D", parent, name, ino, mode), self._dir_changed(parent, _is_dir(mode))], answer=None)
 
     def lookup(self, parent: int, name: str, staged: bool = False) -> dict[str, Any]:
         if len(name) > MAX_NAME and len(name.encode()) > MAX_NAME:
@@ -456,9 +476,8 @@ class MetaPartition(ReplicatedPartition):
             else:
                 effects.append(("I", ino, self._touched(ino, nlink=nlink, ctime=now_ns())))
             found["nlink"] = nlink
-        await self.commit(effects)
         found.pop("attr", None)
-        return found
+        return await self.commit(effects, answer=found)
 
     def readdir(self, parent: int, after: str | None, limit: int) -> dict[str, Any]:
         self.directory(parent)
@@ -511,8 +530,8 @@ class MetaPartition(ReplicatedPartition):
         subdirs[dp] += _is_dir(moving["mode"]) - (_is_dir(existing[1]) if existing else 0)
         effects: list[Any] = [("d", sp, sn), ("D", dp, dn, moving["ino"], moving["mode"])]
         effects += [self._dir_changed(p, n) for p, n in subdirs.items()]
-        await self.commit(effects)
-        return {"ino": moving["ino"], "replaced": list(existing) if existing else None}
+        return await self.commit(effects, answer={"ino": moving["ino"],
+                                                  "replaced": list(existing) if existing else None})
 
     @contextlib.contextmanager
     def _moving(self) -> Iterator[None]:
@@ -585,13 +604,13 @@ class MetaPartition(ReplicatedPartition):
             return
         extents = dict(node["extents"])
         extents[chunk] = [dp, ext]
-        await self.commit([("I", ino, self._touched(ino, extents=extents))])
+        await self.commit([("I", ino, self._touched(ino, extents=extents))], answer=None)
 
     async def extent_drop(self, ino: int, chunks: list[int]) -> None:
         node = self.inode(ino, staged=True)
         drop = set(chunks)
         extents = {c: e for c, e in node["extents"].items() if c not in drop}
-        await self.commit([("I", ino, self._touched(ino, extents=extents))])
+        await self.commit([("I", ino, self._touched(ino, extents=extents))], answer=None)
 
     async def set_xattr(self, ino: int, name: str, value: bytes, flags: int) -> None:
         self.check_xattr(name, value)
@@ -605,7 +624,7 @@ class MetaPartition(ReplicatedPartition):
         xattrs[name] = bytes(value)
         if sum(len(k) + len(v) for k, v in xattrs.items()) > MAX_XATTR_TOTAL:
             raise ShoalError(Code.NO_SPACE, f"xattrs of inode {ino} would exceed {MAX_XATTR_TOTAL} bytes")
-        await self.commit([("I", ino, self._touched(ino, xattrs=xattrs, ctime=now_ns()))])
+        await self.commit([("I", ino, self._touched(ino, xattrs=xattrs, ctime=now_ns()))], answer=None)
 
     def get_xattr(self, ino: int, name: str) -> bytes:
         value = self.inode(ino)["xattrs"].get(name)
@@ -618,4 +637,4 @@ class MetaPartition(ReplicatedPartition):
         if name not in node["xattrs"]:
             raise ShoalError(Code.NO_DATA, f"xattr {name!r} not set")
         xattrs = {k: v for k, v in node["xattrs"].items() if k != name}
-        await self.commit([("I", ino, self._touched(ino, xattrs=xattrs, ctime=now_ns()))])
+        await self.commit([("I", ino, self._touched(ino, xattrs=xattrs, ctime=now_ns()))], answer=None)

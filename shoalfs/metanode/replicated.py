@@ -47,7 +47,7 @@ def _any(v: Any) -> bool:
 # kind -> checks of its fields (partition.MetaPartition._apply)
 EFFECT_FIELDS: dict[str, tuple[Callable[[Any], bool], ...]] = {
     "I": (_int, _map), "i": (_int,), "D": (_int, _str, _int, _int), "d": (_int, _str), "C": (_int,),
-    "T": (_str, _map), "t": (_str,), "A": (_str, _any)}
+    "T": (_str, _map), "t": (_str,), "A": (_str, _any), "R": (_str, _any)}
 
 
 def check_effects(effects: Any) -> None:
@@ -69,7 +69,7 @@ def check_state(state: Any) -> None:
                                                   and _int(e[0]) and _int(e[1]) for n, e in d.items())
                       for p, d in state["dentries"].items())
               and all(_str(k) and _map(v) for k, v in state.get("txs", {}).items())
-              and _map(state.get("applied", {})))
+              and _map(state.get("applied", {})) and _map(state.get("answered", {})))
     except (KeyError, AttributeError, TypeError):
         ok = False
     if not ok:

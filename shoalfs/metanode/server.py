@@ -25,7 +25,7 @@ from shoalfs.common.placement import VolumeMaps
 from shoalfs.common.service import DELETE_PARTITION, MASTER_STATE, NEW_PARTITION, NodeService
 from shoalfs.metanode.leases import OpenLeases
 from shoalfs.metanode.orphans import OrphanSweeper
-from shoalfs.metanode.partition import SCAN_ENTRIES, MetaPartition, public_attr
+from shoalfs.metanode.partition import REQUEST_ID, SCAN_ENTRIES, MetaPartition, public_attr
 from shoalfs.metanode.reaper import Reaper
 from shoalfs.proto.capability import READ_WRITE, Access
 from shoalfs.proto.errors import Code, ShoalError
@@ -37,7 +37,7 @@ from shoalfs.proto.layout import (
     MAX_NAME,
     OPEN_LEASE,
 )
-from shoalfs.proto.opcodes import Op
+from shoalfs.proto.opcodes import META_ONCE, Op
 from shoalfs.proto.rpc import RetryPolicy, RpcPool
 from shoalfs.proto.schema import I64_MAX, I64_MIN, U32, U64, Bool, Bytes, Int, ListOf, Map, Opt, Raw, Schema, Str
 from shoalfs.proto.server import ServerConnection
@@ -102,7 +102,7 @@ class MetaNode(NodeService):
         self.replication = ReplicationHub(self.listen, self.peers, self.master_api,
                                           lambda: {p: mp.replica for p, mp in self.partitions.items()
                                                    if mp.replica is not None})
-        r = self.rpc.route
+        r = self._route
         R, W, M, P = Access.READ, Access.WRITE, Access.MASTER, Access.PEER
         self.replication.register(r)
         r(Op.REPL_FORWARD, self._apply_forwarded,
@@ -174,6 +174,12 @@ class MetaNode(NodeService):
         r(Op.META_REMOVE_XATTR, on(lambda p, b: p.remove_xattr(b["ino"], b["name"])),
           {"ino": INO, "name": XATTR_NAME}, access=W)
 
+    def _route(self, op: Op, handler: Any, schema: Schema | None = None, **kw: Any) -> None:
+        """A route; a change a client may retry (META_ONCE) also takes its request id."""
+        if op in META_ONCE:
+            schema = {**(schema or {}), "rid": Opt(Str(64))}
+        self.rpc.route(op, handler, schema, **kw)
+
     # ----- partition management -----------------------------------------
     def _pdir(self, pid: int) -> str:
         return os.path.join(self.data_dir, f"mp_{pid}")
@@ -197,15 +203,16 @@ class MetaNode(NodeService):
         self.sweeper.start()
         self.replication.start()
 
-    def _replicate(self, part: MetaPartition) -> None:
-        """Give a partition its replication, as its view in partition.json says."""
+    def _replicate(self, part: MetaPartition, fresh: bool = False) -> None:
+        """Give a partition its replication, as its view in partition.json says
+        (`fresh`: just created here)."""
         pdir = self._pdir(part.pid)
 
         def persist(view: View) -> None:
             part.info = dict(part.info, **view.fields())
             atomic_write(os.path.join(pdir, "partition.json"), json.dumps(part.info).encode())
 
-        replica = self.replication.replica(View.of_partition(part.info), persist)
+        replica = self.replication.replica(View.of_partition(part.info), persist, fresh)
         replica.on_leading = lambda: self._took_over(part)
         part.replicate_with(replica, self.replication.call)
 
@@ -270,7 +277,7 @@ class MetaNode(NodeService):
             await part.commit(part.new_root(t=body["created_ns"]))
         atomic_write(os.path.join(pdir, "partition.json"), json.dumps(info).encode())
         fsync_dir(self.data_dir)  # the partition's directory name too
-        self._replicate(part)
+        self._replicate(part, fresh=True)
         self.partitions[pid] = part
         log.info("created meta partition %d [%d, %d)", pid, part.start, part.end)
         return {"created": True}
@@ -366,9 +373,18 @@ class MetaNode(NodeService):
                 args.append(cap.session if cap is not None else "")
             if rights:
                 args.append(cap is not None and cap.rights == READ_WRITE)
-            result = fn(*args)
-            if asyncio.iscoroutine(result):
-                result = await result
+            rid = body.get("rid")  # only META_ONCE requests have one
+            if rid:
+                done, answer = part.answer_of(rid)
+                if done:  # a retry of a change already made: its answer, nothing changes
+                    return answer if answer is not None else {}
+            token = REQUEST_ID.set(rid or None)
+            try:
+                result = fn(*args)
+                if asyncio.iscoroutine(result):
+                    result = await result
+            finally:
+                REQUEST_ID.reset(token)
             return result if result is not None else {}
         return handler
 

@@ -36,6 +36,7 @@ class Staged:
         self.dropped_dirs: set[int] = set()  # directories whose entries an eviction removed
         self.txs: dict[str, dict[str, Any] | None] = {}
         self.applied: dict[str, Any] = {}
+        self.requests: set[str] = set()  # request ids whose change is queued, not yet durable
         self.cursor = 0
 
     # ----- the view ----------------------------------------------------------
@@ -121,3 +122,5 @@ class Staged:
                 self.txs[eff[1]] = None
             elif kind == "A":
                 self.applied[eff[1]] = eff[2]
+            elif kind == "R":
+                self.requests.add(eff[1])

@@ -61,3 +61,13 @@ class Op(IntEnum):
     REPL_EXTENT_DROP = 305  # an extent the leader does not hold
     REPL_SNAPSHOT = 306  # a meta partition's whole state from its leader, piece by piece
     REPL_SCRUB = 307  # master -> leader: compare every in-sync copy with yours; repair what differs
+
+
+# Metadata changes a client may retry after a failover: each carries a request id
+# ("rid"), and the partition answers a repeat from the answer kept with the change
+META_ONCE = frozenset({
+    Op.META_CREATE_INODE, Op.META_CREATE, Op.META_SET_ATTR, Op.META_LINK_INODE, Op.META_UNLINK_INODE,
+    Op.META_EVICT_INODE, Op.META_CREATE_DENTRY, Op.META_DELETE_DENTRY, Op.META_RENAME, Op.META_EXTENT_SET,
+    Op.META_EXTENT_DROP, Op.META_SET_XATTR, Op.META_REMOVE_XATTR, Op.META_RMDIR_PREPARE, Op.META_RMDIR_ABORT,
+    Op.META_CLOSE, Op.META_SET_NLINK,
+})

@@ -46,8 +46,13 @@ class ReplicationHub:
         self._catching_up: dict[tuple[int, str], asyncio.Task[None]] = {}
         self._retry_at: dict[tuple[int, str], tuple[float, float]] = {}  # -> (when, pause)
 
-    def replica(self, view: View, persist: Callable[[View], None]) -> Replica:
-        return Replica(self.me, view, persist, self.call, self._report)
+    def replica(self, view: View, persist: Callable[[View], None], fresh: bool = False) -> Replica:
+        """A partition's replication; `fresh`: just created, so no other node
+        ever led it (otherwise, loaded after a restart, see Replica)."""
+        rep = Replica(self.me, view, persist, self.call, self._report)
+        if fresh:
+            rep.promised_until = 0.0
+        return rep
 
     async def call(self, target: str, op: Op, pid: int, body: dict[str, Any],
                    timeout: float = FORWARD_TIMEOUT) -> Any:
