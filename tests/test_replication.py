@@ -350,6 +350,18 @@ def test_a_change_retried_after_a_failover_applies_once(rcluster: EmbeddedCluste
     # the same request again (its answer was lost): the same answer, nothing made twice
     assert rpc(root["replicas"][0], Op.META_CREATE, root["pid"], create) == (0, first)
     assert rpc(root["replicas"][0], Op.META_CREATE, root["pid"], dict(create, rid="e5f6a7b8"))[0] == Code.EXISTS
+    # a rename into a directory of another partition (two steps, an intent between): once too
+    with c.connect("once") as vol:
+        for i in range(6):
+            vol.mkdir(f"/d{i}")
+        inos = {vol.stat(f"/d{i}").st_ino for i in range(6)}
+    far = next(ino for ino in inos if not root["start"] <= ino < root["end"])
+    target = next(p for p in views(c, "once", "meta") if p["start"] <= far < p["end"])
+    move = {"src_parent": 1, "src_name": "f", "dst_parent": far, "dst_name": "g", "dst_pid": target["pid"],
+            "rid": "c0ffee00"}
+    moved = rpc(root["replicas"][0], Op.META_RENAME, root["pid"], move)
+    assert moved[0] == 0, moved
+    assert rpc(root["replicas"][0], Op.META_RENAME, root["pid"], move) == moved
     # and at the leader after a failover: the answer came with the change
     old = node_of(c, root["replicas"][0])
     c.kill(old)

@@ -109,6 +109,7 @@ class NodeMonitor:
         await self.stop()  # whatever a failed stop left behind
         self.pool = RpcPool(RetryPolicy(deadline=5.0, attempt_timeout=3.0), credential=credential, tls=self.tls)
         self.last_ok.clear()
+        self.refused.clear()
         self.reports.clear()
         self.first_round.clear()
         self._background.start()
@@ -153,8 +154,10 @@ class NodeMonitor:
         try:
             report = await self._pool().call_once(addr, Op.HEARTBEAT, 0, body, timeout=3.0)
         except ShoalError as exc:
-            if exc.code == Code.NODE_UNREACHABLE:  # refused or reset: no process listens there now
+            if isinstance(exc.data, dict) and exc.data.get("refused"):  # no process listens there now
                 self.refused.add(addr)
+            else:
+                self.refused.discard(addr)
             if self.is_up(addr) or addr not in self.last_ok:
                 log.debug("heartbeat to %s failed: %s", addr, exc)
             obeyed = exc.data.get("term") if exc.code == Code.NOT_LEADER and isinstance(exc.data, dict) else None

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shoalfs.master.nodes import NodeMonitor
-from shoalfs.master.state import DELETED, MasterState
+from shoalfs.master.state import ACTIVE, DELETED, MasterState
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 from shoalfs.replication.replica import LEASE
@@ -75,7 +75,8 @@ class PartitionViews:
             part, vol = self.find(body.get("pid"))
             view = View.of_partition(part)
             if epoch == view.epoch:
-                if event == "failed" and member in view.followers():
+                if event == "failed" and member in view.members and member != view.leader:
+                    # also for a lagging member: the new epoch voids a join it may have in flight
                     await self._change(part, vol, view.members, [a for a in view.in_sync if a != member],
                                        f"{member} failed")
                 elif event == "joined" and member in view.lagging():
@@ -160,6 +161,12 @@ class PartitionViews:
                         return
             await self._replace_gone(now, answered)
 
+    def _holds(self, addr: str, pid: int) -> bool:
+        """Whether the node's last heartbeat listed a copy of `pid` (one it
+        has not dropped yet: not a spare for it)."""
+        held = self.nodes.reports.get(addr, {}).get("partitions", {})
+        return pid in held or str(pid) in held
+
     async def _replace_gone(self, now: float, answered: Callable[[str], bool]) -> None:
         """A member silent for replace_after (out of in_sync by then) is swapped
         for a live node of the same role holding no copy, the one with the
@@ -168,7 +175,7 @@ class PartitionViews:
         copy as an orphan."""
         load = {addr: len(parts) for addr, parts in self.state.placements().items()}
         for vol in list(self.state.volumes.values()):
-            if vol["status"] == DELETED:
+            if vol["status"] != ACTIVE:
                 continue
             for kind in ("meta", "data"):
                 for part in vol[f"{kind}_partitions"]:
@@ -177,7 +184,8 @@ class PartitionViews:
                         if self._silent_for(gone, now) < self.replace_after:
                             continue
                         spare = sorted((load.get(a, 0), a) for a, node in self.state.nodes.items()
-                                       if node["role"] == f"{kind}node" and a not in view.members and answered(a))
+                                       if node["role"] == f"{kind}node" and a not in view.members and answered(a)
+                                       and not self._holds(a, view.pid))
                         if not spare:
                             continue
                         new = spare[0][1]

@@ -23,6 +23,7 @@ them. Once space is back, appends work again; nothing needs a restart.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import struct
@@ -113,7 +114,8 @@ class Journal:
         self._pending.append((record, payload, fut))
         self.records_since_snapshot += 1
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop())
+            # its own context: not the request id of whichever change started it
+            self._flusher = asyncio.create_task(self._flush_loop(), context=contextvars.Context())
         return fut
 
     async def _flush_loop(self) -> None:
@@ -217,13 +219,13 @@ class Journal:
                 return
             self.records_since_snapshot = len(self._pending)
 
-    async def replace(self, state: Any) -> None:
-        """Start over from another replica's state (a catch-up): it becomes our
-        snapshot and the log is emptied. Nothing may be queued here meanwhile."""
+    async def replace(self, data: bytes) -> None:
+        """Start over from another replica's state (a catch-up; `data` as a
+        snapshot holds it): it becomes our snapshot and the log is emptied.
+        Nothing may be queued here meanwhile."""
         async with self._lock:
             if self._pending:
                 raise ShoalError(Code.TRY_AGAIN, "changes are queued: not replacing the state now")
-            data = msgpack.packb(state, use_bin_type=True)
             try:
                 # the log first: a crash in between leaves our older state, still
                 # lagging (caught up again), never old records replayed over new state

@@ -94,6 +94,7 @@ class MetaPartition(ReplicatedPartition):
         self._incoming: bytearray | None = None  # a snapshot from the leader, arriving piece by piece
         self.leading_appends = 0  # our own changes queued in the journal (as leader)
         self._background: set[asyncio.Task[None]] = set()
+        self.requests_in_flight: set[str] = set()  # request ids being served here (not journaled)
 
     # ----- persistence -------------------------------------------------
     def load(self) -> None:
@@ -554,11 +555,15 @@ class MetaPartition(ReplicatedPartition):
             await self.commit([("T", txid, tx)])
         return tx
 
-    async def finish_rename_tx(self, txid: str) -> None:
+    async def finish_rename_tx(self, txid: str, answer: dict[str, Any]) -> None:
+        """The source half, once the target linked the name; the rename's
+        request (if the intent names one) gets `answer` kept with it."""
         tx = self.staged.tx(txid)
         if tx is None:
             return
         effects: list[Any] = [("t", txid)]
+        if tx.get("rid"):
+            effects.append(("R", tx["rid"], answer))
         current = self.staged.dentry(tx["sp"], tx["sn"])
         if current is not None and current[0] == tx["ino"]:
             effects += [("d", tx["sp"], tx["sn"]), self._dir_changed(tx["sp"], -_is_dir(tx["mode"]))]

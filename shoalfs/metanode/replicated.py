@@ -60,6 +60,15 @@ def check_effects(effects: Any) -> None:
         raise ShoalError(Code.BAD_REQUEST, "a replicated record must be a list of well-formed effects")
 
 
+def decode_state(blob: bytes) -> dict[str, Any]:
+    try:
+        state = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+    except ValueError:
+        raise ShoalError(Code.BAD_REQUEST, "the snapshot does not decode") from None
+    check_state(state)
+    return state  # type: ignore[no-any-return]
+
+
 def check_state(state: Any) -> None:
     """A leader's whole state (a catch-up), checked before it replaces ours."""
     try:
@@ -138,7 +147,8 @@ class ReplicatedPartition:
         """Catch a member up: our whole state, sent once no change is in flight."""
         if not final:
             return
-        blob = msgpack.packb(self._state(), use_bin_type=True)
+        # in a thread (a large state takes a while): with the gate shut nothing changes it
+        blob = await asyncio.to_thread(msgpack.packb, self._state(), use_bin_type=True)
         assert self._call is not None  # set with the replica
         for offset in range(0, max(1, len(blob)), SNAPSHOT_PIECE):
             await self._call(member, Op.REPL_SNAPSHOT, self.pid, {
@@ -178,12 +188,8 @@ class ReplicatedPartition:
         if len(self._incoming) < total:
             return
         blob, self._incoming = bytes(self._incoming), None
-        try:
-            state = msgpack.unpackb(blob, raw=False, strict_map_key=False)
-        except ValueError:
-            raise ShoalError(Code.BAD_REQUEST, "the snapshot does not decode") from None
-        check_state(state)
-        await self.journal.replace(state)
+        state = await asyncio.to_thread(decode_state, blob)  # a large state takes a while
+        await self.journal.replace(blob)
         self._load_state(state)
         self.staged.clear()
 

@@ -12,6 +12,7 @@ two steps a reader may briefly see the entry under both names.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -247,7 +248,7 @@ class MetaNode(NodeService):
             await part.close()
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+        task = asyncio.create_task(coro, context=contextvars.Context())  # no request's id
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -373,11 +374,15 @@ class MetaNode(NodeService):
                 args.append(cap.session if cap is not None else "")
             if rights:
                 args.append(cap is not None and cap.rights == READ_WRITE)
-            rid = body.get("rid")  # only META_ONCE requests have one
+            rid = body.get("rid")  # only META_ONCE requests have one; scoped to the session
             if rid:
+                rid = f"{cap.session if cap is not None else ''}/{rid}"
+                if rid in part.requests_in_flight:
+                    raise ShoalError(Code.TRY_AGAIN, "this request is being served already")
                 done, answer = part.answer_of(rid)
                 if done:  # a retry of a change already made: its answer, nothing changes
                     return answer if answer is not None else {}
+                part.requests_in_flight.add(rid)
             token = REQUEST_ID.set(rid or None)
             try:
                 result = fn(*args)
@@ -385,6 +390,8 @@ class MetaNode(NodeService):
                     result = await result
             finally:
                 REQUEST_ID.reset(token)
+                if rid:
+                    part.requests_in_flight.discard(rid)
             return result if result is not None else {}
         return handler
 
@@ -440,7 +447,7 @@ class MetaNode(NodeService):
         txid = uuid.uuid4().hex
         tx = await part.begin_rename_tx(txid, b["src_parent"], b["src_name"], {
             "dp": b["dst_parent"], "dn": b["dst_name"], "dst_pid": b["dst_pid"], "noreplace": noreplace,
-            "replace_dir": replace_dir})
+            "replace_dir": replace_dir, "rid": REQUEST_ID.get()})  # its answer is kept when it ends
         replaced = await self._resolve_tx(part, txid)
         return {"ino": tx["ino"], "replaced": replaced}
 
@@ -475,7 +482,7 @@ class MetaNode(NodeService):
                     raise
                 log.warning("rename %s: target partition unreachable (%s); retrying", txid, exc)
                 await asyncio.sleep(1.0)
-        await part.finish_rename_tx(txid)
+        await part.finish_rename_tx(txid, {"ino": tx["ino"], "replaced": res["replaced"]})
         return res["replaced"]
 
 

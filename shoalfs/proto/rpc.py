@@ -68,7 +68,9 @@ class RpcConnection:
             raise ShoalError(Code.UNAVAILABLE, f"{self.addr}: TLS handshake failed: {exc}") from None
         except (TimeoutError, OSError) as exc:
             self.closed = True
-            raise ShoalError(Code.NODE_UNREACHABLE, f"{self.addr}: {exc!r}") from None
+            # refused: nothing listens there (the process is gone), as opposed to a slow or lost network
+            raise ShoalError(Code.NODE_UNREACHABLE, f"{self.addr}: {exc!r}",
+                             {"refused": isinstance(exc, ConnectionRefusedError)}) from None
 
     def _on_frame(self, header: Header, payload: bytes | memoryview, reserved: int) -> None:
         try:

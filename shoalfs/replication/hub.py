@@ -28,6 +28,7 @@ from shoalfs.replication.view import View
 log = logging.getLogger(__name__)
 
 PING_EVERY = LEASE / 5
+PINGS_MISSED = 2  # pings in a row a follower misses before it is reported
 CATCH_UP_EVERY = 1.0
 CATCH_UP_BACKOFF = (1.0, 10.0)  # first and longest pause after a failed catch-up
 
@@ -45,6 +46,7 @@ class ReplicationHub:
         self._background = BackgroundTask(self._loop)
         self._catching_up: dict[tuple[int, str], asyncio.Task[None]] = {}
         self._retry_at: dict[tuple[int, str], tuple[float, float]] = {}  # -> (when, pause)
+        self._missed: dict[str, int] = {}  # follower node -> pings in a row it did not answer
 
     def replica(self, view: View, persist: Callable[[View], None], fresh: bool = False) -> Replica:
         """A partition's replication; `fresh`: just created, so no other node
@@ -140,6 +142,9 @@ class ReplicationHub:
                                                 {"views": [v.to_wire() for v in views.values()]},
                                                 timeout=min(1.0, LEASE / 2))
         except ShoalError as exc:
+            self._missed[addr] = self._missed.get(addr, 0) + 1
+            if self._missed[addr] < PINGS_MISSED:
+                return  # one late answer (a busy node) is not yet a failure; the lease may lapse meanwhile
             for rep in reps:
                 if rep.view is views[rep.pid] and (addr in rep.view.followers() or addr in rep.joining):
                     log.warning("partition %d: follower %s does not answer (%s); asking the master to drop it",
@@ -149,6 +154,7 @@ class ReplicationHub:
                     rep.diverged.add(addr)
                     self._spawn_report(rep, addr, "failed")
             return
+        self._missed.pop(addr, None)
         refused = answer.get("refused", {}) if isinstance(answer, dict) else {}
         for rep in reps:
             why = refused.get(rep.pid)

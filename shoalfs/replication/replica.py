@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -255,7 +256,7 @@ class Replica:
         task = self._reports.get(key)
         if task is None or task.done():
             self._reports = {k: t for k, t in self._reports.items() if not t.done()}
-            task = asyncio.create_task(self._reporter(self.view, member, event))
+            task = asyncio.create_task(self._reporter(self.view, member, event), context=contextvars.Context())
             self._reports[key] = task
         self.adopt(await asyncio.shield(task))
 
