@@ -172,6 +172,8 @@ def test_datanode_killed_for_good_during_writes_loses_nothing(rcluster: Embedded
     print(f"longest write with a datanode killed: SDK {load.longest:.2f}s, mount {through_mount.longest:.2f}s")
     assert all(victim_addr != p["replicas"][0] and victim_addr not in p["in_sync"]
                for p in data_views(c, "kill"))
+    # volume info names every member still to catch up, with how far it is
+    assert all(set(p["catch_up"]) == set(p["replicas"]) - set(p["in_sync"]) for p in data_views(c, "kill"))
     acked = {**load.acked, **through_mount.acked}
     assert_all_read_back(c, "kill", acked)
     # back: it catches up and every copy is the same, byte for byte

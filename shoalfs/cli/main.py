@@ -166,8 +166,10 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 def partition_row(part: dict[str, Any]) -> dict[str, Any]:
     """A partition's view, as `volume info` shows it."""
     view = View.of_partition(part)
+    progress = part.get("catch_up") or {}
     return {"pid": view.pid, "epoch": view.epoch, "leader": view.leader, "members": ",".join(view.members),
-            "in_sync": ",".join(view.in_sync), "catching_up": ",".join(view.lagging()) or "-"}
+            "in_sync": ",".join(view.in_sync),
+            "catching_up": ", ".join(f"{m} ({progress.get(m, 'waiting')})" for m in view.lagging()) or "-"}
 
 
 def cmd_volume(args: argparse.Namespace) -> None:

@@ -41,7 +41,9 @@ class ExtentCopier:
         ours = await asyncio.to_thread(self.part.digests)
         differ = [ext for ext, d in ours.items() if list(theirs.get(ext) or []) != list(d)]
         extra = [ext for ext in theirs if ext not in ours]
-        for ext in differ:
+        progress = self.part.replica.progress
+        for done, ext in enumerate(differ):
+            progress[member] = f"{'last round' if final else 'copying'}: {done}/{len(differ)} extents"
             await self.push(member, view, ext)
         for ext in extra:
             await self.call(member, Op.REPL_EXTENT_DROP, view.pid, {"view": wire, "ext": ext})

@@ -186,6 +186,7 @@ class DataNode(NodeService):
         used = await asyncio.to_thread(
             lambda: {p: dp.used_bytes() for p, dp in list(self.partitions.items())})
         return {"partitions": {p: {"vol_id": dp.info["vol_id"], "used": used.get(p, 0),
+                                   "catch_up": dp.replica.progress,
                                    "epoch": dp.replica.view.epoch}
                                for p, dp in self.partitions.items()},
                 "disk_total": usage.total, "disk_free": usage.free}

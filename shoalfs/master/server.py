@@ -457,7 +457,10 @@ class Master:
         return vol
 
     async def volume_info(self, request: web.Request) -> Any:
-        return self.describe(self.visible_volume(request, self.arg(request, "name")))
+        info = self.describe(self.visible_volume(request, self.arg(request, "name")))
+        for key in ("meta_partitions", "data_partitions"):  # with how far each catch-up is
+            info[key] = [dict(p, catch_up=self.views.catch_up(p)) for p in info[key]]
+        return info
 
     async def volume_stat(self, request: web.Request) -> Any:
         vol = self.visible_volume(request, self.arg(request, "name"))

@@ -161,6 +161,15 @@ class PartitionViews:
                         return
             await self._replace_gone(now, answered)
 
+    def catch_up(self, part: dict[str, Any]) -> dict[str, str]:
+        """Lagging member -> how far its catch-up is, as its leader last reported."""
+        view = View.of_partition(part)
+        held = self.nodes.reports.get(view.leader, {}).get("partitions", {})
+        report = held.get(view.pid, held.get(str(view.pid), {}))
+        progress = report.get("catch_up") if isinstance(report, dict) else None
+        return {m: str(progress.get(m, "waiting")) if isinstance(progress, dict) else "waiting"
+                for m in view.lagging()}
+
     def _holds(self, addr: str, pid: int) -> bool:
         """Whether the node's last heartbeat listed a copy of `pid` (one it
         has not dropped yet: not a spare for it)."""

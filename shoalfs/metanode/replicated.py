@@ -151,6 +151,8 @@ class ReplicatedPartition:
         blob = await asyncio.to_thread(msgpack.packb, self._state(), use_bin_type=True)
         assert self._call is not None  # set with the replica
         for offset in range(0, max(1, len(blob)), SNAPSHOT_PIECE):
+            if self.replica is not None:
+                self.replica.progress[member] = f"state: {offset >> 20}/{len(blob) >> 20} MiB"
             await self._call(member, Op.REPL_SNAPSHOT, self.pid, {
                 "view": view.to_wire(), "offset": offset, "data": blob[offset:offset + SNAPSHOT_PIECE],
                 "total": len(blob)})

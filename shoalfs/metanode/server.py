@@ -256,7 +256,8 @@ class MetaNode(NodeService):
         self.apply_master_state(body)
         self.volume_maps.update(body["volumes"], {p.info["vol_id"] for p in self.partitions.values()})
         self.replication.adopt_maps(body["volumes"])
-        return {"partitions": {p: {"vol_id": mp.info["vol_id"], "inodes": len(mp.inodes)}
+        return {"partitions": {p: {"vol_id": mp.info["vol_id"], "inodes": len(mp.inodes),
+                                   "catch_up": mp.replica.progress if mp.replica is not None else {}}
                                for p, mp in self.partitions.items()}}
 
     async def create_partition(self, pid: int, body: Any, conn: Any) -> Any:

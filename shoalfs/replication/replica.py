@@ -112,6 +112,7 @@ class Replica:
         self.grants: dict[str, float] = {}  # follower -> when the last message it accepted was sent
         self.promised_until = time.monotonic() + LEASE  # see the module comment
         self.joining: set[str] = set()  # lagging members caught up and sent every change, not yet in_sync
+        self.progress: dict[str, str] = {}  # lagging member -> how far its catch-up is (volume info shows it)
         self.diverged: set[str] = set()  # in-sync followers whose copy differs: to drop before going on
         self.on_leading: Callable[[], None] = lambda: None  # this node became the leader
         self.gate = Gate()
@@ -267,15 +268,18 @@ class Replica:
         ask the master to count it in sync."""
         if self.resync is None:
             raise ShoalError(Code.UNAVAILABLE, f"partition {self.pid} cannot catch members up")
-        await self.resync(member, self.view, False)
-        async with self.gate.closed():
-            view = self.view
-            if not self.leading or member not in view.lagging():
-                return
-            await self.resync(member, view, True)
-            self.joining.add(member)
-            # still closed: no change can miss the member before the master counts it
-            await self.report(member, "joined")
+        try:
+            await self.resync(member, self.view, False)
+            async with self.gate.closed():
+                view = self.view
+                if not self.leading or member not in view.lagging():
+                    return
+                await self.resync(member, view, True)
+                self.joining.add(member)
+                # still closed: no change can miss the member before the master counts it
+                await self.report(member, "joined")
+        finally:
+            self.progress.pop(member, None)
         log.info("partition %d: %s caught up and is in sync (epoch %d)", self.pid, member, self.view.epoch)
 
     async def scrub(self) -> dict[str, str]:
