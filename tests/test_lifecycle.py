@@ -289,7 +289,9 @@ def test_writer_during_delete(cluster: EmbeddedCluster, mount_factory, syslog, t
     odd = [e for e in after if e["errno"] != errno.ESTALE]
     assert after and not odd, odd[:5]
     last_close = max(e["start"] + e["dur"] for e in log if e["kind"] == "close")
-    assert last_close <= exited < last_close + 1.0, (last_close, exited)  # linger ends at the last close
+    # linger ends at the last close: the mount exits then (the unmount and its
+    # teardown take up to ~2 s on the loaded 2-core CI machine), not at the 5 s limit
+    assert last_close <= exited < last_close + 2.5, (last_close, exited)
     with open(audit) as f:
         record = json.loads(f.readline())
     assert record["open_files"] == 3 and 900 <= record["lingered_ms"] <= 5000, record

@@ -170,13 +170,16 @@ class NodeMonitor:
         self.reports[addr] = report
         if not was_up:
             log.info("node %s is up", addr)
-        await self._reconcile(addr, report)
+        await self._reconcile(addr, report, placed)
 
-    async def _reconcile(self, addr: str, report: dict[str, Any]) -> None:
+    async def _reconcile(self, addr: str, report: dict[str, Any],
+                         placed: dict[int, tuple[str, dict[str, Any], dict[str, Any]]]) -> None:
         want = self.state.placements().get(addr, {})
         have = {int(p) for p in report.get("partitions", {})}
         for pid, (kind, part, vol) in want.items():
-            if pid not in have:
+            # placed when the round began too: a partition made during the round is not
+            # "lost" by a node whose answer predates it
+            if pid not in have and pid in placed:
                 log.info("re-creating %s partition %d on %s", kind, pid, addr)
                 try:
                     # an empty copy holds none of the changes: it must catch up first
