@@ -188,12 +188,14 @@ class Replica:
         dropped it, this raises (transient) and check_serving refuses."""
         view = self.view
         targets = [*view.followers(), *sorted(self.joining - set(view.followers()))]
-        outcomes = await asyncio.gather(local, *(self._forward(t, view, op, body) for t in targets),
+        # the forwards first: they are on the wire before our own write (perhaps an
+        # inline fdatasync) holds the loop, so the followers work while we do
+        outcomes = await asyncio.gather(*(self._forward(t, view, op, body) for t in targets), local,
                                         return_exceptions=True)
-        failed = [(t, o) for t, o in zip(targets, outcomes[1:], strict=True) if isinstance(o, BaseException)]
-        ours = outcomes[0]
+        theirs, ours = outcomes[:-1], outcomes[-1]
+        failed = [(t, o) for t, o in zip(targets, theirs, strict=True) if isinstance(o, BaseException)]
         if isinstance(ours, BaseException):  # whoever applied it is ahead of us
-            self._diverged([t for t, o in zip(targets, outcomes[1:], strict=True) if o is None], ours)
+            self._diverged([t for t, o in zip(targets, theirs, strict=True) if o is None], ours)
         elif failed:
             self._diverged([t for t, _ in failed], failed[0][1])
         for _target, exc in failed:
