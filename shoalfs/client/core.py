@@ -44,7 +44,7 @@ class ClientOptions:
     op_deadline: float = 60.0  # a transient fault is retried this long, then EIO
     attempt_timeout: float = 10.0
     backoff_first: float = 0.05
-    backoff_cap: float = 1.0  # a failover ends within seconds: look again often
+    backoff_cap: float = 0.5  # a partition failover ends within about 2 s: look again often
     watch: bool = True  # SDK: run the lifecycle guard (deletion fences the handle)
     heartbeat_interval: float = 5.0
     tls_ca: str | None = None  # a TLS cluster's CA (default $SHOAL_TLS_CA): TLS to the master and every node
