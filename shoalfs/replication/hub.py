@@ -44,7 +44,7 @@ class ReplicationHub:
         self.master = master
         self.replicas = replicas
         self._background = BackgroundTask(self._loop)
-        self._catching_up: dict[tuple[int, str], asyncio.Task[None]] = {}
+        self._tasks: dict[tuple[int, str], asyncio.Task[None]] = {}  # catch-ups and reports under way
         self._retry_at: dict[tuple[int, str], tuple[float, float]] = {}  # -> (when, pause)
         self._missed: dict[str, int] = {}  # follower node -> pings in a row it did not answer
 
@@ -101,7 +101,7 @@ class ReplicationHub:
 
     async def stop(self) -> None:
         await self._background.stop()
-        tasks = list(self._catching_up.values())
+        tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -180,10 +180,10 @@ class ReplicationHub:
                 log.warning("partition %d: cannot report %s %s to the master: %s", rep.pid, member, event,
                             exc.msg)
         key = (rep.pid, f"{event}:{member}")
-        if key in self._catching_up:
+        if key in self._tasks:
             return
-        task = self._catching_up[key] = asyncio.create_task(go())
-        task.add_done_callback(lambda t: self._catching_up.pop(key, None))
+        task = self._tasks[key] = asyncio.create_task(go())
+        task.add_done_callback(lambda t: self._tasks.pop(key, None))
 
     def answer_ping(self, body: dict[str, Any]) -> dict[str, Any]:
         """A leader's ping: accept each view we follow it in (renewing our
@@ -213,12 +213,12 @@ class ReplicationHub:
                 continue
             for member in rep.view.lagging():
                 key = (rep.pid, member)
-                task = self._catching_up.get(key)
+                task = self._tasks.get(key)
                 if (task is not None and not task.done()) or member in rep.joining:
                     continue
                 if self._retry_at.get(key, (0.0, 0.0))[0] > now:
                     continue
-                self._catching_up[key] = asyncio.create_task(self._catch_up(rep, member))
+                self._tasks[key] = asyncio.create_task(self._catch_up(rep, member))
 
     async def _catch_up(self, rep: Replica, member: str) -> None:
         key = (rep.pid, member)
@@ -232,5 +232,5 @@ class ReplicationHub:
                      exc.msg if isinstance(exc, ShoalError) else exc, pause)
         finally:
             with contextlib.suppress(KeyError):
-                if self._catching_up[key] is asyncio.current_task():
-                    del self._catching_up[key]
+                if self._tasks[key] is asyncio.current_task():
+                    del self._tasks[key]
