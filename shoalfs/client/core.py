@@ -32,6 +32,7 @@ from shoalfs.proto.layout import CHUNK, MAX_FILE_SIZE, OPEN_LEASE, extent_id
 from shoalfs.proto.opcodes import META_ONCE, Op
 from shoalfs.proto.rpc import EventCallback, RetryPolicy, RpcPool
 from shoalfs.replication.replica import newer_view
+from shoalfs.replication.view import View
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class VolumeClient:
         if view is None:
             return False
         for p in (*self._dps, *self._mps):
-            if p["pid"] == view.pid and view.epoch > p.get("epoch", 1):
+            if p["pid"] == view.pid and view.epoch > View.of_partition(p).epoch:
                 p.update(view.fields())
                 return True
         return False

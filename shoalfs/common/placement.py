@@ -33,6 +33,14 @@ def _valid(vmap: Any) -> bool:
     return meta_ok and data_ok
 
 
+def views_of(vmap: Any) -> list[list[Any]]:
+    """The views ([pid, epoch, members, in_sync]) a volume map's entries carry."""
+    if not _valid(vmap):
+        return []
+    return [[m[0], m[4], m[3], m[5]] for m in vmap["meta"] if len(m) == 6] + \
+           [[d[0], d[2], d[1], d[3]] for d in vmap["data"] if len(d) == 4]
+
+
 class VolumeMaps:
     def __init__(self, path: str) -> None:
         self.path = path

@@ -186,17 +186,14 @@ class DataNode(NodeService):
         used = await asyncio.to_thread(
             lambda: {p: dp.used_bytes() for p, dp in list(self.partitions.items())})
         return {"partitions": {p: {"vol_id": dp.info["vol_id"], "used": used.get(p, 0),
-                                   "catch_up": dp.replica.progress,
-                                   "epoch": dp.replica.view.epoch}
+                                   "catch_up": dp.replica.progress}
                                for p, dp in self.partitions.items()},
                 "disk_total": usage.total, "disk_free": usage.free}
 
     async def create_partition(self, pid: int, body: Any, conn: Any) -> Any:
         if pid in self.partitions:
             return {"created": False}
-        info = {"pid": pid, "vol_id": body["vol_id"], "replicas": body["replicas"] or [self.listen],
-                "epoch": body["epoch"], "in_sync": body["in_sync"] or body["replicas"] or [self.listen]}
-        View.of_partition(info)  # checked before anything is kept
+        info = {"pid": pid, "vol_id": body["vol_id"], **View.of_request(pid, body, self.listen).fields()}
         pdir = self._pdir(pid)
         os.makedirs(pdir, mode=0o700, exist_ok=True)
         atomic_write(os.path.join(pdir, "partition.json"), json.dumps(info).encode())
@@ -240,6 +237,8 @@ class DataNode(NodeService):
             raise ShoalError(Code.BAD_REQUEST, f"opcode {op} is not a data change")
         change = validate(CHANGES[op], body["body"])
         part = self.followed(pid, body["view"])
+        if op == Op.DATA_WRITE:
+            self._check_write(part, change)
         async with part.extent_lock(change["ext"]):
             part.replica.accept_leader(body["view"])  # a catch-up may have run while we waited
             return await self._apply(part, Op(op), change)
@@ -251,11 +250,10 @@ class DataNode(NodeService):
             raise ShoalError(Code.NO_SPACE, f"datanode {self.listen} is out of space")
 
     async def _apply(self, part: DataPartition, op: Op, body: dict[str, Any]) -> Any:
-        """One change to this node's copy."""
+        """One change to this node's copy (a write already checked: _check_write)."""
         ext = part.extent(body["ext"])
         if op == Op.DATA_WRITE:
             data, offset = body["data"], body["offset"]
-            self._check_write(part, body)
             if await asyncio.to_thread(ext.write, offset, data, body["sync"]) and not body["sync"]:
                 part.names_unsynced = True
             return {"written": len(data)}

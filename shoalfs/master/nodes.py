@@ -26,6 +26,7 @@ from shoalfs.master.state import MasterState
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import Credential, RetryPolicy, RpcPool
+from shoalfs.replication.view import View
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,8 @@ class NodeMonitor:
         return await self._pool().call(addr, op, pid, body, deadline=timeout)
 
     async def create_partition(self, addr: str, kind: str, part: dict[str, Any], vol: dict[str, Any]) -> None:
-        body: dict[str, Any] = {"vol_id": vol["vol_id"], "replicas": part["replicas"], "kind": kind,
-                                "epoch": part.get("epoch", 1), "in_sync": part.get("in_sync", part["replicas"]),
-                                "volume": self.state.volume_map(vol)}
+        body: dict[str, Any] = {"vol_id": vol["vol_id"], "kind": kind, "volume": self.state.volume_map(vol),
+                                **View.of_partition(part).fields()}
         if kind == "meta":  # every replica makes the root with the volume's creation time
             body.update(start=part["start"], end=part["end"], created_ns=int(vol["created_at"] * 1e9))
         await self.command(addr, Op.CREATE_PARTITION, part["pid"], body)

@@ -22,7 +22,7 @@ from typing import Any
 from shoalfs.master.store import STATE, EtcdStore, Guard
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import MAX_INO
-from shoalfs.replication.view import DEFAULT_REPLICAS, MAX_REPLICAS
+from shoalfs.replication.view import DEFAULT_REPLICAS, MAX_REPLICAS, View
 
 INODE_RANGE = 1 << 40  # inodes per meta partition
 MIN_META_PARTITIONS = 3
@@ -84,7 +84,8 @@ def unflatten(flat: dict[str, bytes]) -> dict[str, Any]:
 
 def _view_tail(part: dict[str, Any]) -> list[Any]:
     """A partition's epoch and in-sync members, as the volume map carries them."""
-    return [part.get("epoch", 1), part.get("in_sync", part["replicas"])]
+    view = View.of_partition(part)
+    return [view.epoch, list(view.in_sync)]
 
 
 class MasterState:

@@ -73,6 +73,8 @@ class OrphanSweeper(Periodic):
         out = []
         for part in parts:
             page = await self._call(part, Op.META_SCAN, {"after": 0, "limit": 0})
+            if page.get("renaming"):  # a rename step under way: its entry may be in neither place
+                raise ShoalError(Code.TRY_AGAIN, f"a rename is under way in meta partition {part[0]}")
             out.append((page.get("boot"), page.get("moves")))
         return out
 

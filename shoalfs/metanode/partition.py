@@ -379,8 +379,8 @@ class MetaPartition(ReplicatedPartition):
         entries add up to SCAN_ENTRIES) with their directory entries."""
         # the inode numbers are sorted once per scan (at its first page, and again
         # past the end: numbers only grow, so inodes made since come last)
-        if after == 0 or not self._scan_order or after >= self._scan_order[-1]:
-            self._scan_order = sorted(self.inodes)
+        if limit and (after == 0 or not self._scan_order or after >= self._scan_order[-1]):
+            self._scan_order = sorted(self.inodes)  # (not for a counters-only call: limit 0)
         order = self._scan_order
         # the rename counters: a scan during which they moved may have missed a moved entry
         out: dict[str, Any] = {"inodes": [], "dentries": [], "more": False, "boot": self.boot,
@@ -394,7 +394,8 @@ class MetaPartition(ReplicatedPartition):
             out["inodes"].append([ino, node["mode"], node["nlink"], node["ctime"]])
             for name, (child, mode) in (self.dentries.get(ino) or {}).items():
                 out["dentries"].append([ino, name, child, mode])
-        out["more"] = bool(out["inodes"]) and (i < len(order) or max(self.inodes, default=0) > order[-1])
+        # inodes made since the sort lie past its end (the cursor is above every number given out)
+        out["more"] = bool(out["inodes"]) and (i < len(order) or self.cursor - 1 > order[-1])
         return out
 
     async def reclaim_orphan(self, ino: int, ctime: int, nlink: int) -> dict[str, Any]:

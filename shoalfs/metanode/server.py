@@ -43,6 +43,7 @@ from shoalfs.proto.rpc import RetryPolicy, RpcPool
 from shoalfs.proto.schema import I64_MAX, I64_MIN, U32, U64, Bool, Bytes, Int, ListOf, Map, Opt, Raw, Schema, Str
 from shoalfs.proto.server import ServerConnection
 from shoalfs.replication.hub import ReplicationHub
+from shoalfs.replication.replica import Replica
 from shoalfs.replication.view import View
 
 log = logging.getLogger(__name__)
@@ -265,10 +266,8 @@ class MetaNode(NodeService):
             return {"created": False}
         if body["start"] >= body["end"]:
             raise ShoalError(Code.BAD_REQUEST, "a meta partition's range must not be empty")
-        members = body["replicas"] or [self.listen]
         info = {"pid": pid, "vol_id": body["vol_id"], "start": body["start"], "end": body["end"],
-                "replicas": members, "epoch": body["epoch"], "in_sync": body["in_sync"] or members}
-        View.of_partition(info)  # checked before anything is kept
+                **View.of_request(pid, body, self.listen).fields()}
         self.volume_maps.add(body["vol_id"], body["volume"])  # known before the next heartbeat
         pdir = self._pdir(pid)
         os.makedirs(pdir, mode=0o700, exist_ok=True)
@@ -295,12 +294,21 @@ class MetaNode(NodeService):
         return {"deleted": part is not None}
 
     # ----- replication ------------------------------------------------------
-    def _followed(self, pid: int, view: Any) -> MetaPartition:
+    def _hosted(self, pid: int) -> MetaPartition:
         part = self.partitions.get(pid)
-        if part is None or part.replica is None:
+        if part is None:
             raise self.tombstones.missing_partition(pid, self.listen)
-        part.replica.accept_leader(view)
         return part
+
+    def _replica(self, pid: int) -> Replica:
+        replica = self._hosted(pid).replica
+        if replica is None:  # every hosted partition has one (_replicate)
+            raise ShoalError(Code.INTERNAL, f"partition {pid} is not replicated")
+        return replica
+
+    def _followed(self, pid: int, view: Any) -> MetaPartition:
+        self._replica(pid).accept_leader(view)
+        return self._hosted(pid)
 
     async def _apply_forwarded(self, pid: int, body: Any, conn: Any) -> Any:
         if body["op"] != Op.META_RECORDS:
@@ -315,10 +323,7 @@ class MetaNode(NodeService):
         return {"digest": self._followed(pid, body["view"]).digest()}
 
     async def _scrub(self, pid: int, body: Any, conn: Any) -> Any:
-        part = self.partitions.get(pid)
-        if part is None or part.replica is None:
-            raise self.tombstones.missing_partition(pid, self.listen)
-        return {"members": await part.replica.scrub()}
+        return {"members": await self._replica(pid).scrub()}
 
     async def _receive_snapshot(self, pid: int, body: Any, conn: Any) -> Any:
         part = self._followed(pid, body["view"])
@@ -364,9 +369,7 @@ class MetaNode(NodeService):
         """A handler calling fn(partition, body), and with `session` the caller's
         session, with `rights` whether it may change the volume."""
         async def handler(pid: int, body: Any, conn: ServerConnection) -> Any:
-            part = self.partitions.get(pid)
-            if part is None:
-                raise self.tombstones.missing_partition(pid, self.listen)
+            part = self._hosted(pid)
             if part.replica is not None:
                 part.replica.check_serving()  # reads too: only the leader is sure to have every change
             args: list[Any] = [part, body]

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from shoalfs.common.master_client import MasterClient
+from shoalfs.common.placement import views_of
 from shoalfs.common.tasks import BackgroundTask
 from shoalfs.proto.capability import Access
 from shoalfs.proto.errors import Code, ShoalError
@@ -80,16 +81,14 @@ class ReplicationHub:
         """Views of our partitions in the volume maps of a master heartbeat."""
         replicas = self.replicas()
         for vmap in volumes.values() if isinstance(volumes, dict) else ():
-            entries = [*((m[0], m[3:]) for m in vmap.get("meta", []) if isinstance(m, list) and len(m) == 6),
-                       *((d[0], d[1:]) for d in vmap.get("data", []) if isinstance(d, list) and len(d) == 4)]
-            for pid, (members, epoch, in_sync) in entries:
-                rep = replicas.get(pid) if isinstance(pid, int) else None
+            for wire in views_of(vmap):
+                rep = replicas.get(wire[0])
                 if rep is None:
                     continue
                 try:
-                    rep.adopt(View.from_wire([pid, epoch, members, in_sync]))
+                    rep.adopt(View.from_wire(wire))
                 except ShoalError as exc:
-                    log.warning("partition %d: the master's view is invalid: %s", pid, exc.msg)
+                    log.warning("partition %d: the master's view is invalid: %s", wire[0], exc.msg)
 
     async def _report(self, view: View, member: str, event: str) -> View:
         data = await self.master.request("POST", "/partition/report", deadline=5.0, body={

@@ -70,6 +70,13 @@ class View:
         members = part.get("replicas")
         return cls.from_wire([part.get("pid"), part.get("epoch", 1), members, part.get("in_sync", members)])
 
+    @classmethod
+    def of_request(cls, pid: int, body: dict[str, Any], me: str) -> View:
+        """The view a CREATE_PARTITION names, checked (a master from before
+        replication names only the replicas, or none: this node alone)."""
+        members = body["replicas"] or [me]
+        return cls.from_wire([pid, body["epoch"], members, body["in_sync"] or members])
+
     def fields(self) -> dict[str, Any]:
         """The view as the fields of a partition record."""
         return {"replicas": list(self.members), "epoch": self.epoch, "in_sync": list(self.in_sync)}
