@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from shoalfs.common.files import atomic_write
+from shoalfs.proto.errors import Code, ShoalError
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,15 @@ class VolumeMaps:
         vmap = self.maps.get(vol_id)
         return None if vmap is None else {d[0] for d in vmap["data"]}
 
-    def data_replicas(self, vol_id: str, pid: int) -> list[str] | None:
-        vmap = self.maps.get(vol_id)
-        for dpid, replicas, *_view in (vmap["data"] if vmap is not None else []):
-            if dpid == pid:
-                return list(replicas)
-        return None
+    def leader(self, vol_id: str, pid: int) -> str:
+        """Where to ask partition `pid` of the volume now: its leader, first in
+        the map (read on every attempt, so a retry follows a failover)."""
+        vmap = self.maps.get(vol_id) or {}
+        found = [m[3] for m in vmap.get("meta", []) if m[0] == pid] + \
+                [d[1] for d in vmap.get("data", []) if d[0] == pid]
+        if found and found[0]:
+            return str(found[0][0])
+        raise ShoalError(Code.TRY_AGAIN, f"no placement known for partition {pid} of volume {vol_id}")
 
     def meta_partitions(self, vol_id: str) -> list[tuple[int, int, int, list[str]]]:
         """(pid, start, end, replicas) of each of the volume's meta partitions."""

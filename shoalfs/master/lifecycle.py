@@ -52,7 +52,7 @@ class VolumeLifecycle:
         async with self.m.lock:
             done = self.m.state.made_by(rid, "deleted_by")
             if done is not None:  # a retry of a deletion the master made but could not confirm
-                return dict(self.m.describe(done), **{k: done[k] for k in ("tombstone",) if k in done})
+                return self.m.describe(done)  # its tombstone included
             vol = self.m.state.by_name(body.get("name"))  # type: ignore[arg-type]
             if delay > 0:
                 if vol["status"] == PENDING_DELETE:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from shoalfs.common.placement import VolumeMaps
 from shoalfs.common.tasks import Periodic
 from shoalfs.metanode.partition import MetaPartition
-from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.errors import ShoalError
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import RpcPool
 
@@ -49,19 +49,15 @@ class Reaper(Periodic):
                 except ShoalError as exc:
                     log.warning("could not reclaim inode %d of partition %d yet: %s", ino, part.pid, exc.msg)
 
-    def _leader(self, vol_id: str, dp: int) -> str:
-        return (self.maps.data_replicas(vol_id, dp) or [""])[0]
-
     async def reclaim(self, part: MetaPartition, ino: int) -> None:
         node = part.inodes.get(ino)
         if node is None:
             return
         vol_id = part.info["vol_id"]
         for dp, ext in list(node["extents"].values()):
-            if not self.maps.data_replicas(vol_id, dp):
-                raise ShoalError(Code.TRY_AGAIN, f"no placement known for data partition {dp}")
-            # the partition's leader (first in the map) deletes it on every copy
-            await self.peers.call(functools.partial(self._leader, vol_id, dp), Op.DATA_DELETE_EXTENT, dp,
+            self.maps.leader(vol_id, dp)  # TRY_AGAIN (kept for the next round) if not placed yet
+            # the partition's leader deletes it on every copy
+            await self.peers.call(functools.partial(self.maps.leader, vol_id, dp), Op.DATA_DELETE_EXTENT, dp,
                                   {"ext": ext}, deadline=10.0)
         res = await part.evict_inode(ino)
         if not res.get("kept"):

@@ -465,7 +465,7 @@ class MetaNode(NodeService):
         return target
 
     def _partition_leader(self, vol_id: str, pid: int) -> str:
-        return self._peer_partition(vol_id, pid)[2][0]
+        return self._peer_partition(vol_id, pid)[2][0]  # INVALID (the intent aborts) if not in the volume
 
     async def _resolve_tx(self, part: MetaPartition, txid: str) -> Any:
         """Drive a rename intent to its end: linked at the target, unlinked here.
