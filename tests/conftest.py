@@ -116,8 +116,9 @@ class Mount:
     """A `shoal mount --foreground` process, so tests see its exit code."""
 
     def __init__(self, cluster: EmbeddedCluster, volume: str, path: str, options: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, wrap: list[str] | None = None) -> None:
         self.env = env
+        self.wrap = wrap or []  # a command prefix, e.g. to run in a network namespace
         self.cluster = cluster
         self.volume = volume
         self.path = path
@@ -127,7 +128,7 @@ class Mount:
 
     def start(self) -> Mount:
         os.makedirs(self.path, exist_ok=True)
-        args = [sys.executable, "-m", "shoalfs.cli", "mount", self.volume, self.path,
+        args = [*self.wrap, sys.executable, "-m", "shoalfs.cli", "mount", self.volume, self.path,
                 "--master", self.cluster.master_addr, "--foreground"]
         if not any(o.startswith("key_file=") for o in self.options):
             args += ["--key-file", self.cluster.key_file(self.volume)]  # the owner key unless told
@@ -167,8 +168,8 @@ def mount_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
     mounts: list[Mount] = []
 
     def make(cluster: EmbeddedCluster, volume: str, options: list[str] | None = None,
-             env: dict[str, str] | None = None) -> Mount:
-        m = Mount(cluster, volume, str(tmp_path_factory.mktemp("mnt") / "m"), options, env)
+             env: dict[str, str] | None = None, wrap: list[str] | None = None) -> Mount:
+        m = Mount(cluster, volume, str(tmp_path_factory.mktemp("mnt") / "m"), options, env, wrap)
         mounts.append(m)
         return m.start()
 

@@ -115,7 +115,7 @@ def test_tls_cluster_round_trip_and_strangers_get_nothing(tls_cluster, mount_fac
     # the SDK with the wrong CA cannot open the volume
     with pytest.raises(OSError) as failure:
         c.connect("secure", ClientOptions(op_deadline=3, tls_ca=other_ca))
-    assert failure.value.errno in (errno.EIO, errno.ETIMEDOUT, errno.EAGAIN)
+    assert failure.value.errno == errno.EIO
     # the CLI speaks TLS with --tls-ca
     env = dict(os.environ, SHOAL_MASTER=c.master_addr, SHOAL_TOKEN_FILE=c.token_file, SHOAL_TLS_CA=c.tls_ca)
     out = subprocess.run([sys.executable, "-m", "shoalfs.cli", "volume", "list", "--json"], env=env,

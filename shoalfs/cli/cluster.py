@@ -147,12 +147,12 @@ class EmbeddedCluster:
         for sub in ("conf", "run", "logs", "data", "keys"):
             os.makedirs(os.path.join(self.dir, sub), mode=0o700, exist_ok=True)
         names = ["master"] + [f"master{i}" for i in range(2, masters + 1)]
-        master_addrs = {name: f"127.0.0.1:{free_port()}" for name in names}
+        master_addrs = {name: self._address(name, "master") for name in names}
         nodes: dict[str, dict[str, str]] = {}
         for role, count in (("metanode", metanodes), ("datanode", datanodes)):
             for i in range(count):
-                nodes[f"{role}{i + 1}"] = {"role": role, "listen": f"127.0.0.1:{free_port()}"}
-        etcd = {"client": f"127.0.0.1:{free_port()}", "peer": f"127.0.0.1:{free_port()}"}
+                nodes[f"{role}{i + 1}"] = {"role": role, "listen": self._address(f"{role}{i + 1}", role)}
+        etcd = self._etcd_layout()
         self.layout = {"etcd": etcd, "masters": master_addrs, "nodes": nodes}
         for name, addr in master_addrs.items():
             self._write_conf(name, {"listen": addr, "data_dir": os.path.join(self.dir, "data", name),
@@ -169,9 +169,17 @@ class EmbeddedCluster:
                                     **(extra or {}).get(node["role"], {})})
         atomic_write(self.layout_path, json.dumps(self.layout, indent=2).encode())
 
+    def _address(self, name: str, role: str) -> str:
+        """Where process `name` listens: here every role on 127.0.0.1."""
+        return f"127.0.0.1:{free_port()}"
+
+    def _etcd_layout(self) -> dict[str, Any]:
+        """The etcd the masters use: here one member on 127.0.0.1."""
+        return {"client": self._address(ETCD, ETCD), "peer": self._address(ETCD, ETCD)}
+
     def _add_etcd(self) -> None:
         """A cluster made before etcd: give it one; its master imports its old state file."""
-        self.layout["etcd"] = {"client": f"127.0.0.1:{free_port()}", "peer": f"127.0.0.1:{free_port()}"}
+        self.layout["etcd"] = self._etcd_layout()
         for name in self.masters:
             with open(self._conf(name)) as f:
                 cfg = json.load(f)

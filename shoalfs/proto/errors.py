@@ -87,12 +87,14 @@ REGISTRY: dict[Code, CodeInfo] = {
     Code.NOT_PERMITTED: CodeInfo("operation not permitted", False, errno.EPERM),
     Code.TOO_MANY_LINKS: CodeInfo("too many links", False, errno.EMLINK),
     Code.INTERNAL: CodeInfo("internal error", False, errno.EIO),
-    Code.TIMEOUT: CodeInfo("timed out", True, errno.ETIMEDOUT),
+    # a transient code reaches a user only once the operation's deadline has
+    # passed: as EIO, whatever it was (DESIGN.md §2), never EAGAIN or ETIMEDOUT
+    Code.TIMEOUT: CodeInfo("timed out", True, errno.EIO),
     Code.NO_LEADER: CodeInfo("partition has no leader", True, errno.EIO),
-    Code.TRY_AGAIN: CodeInfo("try again", True, errno.EAGAIN),
+    Code.TRY_AGAIN: CodeInfo("try again", True, errno.EIO),
     Code.NODE_UNREACHABLE: CodeInfo("node unreachable", True, errno.EIO),
     Code.UNAVAILABLE: CodeInfo("service unavailable", True, errno.EIO),
-    Code.EXPIRED: CodeInfo("capability expired", True, errno.EACCES),
+    Code.EXPIRED: CodeInfo("capability expired", True, errno.EIO),  # not renewed in time: the master is away
     Code.NOT_LEADER: CodeInfo("this master is not the leader", True, errno.EIO),
     Code.NOT_PARTITION_LEADER: CodeInfo("this node does not lead the partition", True, errno.EIO),
     Code.STALE_EPOCH: CodeInfo("the partition has a newer view", True, errno.EIO),
