@@ -37,6 +37,7 @@ from shoalfs.replication.view import View
 log = logging.getLogger(__name__)
 
 IO_PIECE = 4 * 1024 * 1024  # data per RPC (the servers take up to layout.MAX_IO)
+REFRESH_ON_TRY_AGAIN = 1.0  # a leader that keeps answering TRY_AGAIN: ask the master this often
 CALL_GRACE = 0.1  # how far past its deadline a call may run (the pool's last attempt lasts >= 0.05 s)
 
 
@@ -71,6 +72,7 @@ class VolumeClient:
         self._dps: list[dict[str, Any]] = []
         self._rr = 0
         self._refreshing: asyncio.Task[None] | None = None
+        self._refreshed_at = -1e9  # when placement was last asked for
         self.open_counts: dict[int, int] = {}
         self.pending_evict: set[int] = set()  # unlinked by us while we have them open
         self._lease_renewal: asyncio.Task[None] | None = None
@@ -154,6 +156,7 @@ class VolumeClient:
         """Ask the master for placement again (at most one request at a time)."""
         if self._refreshing is None or self._refreshing.done():
             async def go() -> None:
+                self._refreshed_at = time.monotonic()
                 try:
                     self._install(await self.master.volume_info(self.volume_name, deadline=5.0))
                 except ShoalError as exc:
@@ -182,8 +185,11 @@ class VolumeClient:
             if exc.code in (Code.NOT_PARTITION_LEADER, Code.STALE_EPOCH) and self._learn_view(exc):
                 return  # the node named the partition's newer view
             moved = exc.code in (Code.PARTITION_NOT_EXIST, Code.NOT_PARTITION_LEADER, Code.STALE_EPOCH)
-            # a leader that does not answer may have been replaced by one of the other members
-            silent = exc.code in (Code.NODE_UNREACHABLE, Code.TIMEOUT) and len(self._current(part)["replicas"]) > 1
+            # a leader that does not answer, or cannot serve (a leader cut off from the master
+            # and its followers answers TRY_AGAIN), may have been replaced by another member
+            replicated = len(self._current(part)["replicas"]) > 1
+            silent = replicated and (exc.code in (Code.NODE_UNREACHABLE, Code.TIMEOUT) or (
+                exc.code == Code.TRY_AGAIN and time.monotonic() - self._refreshed_at >= REFRESH_ON_TRY_AGAIN))
             if moved or silent:
                 # placement may have moved, or a failover made another leader: ask the master
                 with contextlib.suppress(TimeoutError):

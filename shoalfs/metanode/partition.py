@@ -168,13 +168,18 @@ class MetaPartition(ReplicatedPartition):
             await self._append(effects)
         else:
             self.replica.check_serving()
-            async with self.replica.gate.change():  # a catch-up's snapshot waits for it
-                self.replica.check_serving()  # the view may have changed while the gate was shut
-                self.leading_appends += 1
-                try:
-                    await self._append(effects)
-                finally:
-                    self.leading_appends -= 1
+            # a catch-up's snapshot waits for the changes in flight; `effects` were
+            # computed against the state as it is now, so they are queued before
+            # anything else runs, or not at all (see Gate)
+            if not self.replica.gate.enter():
+                await self.replica.gate.wait_open()
+                raise ShoalError(Code.TRY_AGAIN, f"partition {self.pid} was catching a member up: ask again")
+            self.leading_appends += 1
+            try:
+                await self._append(effects)
+            finally:
+                self.leading_appends -= 1
+                self.replica.gate.leave()
         if self.journal.wants_snapshot():
             await self.journal.snapshot(self._state)
         return None if answer is NO_ANSWER else answer

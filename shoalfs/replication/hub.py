@@ -222,6 +222,9 @@ class ReplicationHub:
     async def _catch_up(self, rep: Replica, member: str) -> None:
         key = (rep.pid, member)
         try:
+            # a member we cannot reach would hold the partition's gate shut for a
+            # whole call timeout in the last round: ask it first, briefly
+            await self.peers.call_once(member, Op.REPL_PING, 0, {"views": []}, timeout=min(1.0, LEASE / 2))
             await rep.catch_up(member)
             self._retry_at.pop(key, None)
         except Exception as exc:  # noqa: BLE001 - whatever a peer answered, back off and try again

@@ -40,6 +40,7 @@ T = TypeVar("T")
 LEASE = 1.5  # seconds a follower promises to follow only the leader it last heard from
 LEASE_SAFETY = 0.8  # the leader trusts its lease for this share of LEASE (clock rates differ)
 FORWARD_TIMEOUT = 1.5  # a follower that does not confirm a change within this is reported
+REPORT_WAIT = 2.0  # how long a change waits for the master to drop a follower that missed it
 
 # (member, view) -> the view the master answers; raises if the master cannot be asked
 Reporter = Callable[[View, str, str], Coroutine[Any, Any, View]]
@@ -65,38 +66,57 @@ def newer_view(exc: ShoalError) -> View | None:
 
 class Gate:
     """Changes in flight on a partition; a catch-up's last round closes the
-    gate, waits for those in flight and lets no new one start until it is done."""
+    gate, waits for those in flight and lets no new one start until it is done.
+
+    `enter` counts a change at once, without a pause: a metadata change is
+    computed against the partition's state and must be queued before any
+    other change runs, so it may not wait at the gate in between (two creates
+    waiting there would both take the same inode number). One that finds the
+    gate shut is computed again once it opens."""
 
     def __init__(self) -> None:
         self._active = 0
-        self._closed = False
-        self._cond = asyncio.Condition()
+        self._open = asyncio.Event()
+        self._open.set()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._closing = asyncio.Lock()  # one catch-up's last round at a time
+
+    def enter(self) -> bool:
+        """Count a change in flight now, unless the gate is shut (False)."""
+        if not self._open.is_set():
+            return False
+        self._active += 1
+        self._drained.clear()
+        return True
+
+    def leave(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._drained.set()
+
+    async def wait_open(self) -> None:
+        await self._open.wait()
 
     @contextlib.asynccontextmanager
     async def change(self) -> AsyncIterator[None]:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._closed)
-            self._active += 1
+        """A change that may wait for the gate (it is computed after it enters)."""
+        while not self.enter():
+            await self._open.wait()
         try:
             yield
         finally:
-            async with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
+            self.leave()
 
     @contextlib.asynccontextmanager
     async def closed(self) -> AsyncIterator[None]:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._closed)
-            self._closed = True
-        try:  # a cancel while changes drain opens the gate again too
-            async with self._cond:
-                await self._cond.wait_for(lambda: self._active == 0)
-            yield
-        finally:
-            async with self._cond:
-                self._closed = False
-                self._cond.notify_all()
+        async with self._closing:
+            self._open.clear()
+            try:  # a cancel while changes drain opens the gate again too
+                await self._drained.wait()
+                yield
+            finally:
+                self._open.set()
 
 
 class Replica:
@@ -116,7 +136,7 @@ class Replica:
         self.diverged: set[str] = set()  # in-sync followers whose copy differs: to drop before going on
         self.on_leading: Callable[[], None] = lambda: None  # this node became the leader
         self.gate = Gate()
-        self._reports: dict[tuple[str, str, int], asyncio.Task[View]] = {}
+        self._reports: dict[tuple[str, str, int], asyncio.Task[None]] = {}
 
     @property
     def pid(self) -> int:
@@ -244,7 +264,11 @@ class Replica:
             for attempt in range(3):
                 if attempt and target not in self.view.followers():
                     break
-                await self.report(target, "failed")
+                try:  # not long: a leader cut off from the master must not hold its callers
+                    await asyncio.wait_for(self.report(target, "failed"), REPORT_WAIT)
+                except TimeoutError:
+                    raise ShoalError(Code.TRY_AGAIN, f"partition {self.pid}: the master has not answered "
+                                                     f"about {target} yet") from None
             if target in self.view.followers():
                 raise ShoalError(Code.TRY_AGAIN, f"partition {self.pid}: the master has not dropped {target} yet")
             self.diverged.discard(target)
@@ -259,9 +283,13 @@ class Replica:
         task = self._reports.get(key)
         if task is None or task.done():
             self._reports = {k: t for k, t in self._reports.items() if not t.done()}
-            task = asyncio.create_task(self._reporter(self.view, member, event), context=contextvars.Context())
+            task = asyncio.create_task(self._report_and_adopt(self.view, member, event),
+                                       context=contextvars.Context())
             self._reports[key] = task
-        self.adopt(await asyncio.shield(task))
+        await asyncio.shield(task)  # a caller that stops waiting leaves the report (and its answer) going
+
+    async def _report_and_adopt(self, view: View, member: str, event: str) -> None:
+        self.adopt(await self._reporter(view, member, event))
 
     # ----- catching a member up ------------------------------------------------
     async def catch_up(self, member: str) -> None:
