@@ -203,9 +203,9 @@ class AckedWriter:
         self.log_path = log
         self.prefix = prefix
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "acked_writer.py")
-        self.proc = subprocess.Popen(net.wrap(ns) + [sys.executable, script, log, "--prefix", prefix, *target],
-                                     stdout=subprocess.DEVNULL, stderr=open(log + ".err", "wb"),
-                                     stdin=subprocess.DEVNULL)
+        with open(log + ".err", "wb") as err:
+            self.proc = subprocess.Popen(net.wrap(ns) + [sys.executable, script, log, "--prefix", prefix, *target],
+                                         stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
 
     def records(self) -> list[dict[str, Any]]:
         try:
@@ -220,7 +220,7 @@ class AckedWriter:
     def errors(self) -> list[dict[str, Any]]:
         return [r for r in self.records() if "errno" in r]
 
-    def stop(self, timeout: float = 90) -> None:
+    def stop(self, timeout: float = 70) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # ends after the write under way
             try:

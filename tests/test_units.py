@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 
@@ -125,3 +126,39 @@ def test_rpc_limits_from_config_refuse_what_would_break_them() -> None:
                 {"rpc_max_connections": True}, {"rpc_budget_bytes": MIN_BUDGET - 1}):
         with pytest.raises(ValueError):
             server_limits(bad)
+
+
+def test_gate_counts_changes_and_a_shut_gate_refuses_at_once() -> None:
+    """Gate (replication/replica.py): a change enters without a pause or not at
+    all; closing waits for changes in flight; a cancelled close opens it again."""
+    from shoalfs.replication.replica import Gate
+
+    async def go() -> None:
+        gate = Gate()
+        assert gate.enter()  # a change in flight
+        shut = gate.closed()
+        closing = asyncio.create_task(shut.__aenter__())
+        await asyncio.sleep(0.01)
+        assert not closing.done()  # waits for the change in flight
+        assert not gate.enter()  # shut: refused at once, nothing counted
+        gate.leave()
+        await asyncio.wait_for(closing, 1)
+        opened = asyncio.create_task(gate.wait_open())
+        await asyncio.sleep(0.01)
+        assert not opened.done()
+        await shut.__aexit__(None, None, None)  # the catch-up's last round ends: open again
+        await asyncio.wait_for(opened, 1)
+        assert gate.enter()
+        gate.leave()
+        # a close cancelled while changes drain leaves the gate open
+        assert gate.enter()
+        task = asyncio.create_task(gate.closed().__aenter__())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        gate.leave()
+        assert gate.enter()
+        gate.leave()
+
+    asyncio.run(go())

@@ -154,6 +154,9 @@ class VolumeClient:
 
     async def refresh(self) -> None:
         """Ask the master for placement again (at most one request at a time)."""
+        await asyncio.shield(self._start_refresh())
+
+    def _start_refresh(self) -> asyncio.Task[None]:
         if self._refreshing is None or self._refreshing.done():
             async def go() -> None:
                 self._refreshed_at = time.monotonic()
@@ -162,7 +165,7 @@ class VolumeClient:
                 except ShoalError as exc:
                     log.info("placement refresh failed: %s", exc)
             self._refreshing = asyncio.create_task(go())
-        await asyncio.shield(self._refreshing)
+        return self._refreshing
 
     async def call(self, part: dict[str, Any], op: int, body: dict[str, Any],
                    end: float | None = None) -> Any:
@@ -188,8 +191,11 @@ class VolumeClient:
             # a leader that does not answer, or cannot serve (a leader cut off from the master
             # and its followers answers TRY_AGAIN), may have been replaced by another member
             replicated = len(self._current(part)["replicas"]) > 1
-            silent = replicated and (exc.code in (Code.NODE_UNREACHABLE, Code.TIMEOUT) or (
-                exc.code == Code.TRY_AGAIN and time.monotonic() - self._refreshed_at >= REFRESH_ON_TRY_AGAIN))
+            if (replicated and exc.code == Code.TRY_AGAIN
+                    and time.monotonic() - self._refreshed_at >= REFRESH_ON_TRY_AGAIN):
+                self._start_refresh()  # not waited for: a slow master must not slow a retry
+                return
+            silent = replicated and exc.code in (Code.NODE_UNREACHABLE, Code.TIMEOUT)
             if moved or silent:
                 # placement may have moved, or a failover made another leader: ask the master
                 with contextlib.suppress(TimeoutError):

@@ -14,11 +14,12 @@ import asyncio
 import bisect
 import contextlib
 import contextvars
+import functools
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 from sortedcontainers import SortedDict
 
@@ -40,7 +41,33 @@ from shoalfs.proto.layout import (
 from shoalfs.replication.replica import Replica
 
 SCAN_ENTRIES = 10_000
+RECOMPUTE_TRIES = 10  # a change whose commit keeps finding the gate shut is given up (TRY_AGAIN)
 MAX_ANSWERED = 50_000  # answers kept by request id (metadata changes retried after a failover)
+
+
+class GateWasShut(ShoalError):
+    """A change computed while a catch-up's last round had the partition's
+    gate shut: nothing was queued; it is computed again once the gate opens."""
+
+
+Change = TypeVar("Change", bound=Callable[..., Awaitable[Any]])
+
+
+def recomputed(method: Change) -> Change:
+    """A change method (one commit, at its end) run again from the start when
+    its commit found the gate shut: its effects were computed from a state
+    that other changes may have moved on from meanwhile."""
+
+    @functools.wraps(method)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        for _ in range(RECOMPUTE_TRIES - 1):
+            try:
+                return await method(*args, **kwargs)
+            except GateWasShut:
+                continue
+        return await method(*args, **kwargs)  # still shut: TRY_AGAIN for the caller
+
+    return run  # type: ignore[return-value]
 # the client's id of the request being served (a change it may retry): commit() records
 # the answer with the change, so the retry gets that answer and the change applies once
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -173,7 +200,7 @@ class MetaPartition(ReplicatedPartition):
             # anything else runs, or not at all (see Gate)
             if not self.replica.gate.enter():
                 await self.replica.gate.wait_open()
-                raise ShoalError(Code.TRY_AGAIN, f"partition {self.pid} was catching a member up: ask again")
+                raise GateWasShut(Code.TRY_AGAIN, f"partition {self.pid} was catching a member up: ask again")
             self.leading_appends += 1
             try:
                 await self._append(effects)
@@ -232,6 +259,7 @@ class MetaPartition(ReplicatedPartition):
             raise ShoalError(Code.NOT_FOUND, f"directory {ino} is being removed")
         return node
 
+    @recomputed
     async def prepare_rmdir(self, ino: int) -> None:
         """Check a directory is empty and refuse new entries from now on, in
         one step, so an rmdir cannot race a create. The mark expires after
@@ -241,6 +269,7 @@ class MetaPartition(ReplicatedPartition):
             raise ShoalError(Code.NOT_EMPTY, f"directory {ino} is not empty")
         await self.commit([("I", ino, self._touched(ino, dying=now_ns()))], answer=None)
 
+    @recomputed
     async def abort_rmdir(self, ino: int) -> None:
         node = self.staged.inode(ino)
         if node is not None and "dying" in node:
@@ -291,11 +320,13 @@ class MetaPartition(ReplicatedPartition):
                 "nlink": 2 if stat.S_ISDIR(mode) else 1, "atime": t, "mtime": t, "ctime": t,
                 "target": target, "rdev": rdev, "xattrs": {}, "extents": {}}
 
+    @recomputed
     async def create_inode(self, mode: int, uid: int, gid: int, target: str | None = None,
                            rdev: int = 0) -> dict[str, Any]:
         node = self._new_inode(mode, uid, gid, target, rdev)
         return await self.commit([("C", node["ino"] + 1), ("I", node["ino"], node)], answer=public_attr(node))
 
+    @recomputed
     async def create(self, parent: int, name: str, mode: int, uid: int, gid: int,
                      target: str | None = None, rdev: int = 0, opened_by: str | None = None) -> dict[str, Any]:
         """Inode and dentry together: one journal record, so a create is atomic.
@@ -316,6 +347,7 @@ class MetaPartition(ReplicatedPartition):
                 self.leases.release(ino, opened_by)
             raise
 
+    @recomputed
     async def set_attr(self, ino: int, changes: dict[str, Any]) -> dict[str, Any]:
         node = dict(self.inode(ino, staged=True))
         if (changes.get("size") is not None or changes.get("grow") is not None) and not stat.S_ISREG(node["mode"]):
@@ -344,10 +376,12 @@ class MetaPartition(ReplicatedPartition):
         node = self.inode(ino, staged=True)
         return await self._relink(ino, 0 if stat.S_ISDIR(node["mode"]) else max(0, node["nlink"] - 1))
 
+    @recomputed
     async def _relink(self, ino: int, nlink: int) -> dict[str, Any]:
         node = self._touched(ino, nlink=nlink, ctime=now_ns())
         return await self.commit([("I", ino, node)], answer=public_attr(node))
 
+    @recomputed
     async def evict_inode(self, ino: int, session: str | None = None) -> dict[str, Any]:
         """Drop an inode with no links left and no other session holding it
         open; returns its extents to free."""
@@ -358,6 +392,7 @@ class MetaPartition(ReplicatedPartition):
             return {"extents": {}, "kept": True}
         return await self.commit([("i", ino)], answer={"extents": node["extents"]})
 
+    @recomputed
     async def close_inode(self, ino: int, session: str, may_evict: bool) -> dict[str, Any]:
         """A session that unlinked the inode closed its last handle on it: if
         no other session has it open, drop it (extents to free)."""
@@ -403,6 +438,7 @@ class MetaPartition(ReplicatedPartition):
         out["more"] = bool(out["inodes"]) and (i < len(order) or self.cursor - 1 > order[-1])
         return out
 
+    @recomputed
     async def reclaim_orphan(self, ino: int, ctime: int, nlink: int) -> dict[str, Any]:
         """The orphan sweeper's step: only if the inode is as the sweep saw it
         (link count and ctime), a file's link count goes to 0 (the reaper frees
@@ -436,6 +472,7 @@ class MetaPartition(ReplicatedPartition):
         if value is not None and len(value) > MAX_XATTR_VALUE:
             raise ShoalError(Code.TOO_BIG, f"an xattr value has at most {MAX_XATTR_VALUE} bytes")
 
+    @recomputed
     async def create_dentry(self, parent: int, name: str, ino: int, mode: int) -> None:
         self.check_name(name)
         self.check_type(mode)
@@ -461,6 +498,7 @@ class MetaPartition(ReplicatedPartition):
             found["attr"] = public_attr(node)
         return found
 
+    @recomputed
     async def delete_dentry(self, parent: int, name: str, want_dir: bool | None,
                             keep: list[int] | None = None, session: str | None = None) -> dict[str, Any]:
         """Remove a name. When the inode is in this partition too (files are),
@@ -518,6 +556,7 @@ class MetaPartition(ReplicatedPartition):
         with self._moving():
             return await self._rename_local(sp, sn, dp, dn, noreplace, replace_dir)
 
+    @recomputed
     async def _rename_local(self, sp: int, sn: str, dp: int, dn: str, noreplace: bool,
                             replace_dir: int) -> dict[str, Any]:
         self.check_name(dn)
@@ -552,6 +591,7 @@ class MetaPartition(ReplicatedPartition):
             self.renaming -= 1
             self.moves += 1
 
+    @recomputed
     async def begin_rename_tx(self, txid: str, sp: int, sn: str, tx: dict[str, Any]) -> dict[str, Any]:
         moving = self.lookup(sp, sn, staged=True)
         if any(t["sp"] == sp and t["sn"] == sn for t in self.staged.all_txs()):
@@ -561,6 +601,7 @@ class MetaPartition(ReplicatedPartition):
             await self.commit([("T", txid, tx)])
         return tx
 
+    @recomputed
     async def finish_rename_tx(self, txid: str, answer: dict[str, Any]) -> None:
         """The source half, once the target linked the name; the rename's
         request (if the intent names one) gets `answer` kept with it."""
@@ -576,10 +617,12 @@ class MetaPartition(ReplicatedPartition):
         with self._moving():
             await self.commit(effects)
 
+    @recomputed
     async def abort_rename_tx(self, txid: str) -> None:
         if self.staged.tx(txid) is not None:
             await self.commit([("t", txid)])
 
+    @recomputed
     async def rename_link_tx(self, txid: str, dp: int, dn: str, ino: int, mode: int,
                              noreplace: bool, replace_dir: int = 0) -> dict[str, Any]:
         """Destination half of a cross-partition rename; idempotent per txid."""
@@ -600,6 +643,7 @@ class MetaPartition(ReplicatedPartition):
         return {"replaced": replaced}
 
     # ----- extents and xattrs -------------------------------------------
+    @recomputed
     async def extent_set(self, ino: int, chunk: int, dp: int, ext: int) -> None:
         node = self.inode(ino, staged=True)
         if not stat.S_ISREG(node["mode"]):
@@ -617,12 +661,14 @@ class MetaPartition(ReplicatedPartition):
         extents[chunk] = [dp, ext]
         await self.commit([("I", ino, self._touched(ino, extents=extents))], answer=None)
 
+    @recomputed
     async def extent_drop(self, ino: int, chunks: list[int]) -> None:
         node = self.inode(ino, staged=True)
         drop = set(chunks)
         extents = {c: e for c, e in node["extents"].items() if c not in drop}
         await self.commit([("I", ino, self._touched(ino, extents=extents))], answer=None)
 
+    @recomputed
     async def set_xattr(self, ino: int, name: str, value: bytes, flags: int) -> None:
         self.check_xattr(name, value)
         node = self.inode(ino, staged=True)
@@ -643,6 +689,7 @@ class MetaPartition(ReplicatedPartition):
             raise ShoalError(Code.NO_DATA, f"xattr {name!r} not set")
         return bytes(value)
 
+    @recomputed
     async def remove_xattr(self, ino: int, name: str) -> None:
         node = self.inode(ino, staged=True)
         if name not in node["xattrs"]:

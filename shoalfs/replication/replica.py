@@ -306,8 +306,10 @@ class Replica:
                     return
                 await self.resync(member, view, True)
                 self.joining.add(member)
-                # still closed: no change can miss the member before the master counts it
-                await self.report(member, "joined")
+                # still closed: no change can miss the member before the master counts it;
+                # not for long (changes wait): it gets every change as joining meanwhile,
+                # and the ping round asks the master again
+                await asyncio.wait_for(self.report(member, "joined"), REPORT_WAIT)
         finally:
             self.progress.pop(member, None)
         log.info("partition %d: %s caught up and is in sync (epoch %d)", self.pid, member, self.view.epoch)
