@@ -9,7 +9,8 @@ writer and a mount's writer (64 KiB files, each in its own namespace). Each
 run cuts the metanode leading the root partition and the datanode leading
 the first data partition from every etcd member and master (clients and
 followers still reach them), then heals and waits for the copies to be in
-sync before the next run. Measured from the cut:
+sync before the next run; then the same with the leaders cut from their
+followers too (only clients reach them). Measured from the cut:
 
 - new views: the master has published a new leader for both partitions;
 - first ack by a new leader: the first write that started after both new
@@ -64,14 +65,15 @@ def until(cond: Any, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def one_cut(c: NetCluster, writers: list[AckedWriter]) -> dict[str, float]:
+def one_cut(c: NetCluster, writers: list[AckedWriter], isolate: bool) -> dict[str, float]:
     before = parts(c, "b")
     leaders = {c.node_name(p["replicas"][0]) for p in before.values()}
     count = {w.prefix: len(w.acked()) for w in writers}
     until(lambda: all(len(w.acked()) >= count[w.prefix] + 10 for w in writers), 60, "writes before the cut")
     cut = time.monotonic()
     for name in leaders:
-        c.net.cut(name, ETCDS + MASTERS)
+        peers = [n for n in NODES if n != name and n[:4] == name[:4]] if isolate else []
+        c.net.cut(name, ETCDS + MASTERS + peers)
     until(lambda: all(parts(c, "b")[k]["replicas"][0] != before[k]["replicas"][0] for k in before), 60,
           "new leaders")
     views = time.monotonic()
@@ -92,7 +94,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     net = Net(ETCDS + MASTERS + NODES + ["sdk", "mount"])
-    rows: list[dict[str, float]] = []
+    modes = {"followers reachable": False, "followers cut too": True}
+    rows: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as d:
         try:
             net.up()
@@ -107,9 +110,11 @@ def main() -> None:
                                        ["--master", c.master_addr, "--volume", "b", "--key-file", c.key_file("b")],
                                        "sdk"),
                            AckedWriter(net, "mount", os.path.join(d, "mount.log"), ["--dir", mount.path], "mount")]
-                for i in range(args.runs):
-                    rows.append(one_cut(c, writers))
-                    print(f"run {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()), flush=True)
+                for mode, isolate in modes.items():
+                    for i in range(args.runs):
+                        rows[mode].append(one_cut(c, writers, isolate))
+                        print(f"{mode}, run {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[mode][-1].items()),
+                              flush=True)
             finally:
                 for w in writers:
                     w.stop()
@@ -118,14 +123,18 @@ def main() -> None:
                 c.down()
         finally:
             net.down()
-    keys = list(rows[0])
-    table = [[f"run {i + 1}"] + [f"{r[k]:.2f} s" if not k.startswith("failed") else str(int(r[k])) for k in keys]
-             for i, r in enumerate(rows)]
-    for q in (0.5, 0.99):
-        table.append([f"p{int(q * 100)}"] + [f"{pct([r[k] for r in rows], q):.2f} s" if not k.startswith("failed")
-                                            else str(int(sum(r[k] for r in rows))) for k in keys])
-    show("leaders of a meta and a data partition cut from etcd and the masters (3 replicas)", ["", *keys], table)
+    for mode, measured in rows.items():
+        keys = list(measured[0])
+        table = [[f"run {i + 1}"] + [fmt(k, r[k]) for k in keys] for i, r in enumerate(measured)]
+        for q in (0.5, 0.99):
+            table.append([f"p{int(q * 100)}"] + [fmt(k, pct([r[k] for r in measured], q)) if not k.startswith("failed")
+                                                else str(int(sum(r[k] for r in measured))) for k in keys])
+        show(f"leaders of a meta and a data partition cut from etcd and the masters, {mode} (3 replicas)",
+             ["", *keys], table)
 
+
+def fmt(key: str, value: float) -> str:
+    return str(int(value)) if key.startswith("failed") else f"{value:.2f} s"
 
 if __name__ == "__main__":
     main()

@@ -41,6 +41,9 @@ class NodeMonitor:
         self.state = state
         self.interval = interval
         self.node_timeout = node_timeout
+        # how long one heartbeat may take: a round waits for its slowest node, and
+        # failover waits for the round, so a silent leader is judged after this
+        self.beat_timeout = 3.0
         self.tls = tls
         self.pool: RpcPool | None = None  # while leading
         self.creating: set[int] = set()  # partitions of volumes being created: not orphans
@@ -152,7 +155,7 @@ class NodeMonitor:
         body = {**shared, **self.node_state(addr),
                 "volumes": {vol_id: self.state.volume_map(vol) for vol_id, vol in vols.items()}}
         try:
-            report = await self._pool().call_once(addr, Op.HEARTBEAT, 0, body, timeout=3.0)
+            report = await self._pool().call_once(addr, Op.HEARTBEAT, 0, body, timeout=self.beat_timeout)
         except ShoalError as exc:
             if isinstance(exc.data, dict) and exc.data.get("refused"):  # no process listens there now
                 self.refused.add(addr)

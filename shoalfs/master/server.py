@@ -257,6 +257,8 @@ class Master:
                 raise ValueError(f"default_replicas must be at most {MAX_REPLICAS}")
         except ValueError as exc:
             raise SystemExit(f"shoal: config: {exc}") from None
+        # a leader cut off silently is judged when the round that missed it ends
+        self.nodes.beat_timeout = min(3.0, max(1.0, failover_after))
         self.views = PartitionViews(self.state, self.nodes, failover_after, replace_after)
         self.nodes.after_round = self.views.fail_over
         self.nodes.before_recreate = self.views.lost
