@@ -40,7 +40,7 @@ T = TypeVar("T")
 LEASE = 1.5  # seconds a follower promises to follow only the leader it last heard from
 LEASE_SAFETY = 0.8  # the leader trusts its lease for this share of LEASE (clock rates differ)
 FORWARD_TIMEOUT = 1.5  # a follower that does not confirm a change within this is reported
-REPORT_WAIT = 2.0  # how long a change waits for the master to drop a follower that missed it
+REPORT_WAIT = 1.0  # how long a change waits for the master to drop a follower that missed it (it answers in ms)
 
 # (member, view) -> the view the master answers; raises if the master cannot be asked
 Reporter = Callable[[View, str, str], Coroutine[Any, Any, View]]
