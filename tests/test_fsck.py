@@ -54,7 +54,7 @@ def test_fsck_finds_and_repairs(cluster_factory) -> None:
             f.write(b"keep me")
         ino = vol.stat("/a/file").st_ino
         a_ino = vol.stat("/a").st_ino
-    assert fsck(c) == (0, {"inodes": 4, "entries": 3, "findings": []})
+    assert fsck(c) == (0, {"inodes": 4, "entries": 3, "findings": [], "usage": []})
     leaked = leak_directory(c, "fs")
     # a dangling entry, and a link count one too high
     rpc = RawRpc(volume_cap(c, "fs"))
@@ -72,7 +72,7 @@ def test_fsck_finds_and_repairs(cluster_factory) -> None:
     assert not any(f["repaired"] for f in report["findings"])
     code, report = fsck(c, "--repair")
     assert code == 0 and all(f["repaired"] for f in report["findings"]) and len(report["findings"]) == 3
-    assert fsck(c) == (0, {"inodes": 4, "entries": 3, "findings": []})
+    assert fsck(c) == (0, {"inodes": 4, "entries": 3, "findings": [], "usage": []})
     with c.connect("fs") as vol:
         assert sorted(vol.listdir("/a")) == ["b", "file"]
         assert vol.open("/a/file", "rb").read() == b"keep me"

@@ -43,7 +43,7 @@ def test_nameless_inodes_are_reclaimed(cluster_factory) -> None:
     found = {(f["kind"], f["ino"]) for f in fsck(c)[1]["findings"]}
     assert found == {("orphan", leaked_dir), ("orphan", leaked_file)}
     # nobody runs fsck: the sweeper (two clean sweeps a grace apart) and the reaper free both
-    wait_for(lambda: fsck(c) == (0, {"inodes": 4, "entries": 3, "findings": []}), 30,
+    wait_for(lambda: fsck(c) == (0, {"inodes": 4, "entries": 3, "findings": [], "usage": []}), 30,
              "the orphans to be reclaimed")
     logs = metanode_logs(c)
     assert f"orphan inode {leaked_dir} " in logs and "directory dropped" in logs

@@ -88,7 +88,10 @@ def call_master(args: argparse.Namespace, method: str, path: str, params: dict[s
 
 
 TIME_COLUMNS = {"created_at", "purge_at", "mounted_at", "last_seen"}
-BYTE_COLUMNS = {"disk_free", "disk_total", "used_bytes", "capacity_bytes"}
+BYTE_COLUMNS = {"disk_free", "disk_total", "used_bytes", "capacity_bytes", "raw_bytes", "max_bytes"}
+QUOTA_COLUMNS = ["path", "qid", "max_bytes", "max_inodes", "used_bytes", "inodes"]
+USAGE_COLUMNS = ["name", "owner", "status", "used_bytes", "capacity_bytes", "inodes", "inode_limit", "raw_bytes",
+                 "created_at", "purge_at"]
 
 
 def human_bytes(n: float) -> str:
@@ -182,13 +185,22 @@ def cmd_volume(args: argparse.Namespace) -> None:
         hand_over_key(args, data, "owner_key", args.out or store)
         emit(args, data, "volume created", cols)
     elif args.action == "list":
-        emit(args, call_master(args, "GET", "/volume/list"), "volumes", cols)
+        emit(args, call_master(args, "GET", "/volume/list"), "volumes", USAGE_COLUMNS)
+    elif args.action == "set":
+        if args.capacity is None and args.inodes is None:
+            fail("give --capacity and/or --inodes", 2)
+        body: dict[str, Any] = {"name": args.name}
+        if args.capacity is not None:
+            body["capacity_gib"] = args.capacity
+        if args.inodes is not None:
+            body["inode_limit"] = args.inodes
+        emit(args, call_master(args, "POST", "/volume/set", body=body), "volume changed", cols + ["inode_limit"])
     elif args.action == "info":
         data = call_master(args, "GET", "/volume/info", {"name": args.name})
         if args.json:
             print(json.dumps(data, indent=2))
         else:
-            print_table(f"volume {args.name}", [data], cols)
+            print_table(f"volume {args.name}", [data], ["vol_id", *USAGE_COLUMNS])
             parts = [dict(partition_row(p), kind="meta", range=f"[{p['start']}, {p['end']})")
                      for p in data["meta_partitions"]]
             parts += [dict(partition_row(p), kind="data", range="") for p in data["data_partitions"]]
@@ -290,11 +302,64 @@ def fsck_volume(args: argparse.Namespace) -> None:
                       f"{len(report.findings)} problems")
         if report.findings:
             print_table("fsck", [vars(f) for f in report.findings], ["kind", "ino", "detail", "repaired"])
-    if any(not f.repaired for f in report.findings):
+        if report.usage:
+            print_table("usage counts off", report.usage, ["pid", "kept", "counted", "repaired"])
+    if report.unrepaired:
         raise SystemExit(1)
 
 
 SESSION_COLUMNS = ["host", "pid", "mountpoint", "key", "rights", "version", "mounted_at", "last_seen"]
+
+
+def parse_size(text: str) -> int:
+    """"1048576", "512K", "10M", "2G", "1T" (powers of 1024) -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if text and text[-1].upper() in units:
+            return int(float(text[:-1]) * units[text[-1].upper()])
+        return int(text)
+    except (ValueError, OverflowError):
+        fail(f"bad size {text!r}: use e.g. 512K, 10M, 2G", 2)
+
+
+def cmd_quota(args: argparse.Namespace) -> None:
+    """Directory quotas (client/quota.py): set tags the subtree, so it runs
+    as a client of the volume with the admin token."""
+    if args.action == "list":
+        rows = call_master(args, "GET", "/quota/list", {"volume": args.volume})
+        emit(args, rows, f"quotas of {args.volume}", QUOTA_COLUMNS)
+        return
+    from shoalfs.client.core import ClientOptions, VolumeClient
+    from shoalfs.client.quota import delete_quota, set_quota
+
+    token = admin_token(args)
+    if token is None:
+        fail(f"quota {args.action} needs the admin token: --token-file or SHOAL_TOKEN_FILE")
+    setting = args.action == "set"
+    max_bytes = parse_size(args.bytes) if setting and args.bytes else 0
+    if setting and (max_bytes < 0 or (args.inodes or 0) < 0):
+        fail("--bytes and --inodes must not be negative", 2)
+
+    async def go() -> Any:
+        client = VolumeClient(master_address(args), args.volume,
+                              ClientOptions(op_deadline=30.0, watch=False, tls_ca=tls_ca(args)), admin_token=token)
+        admin = MasterClient(master_address(args), token, tls=tls_context(args))
+        try:
+            await client.open()
+            if setting:
+                return await set_quota(client, admin, args.path, max_bytes, args.inodes or 0)
+            return await delete_quota(client, admin, args.path)
+        finally:
+            await client.close()
+            await admin.close()
+    try:
+        quota = asyncio.run(go())
+    except ShoalError as exc:
+        fail(exc.msg)
+    if setting:
+        emit(args, quota, f"quota on {args.path}", [*QUOTA_COLUMNS[:4], "tagged"])
+    else:
+        emit(args, quota, "quota deleted", ["deleted", "untagged"])
 
 
 def parse_duration(text: str) -> float:
@@ -433,7 +498,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave inodes changed in the last S seconds alone (operations under way)")
     vsub.add_parser("scrub", parents=[common], help="compare every partition's copies; repair what differs"
                     ).add_argument("name")
+    vs = vsub.add_parser("set", parents=[common], help="change a volume's capacity or inode limit (admin)")
+    vs.add_argument("name")
+    vs.add_argument("--capacity", type=float, help="GiB (a fraction is allowed: 0.01 is about 10 MiB)")
+    vs.add_argument("--inodes", type=int, help="most files and directories the volume may hold (0: no limit)")
     v.set_defaults(func=cmd_volume)
+
+    q = sub.add_parser("quota", help="directory quotas of a volume (admin)")
+    qsub = q.add_subparsers(dest="action", required=True, parser_class=Parser)
+    qs = qsub.add_parser("set", parents=[common], help="limit a directory's subtree (0 or absent: no limit)")
+    qs.add_argument("volume")
+    qs.add_argument("path", help="a directory of the volume, e.g. /teams/a")
+    qs.add_argument("--bytes", help="most bytes the subtree may hold, e.g. 10G")
+    qs.add_argument("--inodes", type=int, help="most files and directories under it")
+    qsub.add_parser("list", parents=[common]).add_argument("volume")
+    qd = qsub.add_parser("delete", parents=[common])
+    qd.add_argument("volume")
+    qd.add_argument("path")
+    q.set_defaults(func=cmd_quota)
 
     k = sub.add_parser("key", help="access keys of a volume (admin)")
     ksub = k.add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -471,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command in ("cluster", "volume") and getattr(args, "capacity", 1) <= 0:
+    capacity = getattr(args, "capacity", None)
+    if args.command in ("cluster", "volume") and capacity is not None and capacity <= 0:
         fail("--capacity must be positive", 2)
     try:
         args.func(args)

@@ -245,7 +245,7 @@ class VolumeClient:
         return res
 
     async def _new_inode(self, mode: int, uid: int, gid: int, target: str | None = None,
-                         rdev: int = 0) -> dict[str, Any]:
+                         rdev: int = 0, qids: list[int] | None = None) -> dict[str, Any]:
         self._rr = (self._rr + 1) % len(self._mps)
         last: ShoalError | None = None
         for i in range(len(self._mps)):
@@ -253,12 +253,12 @@ class VolumeClient:
             try:
                 res: dict[str, Any] = await self.call(part, Op.META_CREATE_INODE,
                                                       {"mode": mode, "uid": uid, "gid": gid,
-                                                       "target": target, "rdev": rdev})
+                                                       "target": target, "rdev": rdev, "qids": qids or []})
                 return res
             except ShoalError as exc:
-                if exc.code != Code.NO_SPACE:
+                if exc.code != Code.NO_SPACE or at_limit(exc):
                     raise
-                last = exc
+                last = exc  # this partition is out of inode numbers: another may have some
         assert last is not None
         raise last
 
@@ -275,9 +275,11 @@ class VolumeClient:
                     "target": target, "rdev": rdev, "open": opening})
                 return res
             except ShoalError as exc:
-                if exc.code != Code.NO_SPACE:
+                if exc.code != Code.NO_SPACE or at_limit(exc):
                     raise
-        attr = await self._new_inode(mode, uid, gid, target, rdev)
+        # in another partition than its parent: it takes the parent's directory quotas from us
+        qids = (await self.getattr(parent)).get("qids", [])
+        attr = await self._new_inode(mode, uid, gid, target, rdev, qids)
         try:
             await self.meta(parent, Op.META_CREATE_DENTRY,
                             {"parent": parent, "name": name, "ino": attr["ino"], "mode": attr["mode"]})
@@ -288,6 +290,11 @@ class VolumeClient:
         return attr
 
     async def link(self, ino: int, parent: int, name: str) -> dict[str, Any]:
+        # a file counts toward the quotas it was created under: a link from
+        # under other ones would let it grow uncounted there (EXDEV, as XFS)
+        here, there = await asyncio.gather(self.getattr(ino), self.getattr(parent))
+        if set(here.get("qids", [])) != set(there.get("qids", [])):
+            raise ShoalError(Code.CROSS_QUOTA, "a hard link across directory quotas")
         attr = await self.meta(ino, Op.META_LINK_INODE, {"ino": ino})
         try:
             await self.meta(parent, Op.META_CREATE_DENTRY,
@@ -580,6 +587,12 @@ async def all_or_none(coros: list[Coroutine[Any, Any, Any]]) -> list[Any]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def at_limit(exc: ShoalError) -> bool:
+    """NO_SPACE because a capacity, inode limit or quota is reached (not a
+    partition out of inode numbers)."""
+    return isinstance(exc.data, dict) and bool(exc.data.get("limit"))
 
 
 def split_path(path: str) -> list[str]:

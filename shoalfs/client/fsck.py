@@ -4,7 +4,10 @@ Every meta partition is scanned page by page and the whole is checked
 (common/namespace.py: orphans, dangling entries, wrong link counts; inodes
 changed within `grace` seconds are left alone). Repair evicts orphans
 (freeing their data), removes dangling entries and sets link counts; each
-step is an ordinary journaled change on its partition. (The metanodes'
+step is an ordinary journaled change on its partition. Each partition's
+usage counts (bytes and inodes, what df and the volume's limits use) are
+compared with a fresh count of its inodes and, with --repair, replaced by
+it (on the leader; every replica counts afresh when it starts). (The metanodes'
 orphan sweeper reclaims orphans by itself; fsck finds them at once.)
 """
 
@@ -25,10 +28,15 @@ class Report:
     inodes: int = 0
     entries: int = 0
     findings: list[Finding] = field(default_factory=list)
+    usage: list[dict[str, Any]] = field(default_factory=list)  # partitions whose counts were off
 
     def as_dict(self) -> dict[str, Any]:
         return {"inodes": self.inodes, "entries": self.entries,
-                "findings": [f.public() for f in self.findings]}
+                "findings": [f.public() for f in self.findings], "usage": self.usage}
+
+    @property
+    def unrepaired(self) -> bool:
+        return any(not f.repaired for f in self.findings) or any(not u["repaired"] for u in self.usage)
 
 
 async def check(client: VolumeClient, repair: bool = False, grace: float = 600.0) -> Report:
@@ -40,6 +48,12 @@ async def check(client: VolumeClient, repair: bool = False, grace: float = 600.0
         for finding in report.findings:
             await fix(client, finding)
             finding.repaired = True
+    # each partition's usage counts (what df and the limits use) against a fresh count
+    for part in client.vol["meta_partitions"]:
+        res = await client.call(part, Op.META_USAGE, {"repair": repair})
+        if res["kept"] != res["counted"]:
+            report.usage.append({"pid": part["pid"], "kept": res["kept"], "counted": res["counted"],
+                                 "repaired": res["repaired"]})
     return report
 
 

@@ -107,7 +107,8 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         size = max([attr["size"]] + [h.size for h in self.open_handles(attr["ino"])])  # our unflushed writes count
         e.st_size = size
         e.st_blksize = BLOCK
-        e.st_blocks = (size + 511) // 512
+        # what the file has allocated (holes are not), plus what we have not flushed yet
+        e.st_blocks = int(attr.get("blocks", 0)) + (size - attr["size"] + 511) // 512
         e.st_atime_ns = attr["atime"]
         e.st_mtime_ns = attr["mtime"]
         e.st_ctime_ns = attr["ctime"]
@@ -376,8 +377,10 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         s.f_bsize = s.f_frsize = BLOCK
         s.f_blocks = st["capacity_bytes"] // BLOCK
         s.f_bfree = s.f_bavail = max(0, st["capacity_bytes"] - st["used_bytes"]) // BLOCK
-        s.f_files = 1 << 40
-        s.f_ffree = s.f_favail = (1 << 40) - st["inodes"]
+        limit = int(st.get("inode_limit") or 0)
+        # without an inode limit, as many more files as free blocks (df -i then means something)
+        s.f_ffree = s.f_favail = max(0, limit - st["inodes"]) if limit else s.f_bfree
+        s.f_files = limit or st["inodes"] + s.f_ffree
         s.f_namemax = 255
         return s
 

@@ -22,6 +22,7 @@ a retry without read-ahead, write-behind batches, the size update.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -29,6 +30,8 @@ from typing import Any
 from shoalfs.client.core import CALL_GRACE, VolumeClient, all_or_none, check_file_size
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
+
+log = logging.getLogger(__name__)
 
 WRITE_BUFFER = 4 * 1024 * 1024
 MAX_INFLIGHT = 4
@@ -259,7 +262,9 @@ class FileHandle:
                                        end)
                 self._landed = False
                 self._meta_size = max(self._meta_size, self._landed_end)
-            except ShoalError:
+            except ShoalError as exc:
+                if exc.code == Code.NO_SPACE:  # past a limit: the bytes that landed are not the file's
+                    await self._forget_refused()
                 if err is None:
                     raise
         if err is not None:
@@ -271,6 +276,19 @@ class FileHandle:
         chunks = set(self._unsynced)
         await self.client.sync_chunks(self.ino, chunks, self.known, end)
         self._unsynced -= chunks
+
+    async def _forget_refused(self) -> None:
+        """The size update was refused (a capacity or quota limit): cut the
+        data back to the file's size, so a later extension past it reads
+        zeros, not the refused bytes."""
+        self._landed = False
+        try:
+            await self.client.truncate(self.ino, self._meta_size)
+            self.known = await self.client.extents(self.ino)
+        except ShoalError as exc:
+            log.warning("inode %d: refused bytes past %d not cut back: %s", self.ino, self._meta_size, exc.msg)
+        self.size = self._landed_end = self._meta_size
+        self._drop_read_cache()
 
     async def truncate(self, size: int, end: float | None = None) -> None:
         await self.flush(end)

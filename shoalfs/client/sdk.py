@@ -48,6 +48,7 @@ class StatResult:
     st_atime_ns: int
     st_mtime_ns: int
     st_ctime_ns: int
+    st_blocks: int = 0  # 512-byte units allocated (holes are not)
 
     @property
     def st_mtime(self) -> float:
@@ -56,7 +57,7 @@ class StatResult:
     @classmethod
     def from_attr(cls, a: dict[str, Any]) -> StatResult:
         return cls(a["ino"], a["mode"], a["nlink"], a["uid"], a["gid"], a["size"],
-                   a["atime"], a["mtime"], a["ctime"])
+                   a["atime"], a["mtime"], a["ctime"], int(a.get("blocks", 0)))
 
 
 class _Loop:
@@ -182,6 +183,12 @@ class Volume:
         return parent["ino"], parts[-1]
 
     # ----- metadata --------------------------------------------------------------
+    def usage(self) -> dict[str, int]:
+        """The volume's capacity_bytes, used_bytes, inodes, inode_limit (0:
+        none) and raw_bytes (on datanodes, every copy), as the master last
+        summed them (within a heartbeat round, about a second)."""
+        return dict(self._run(self.client.statfs(), "/"))
+
     def stat(self, path: str) -> StatResult:
         return StatResult.from_attr(self._run(self._resolve(path), path))
 

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # capability, not a field, proves they come from the master).
 IDS = ListOf(Str(64), 1_000_000)  # vol_ids, key ids
 MASTER_STATE: Schema = {"read_only": Opt(IDS, []), "volumes": Opt(Map, {}), "revoked": Opt(IDS, []),
-                        "node_cap": Opt(Str(MAX_TOKEN))}
+                        "node_cap": Opt(Str(MAX_TOKEN)), "limits": Opt(Map, {})}
 DELETE_PARTITION: Schema = {"tombstone": Opt(Map)}
 NEW_PARTITION: Schema = {"vol_id": Str(64), "replicas": Opt(ListOf(Str(256), 16), []), "volume": Opt(Map),
                          "epoch": Opt(Int(1, I64_MAX), 1), "in_sync": Opt(ListOf(Str(256), 16), [])}

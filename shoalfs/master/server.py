@@ -34,6 +34,7 @@ from shoalfs.master.nodes import NodeMonitor
 from shoalfs.master.sessions import ClientSessions
 from shoalfs.master.state import DELETED, MasterState
 from shoalfs.master.store import EtcdStore
+from shoalfs.master.usage import delete_quota, limits_state, quota_list, set_limits, set_quota, volume_usage
 from shoalfs.master.views import REPLACE_AFTER, PartitionViews
 from shoalfs.proto.errors import Code, ShoalError, info
 from shoalfs.proto.rpc import split_addr
@@ -277,6 +278,10 @@ class Master:
         self.add("GET", "/volume/list", self.volume_list, Auth.ADMIN)
         self.add("GET", "/volume/info", self.volume_info, Auth.VOLUME)
         self.add("GET", "/volume/stat", self.volume_stat, Auth.VOLUME)
+        self.add("POST", "/volume/set", self.volume_set, Auth.ADMIN)
+        self.add("POST", "/quota/set", self.quota_set, Auth.ADMIN)
+        self.add("POST", "/quota/delete", self.quota_delete, Auth.ADMIN)
+        self.add("GET", "/quota/list", self.quota_list, Auth.VOLUME)
         self.add("POST", "/key/create", self.key_create, Auth.ADMIN)
         self.add("GET", "/key/list", self.key_list, Auth.ADMIN)
         self.add("POST", "/key/revoke", self.key_revoke, Auth.ADMIN)
@@ -390,7 +395,9 @@ class Master:
     def _round_state(self) -> dict[str, Any]:
         """What every node hears in a heartbeat round: volumes pending deletion
         (read-only) and the keys whose capabilities to refuse."""
-        return {"read_only": self.state.read_only_volumes(), "revoked": self.keys.revoked_ids()}
+        live = [v for v in self.state.volumes.values() if v["status"] != DELETED]
+        return {"read_only": self.state.read_only_volumes(), "revoked": self.keys.revoked_ids(),
+                "limits": limits_state(live, self.nodes.reports)}
 
     async def volume_create(self, request: web.Request) -> Any:
         body = await self.body(request)
@@ -447,8 +454,9 @@ class Master:
         return dict({k: v for k, v in vol.items() if k not in PRIVATE_FIELDS}, master_pubkey=self.lifecycle.public_key)
 
     async def volume_list(self, request: web.Request) -> Any:
-        return [{k: v for k, v in vol.items() if k not in ("meta_partitions", "data_partitions", "tombstone",
-                                                           *PRIVATE_FIELDS)}
+        return [dict({k: v for k, v in vol.items() if k not in ("meta_partitions", "data_partitions", "tombstone",
+                                                                "quotas", "next_qid", *PRIVATE_FIELDS)},
+                     **volume_usage(vol, self.nodes.reports))
                 for vol in sorted(self.state.volumes.values(), key=lambda v: v["name"])
                 if vol["status"] != DELETED]
 
@@ -459,24 +467,42 @@ class Master:
         return vol
 
     async def volume_info(self, request: web.Request) -> Any:
-        info = self.describe(self.visible_volume(request, self.arg(request, "name")))
+        vol = self.visible_volume(request, self.arg(request, "name"))
+        info = dict(self.describe(vol), **volume_usage(vol, self.nodes.reports))
         for key in ("meta_partitions", "data_partitions"):  # with how far each catch-up is
             info[key] = [dict(p, catch_up=self.views.catch_up(p)) for p in info[key]]
         return info
 
     async def volume_stat(self, request: web.Request) -> Any:
         vol = self.visible_volume(request, self.arg(request, "name"))
-        used = 0
-        for part in vol["data_partitions"]:
-            for addr in part["replicas"][:1]:
-                report = self.nodes.reports.get(addr, {}).get("partitions", {})
-                used += int(report.get(part["pid"], report.get(str(part["pid"]), {})).get("used", 0))
-        inodes = 0
-        for part in vol["meta_partitions"]:
-            report = self.nodes.reports.get(part["replicas"][0], {}).get("partitions", {})
-            inodes += int(report.get(part["pid"], {}).get("inodes", 0))
-        return {"capacity_bytes": int(vol["capacity_gib"] * (1 << 30)), "used_bytes": used,
-                "inodes": inodes}
+        return volume_usage(vol, self.nodes.reports)
+
+    async def quota_set(self, request: web.Request) -> Any:
+        body = await self.body(request)
+        async with self.lock:
+            vol = self.state.by_name(body.get("volume"))  # type: ignore[arg-type]
+            qid, quota = set_quota(vol, body)
+            await self.state.save()
+        return dict(quota, qid=qid)
+
+    async def quota_delete(self, request: web.Request) -> Any:
+        body = await self.body(request)
+        async with self.lock:
+            vol = self.state.by_name(body.get("volume"))  # type: ignore[arg-type]
+            delete_quota(vol, body.get("path"))
+            await self.state.save()
+        return {"deleted": body.get("path")}
+
+    async def quota_list(self, request: web.Request) -> Any:
+        return quota_list(self.visible_volume(request, self.arg(request, "volume")), self.nodes.reports)
+
+    async def volume_set(self, request: web.Request) -> Any:
+        body = await self.body(request)
+        async with self.lock:
+            vol = self.state.by_name(body.get("name"))  # type: ignore[arg-type]
+            set_limits(vol, body)
+            await self.state.save()  # the metanodes hear it with the next heartbeat round
+        return self.describe(vol)
 
     # ----- access keys --------------------------------------------------------
     async def key_create(self, request: web.Request) -> Any:

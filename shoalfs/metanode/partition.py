@@ -18,7 +18,7 @@ import functools
 import secrets
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from sortedcontainers import SortedDict
@@ -27,6 +27,7 @@ from shoalfs.metanode.journal import Journal
 from shoalfs.metanode.leases import OpenLeases
 from shoalfs.metanode.replicated import Call, ReplicatedPartition
 from shoalfs.metanode.staged import Staged
+from shoalfs.metanode.usage import Limits, Usage, allocated_of, growth
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import (
     MAX_CHUNK,
@@ -91,6 +92,7 @@ def public_attr(inode: dict[str, Any]) -> dict[str, Any]:
     """The attributes a client sees (no extent map; only how many xattrs)."""
     attr = {k: v for k, v in inode.items() if k not in ("xattrs", "extents")}
     attr["nxattr"] = len(inode["xattrs"])
+    attr["blocks"] = -(-allocated_of(inode) // 512)  # st_blocks: holes are not counted
     return attr
 
 
@@ -122,6 +124,8 @@ class MetaPartition(ReplicatedPartition):
         self.leading_appends = 0  # our own changes queued in the journal (as leader)
         self._background: set[asyncio.Task[None]] = set()
         self.requests_in_flight: set[str] = set()  # request ids being served here (not journaled)
+        self.usage = Usage()  # inodes and allocated bytes of the committed state (usage.py)
+        self.limits: Callable[[], Limits] = dict  # the volume's and its quotas', from the master
 
     # ----- persistence -------------------------------------------------
     def load(self) -> None:
@@ -141,6 +145,7 @@ class MetaPartition(ReplicatedPartition):
             self.txs = snapshot.get("txs", {})
             self.applied_txs = snapshot.get("applied", {})
             self.answered = snapshot.get("answered", {})
+        self.usage.recount(self.inodes.values())
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -156,9 +161,10 @@ class MetaPartition(ReplicatedPartition):
         for eff in effects:
             kind = eff[0]
             if kind == "I":
+                self.usage.change(self.inodes.get(eff[1]), eff[2])
                 self.inodes[eff[1]] = eff[2]
             elif kind == "i":
-                self.inodes.pop(eff[1], None)
+                self.usage.change(self.inodes.pop(eff[1], None), None)
                 self.dentries.pop(eff[1], None)
             elif kind == "D":
                 self.dentries.setdefault(eff[1], SortedDict())[eff[2]] = (eff[3], eff[4])
@@ -181,13 +187,15 @@ class MetaPartition(ReplicatedPartition):
                 if len(self.answered) > MAX_ANSWERED:
                     self.answered.pop(next(iter(self.answered)))
 
-    async def commit(self, effects: list[Any], answer: Any = NO_ANSWER) -> Any:
+    async def commit(self, effects: list[Any], answer: Any = NO_ANSWER, check_limits: bool = True) -> Any:
         """Make durable (here and on every in-sync replica), then apply to
         memory (the journal calls _on_durable). `answer`: what the change's
         request gets, kept with it under the request's id (REQUEST_ID), so a
         retry is answered the same and changes nothing; returned."""
         if self.before_commit is not None:
             self.before_commit()
+        if check_limits:
+            self._check_limits(effects)
         rid = REQUEST_ID.get()
         if rid is not None and answer is not NO_ANSWER:
             effects = [*effects, ("R", rid, answer)]
@@ -210,6 +218,18 @@ class MetaPartition(ReplicatedPartition):
         if self.journal.wants_snapshot():
             await self.journal.snapshot(self._state)
         return None if answer is NO_ANSWER else answer
+
+    def _check_limits(self, effects: list[Any]) -> None:
+        """NO_SPACE for a change that grows the volume past its capacity or
+        inode limit, or a directory quota past its own (one that frees space
+        always passes)."""
+        changes = [(self.staged.inode(eff[1]), eff[2] if eff[0] == "I" else None)
+                   for eff in effects if eff[0] in ("I", "i")]
+        grow = {b: v for b, v in growth(changes).items() if v[0] > 0 or v[1] > 0}
+        if grow:
+            # changes queued here, not durable yet, count too (concurrent creates at a limit)
+            pending = growth((self.inodes.get(ino), node) for ino, node in self.staged.inodes.items())
+            self.usage.check(self.limits(), grow, pending)
 
     def answer_of(self, rid: str) -> tuple[bool, Any]:
         """(True, answer) if the change of request `rid` was applied."""
@@ -305,7 +325,8 @@ class MetaPartition(ReplicatedPartition):
                 "xattrs": {}, "extents": {}}
         return [("I", ROOT_INO, root), ("C", ROOT_INO + 1)]
 
-    def _new_inode(self, mode: int, uid: int, gid: int, target: str | None, rdev: int) -> dict[str, Any]:
+    def _new_inode(self, mode: int, uid: int, gid: int, target: str | None, rdev: int,
+                   qids: Iterable[int] = ()) -> dict[str, Any]:
         ino = self.staged.next_cursor()
         if ino >= self.end:
             raise ShoalError(Code.NO_SPACE, f"meta partition {self.pid} has no free inodes")
@@ -315,15 +336,18 @@ class MetaPartition(ReplicatedPartition):
         if target is not None and len(target.encode()) > MAX_SYMLINK:
             raise ShoalError(Code.NAME_TOO_LONG, f"a symlink target has at most {MAX_SYMLINK} bytes")
         t = now_ns()
-        return {"ino": ino, "mode": mode, "uid": uid, "gid": gid,
+        node: dict[str, Any] = {"ino": ino, "mode": mode, "uid": uid, "gid": gid,
                 "size": len(target.encode()) if target else 0,
                 "nlink": 2 if stat.S_ISDIR(mode) else 1, "atime": t, "mtime": t, "ctime": t,
                 "target": target, "rdev": rdev, "xattrs": {}, "extents": {}}
+        if qids:  # the directory quotas it counts toward: its parent's (usage.py)
+            node["qids"] = sorted(set(qids))
+        return node
 
     @recomputed
     async def create_inode(self, mode: int, uid: int, gid: int, target: str | None = None,
-                           rdev: int = 0) -> dict[str, Any]:
-        node = self._new_inode(mode, uid, gid, target, rdev)
+                           rdev: int = 0, qids: Iterable[int] = ()) -> dict[str, Any]:
+        node = self._new_inode(mode, uid, gid, target, rdev, qids)
         return await self.commit([("C", node["ino"] + 1), ("I", node["ino"], node)], answer=public_attr(node))
 
     @recomputed
@@ -335,7 +359,7 @@ class MetaPartition(ReplicatedPartition):
         self.open_directory(parent)
         if self.staged.dentry(parent, name) is not None:
             raise ShoalError(Code.EXISTS, f"{name!r} exists")
-        node = self._new_inode(mode, uid, gid, target, rdev)
+        node = self._new_inode(mode, uid, gid, target, rdev, self.inode(parent, staged=True).get("qids", ()))
         ino = node["ino"]
         if opened_by is not None:
             self.leases.open(ino, opened_by)
@@ -346,6 +370,32 @@ class MetaPartition(ReplicatedPartition):
             if opened_by is not None:
                 self.leases.release(ino, opened_by)
             raise
+
+    def check_same_quotas(self, src_parent: dict[str, Any] | list[int], dp: int) -> None:
+        """CROSS_QUOTA (EXDEV) for a move from a directory under other quotas
+        than `dp` (held here): the moved subtree would count toward the wrong
+        ones; `mv` copies, then removes, as it does across file systems."""
+        qids = set(src_parent if isinstance(src_parent, list) else src_parent.get("qids", []))
+        differ = qids ^ set(self.inode(dp, staged=True).get("qids", []))
+        limits = self.limits()
+        if limits:  # a tag of a deleted quota counts toward nothing (unknown before the first heartbeat)
+            differ = {q for q in differ if f"q{q}" in limits}
+        if differ:
+            raise ShoalError(Code.CROSS_QUOTA, "the directories are under different quotas")
+
+    @recomputed
+    async def tag_quota(self, ino: int, qid: int, add: bool) -> dict[str, Any]:
+        """Count an inode toward directory quota `qid` (or no longer): what
+        `shoal quota set` does to each inode of the subtree. Never refused
+        for being over the quota: a quota set on a full directory refuses
+        only what grows it from then on."""
+        node = dict(self.inode(ino, staged=True))
+        qids = set(node.get("qids", ()))
+        if (qid in qids) == add:
+            return public_attr(node)
+        qids = qids | {qid} if add else qids - {qid}
+        node["qids"] = sorted(qids)
+        return await self.commit([("I", ino, node)], answer=public_attr(node), check_limits=False)
 
     @recomputed
     async def set_attr(self, ino: int, changes: dict[str, Any]) -> dict[str, Any]:
@@ -414,6 +464,17 @@ class MetaPartition(ReplicatedPartition):
                 and not self.leases.held(ino)]
 
     # ----- fsck ------------------------------------------------------------
+    def recount_usage(self, repair: bool) -> dict[str, Any]:
+        """The partition's counts (usage.py) against a fresh count of its
+        inodes; with `repair`, the fresh count is kept if they differ."""
+        counted = Usage()
+        counted.recount(self.inodes.values())
+        kept = {b: list(v) for b, v in self.usage.counts.items()}
+        differ = kept != counted.counts
+        if differ and repair:
+            self.usage = counted
+        return {"kept": kept, "counted": counted.counts, "repaired": differ and repair}
+
     def scan(self, after: int, limit: int) -> dict[str, Any]:
         """Inodes after `after` (at most `limit`, fewer once their directories'
         entries add up to SCAN_ENTRIES) with their directory entries."""
@@ -568,6 +629,7 @@ class MetaPartition(ReplicatedPartition):
         if existing is not None and existing[0] == moving["ino"]:
             # rename onto another link of the same inode: POSIX says do nothing
             return {"ino": moving["ino"], "replaced": None}
+        self.check_same_quotas(self.inode(sp, staged=True), dp)
         self._check_replace(moving["mode"], existing, noreplace, replace_dir)
         # a directory moving takes a link from its old parent to its new one;
         # a directory it replaces takes one from the new parent
@@ -596,7 +658,9 @@ class MetaPartition(ReplicatedPartition):
         moving = self.lookup(sp, sn, staged=True)
         if any(t["sp"] == sp and t["sn"] == sn for t in self.staged.all_txs()):
             raise ShoalError(Code.TRY_AGAIN, f"{sn!r} is being renamed")
-        tx = dict(tx, sp=sp, sn=sn, ino=moving["ino"], mode=moving["mode"])
+        # the quotas it leaves: the target refuses a parent under other ones
+        tx = dict(tx, sp=sp, sn=sn, ino=moving["ino"], mode=moving["mode"],
+                  qids=self.inode(sp, staged=True).get("qids", []))
         with self._moving():
             await self.commit([("T", txid, tx)])
         return tx
@@ -624,7 +688,7 @@ class MetaPartition(ReplicatedPartition):
 
     @recomputed
     async def rename_link_tx(self, txid: str, dp: int, dn: str, ino: int, mode: int,
-                             noreplace: bool, replace_dir: int = 0) -> dict[str, Any]:
+                             noreplace: bool, replace_dir: int = 0, qids: list[int] | None = None) -> dict[str, Any]:
         """Destination half of a cross-partition rename; idempotent per txid."""
         done, replaced_before = self.staged.applied_tx(txid)
         if done:
@@ -632,6 +696,8 @@ class MetaPartition(ReplicatedPartition):
         self.check_name(dn)
         self.check_type(mode)
         self.open_directory(dp)
+        if qids is not None:
+            self.check_same_quotas(qids, dp)
         existing = self.staged.dentry(dp, dn)
         if existing is not None and existing[0] == ino:
             existing = None

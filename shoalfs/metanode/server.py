@@ -28,6 +28,7 @@ from shoalfs.metanode.leases import OpenLeases
 from shoalfs.metanode.orphans import OrphanSweeper
 from shoalfs.metanode.partition import REQUEST_ID, SCAN_ENTRIES, MetaPartition, public_attr
 from shoalfs.metanode.reaper import Reaper
+from shoalfs.metanode.usage import limits_of
 from shoalfs.proto.capability import READ_WRITE, Access
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import (
@@ -62,6 +63,8 @@ CHUNK_NO = Int(0, MAX_CHUNK)
 XATTR_NAME = Str(LONG_STRING)
 NEW_INODE: Schema = {"mode": MODE, "uid": Opt(ID, 0), "gid": Opt(ID, 0), "target": Opt(Str(LONG_STRING)),
              "rdev": Opt(Int(0, U32), 0)}
+QID = Int(1, U32)
+QIDS = ListOf(QID, 64)  # the directory quotas an inode counts toward (usage.py)
 SET_ATTR: Schema = {"ino": INO, "mode": Opt(MODE), "uid": Opt(ID), "gid": Opt(ID),
             "size": Opt(Int(0, MAX_FILE_SIZE)), "grow": Opt(Int(0, MAX_FILE_SIZE)),
             "atime": Opt(TIME_NS), "mtime": Opt(TIME_NS), "ctime": Opt(TIME_NS)}
@@ -93,6 +96,7 @@ class MetaNode(NodeService):
         self.subscribers: dict[str, set[ServerConnection]] = {}
         self._subscriptions: dict[ServerConnection, set[str]] = {}  # the other way round
         self.volume_maps = VolumeMaps(os.path.join(self.data_dir, "volumes.json"))
+        self.volume_limits: dict[str, Any] = {}  # vol_id -> limits and totals, from the master
         try:
             self.open_lease = config_seconds(cfg, "open_lease", OPEN_LEASE)
             sweep = (config_seconds(cfg, "orphan_scan_interval", 300.0, zero=True),
@@ -120,7 +124,10 @@ class MetaNode(NodeService):
         r(Op.SUBSCRIBE, self.subscribe, {"vol_id": Str(64)}, access=Access.OPEN)  # check_watch
         on = self._on
         r(Op.META_CREATE_INODE, on(lambda p, b: p.create_inode(
-            b["mode"], b["uid"], b["gid"], b["target"], b["rdev"])), NEW_INODE, access=W)
+            b["mode"], b["uid"], b["gid"], b["target"], b["rdev"], b["qids"])),
+          {**NEW_INODE, "qids": Opt(QIDS, [])}, access=W)  # the parent's (it is in another partition)
+        r(Op.META_TAG_QUOTA, on(lambda p, b: p.tag_quota(b["ino"], b["qid"], b["add"])),
+          {"ino": INO, "qid": QID, "add": Opt(Bool, True)}, access=W)
         # `open`: the caller opens the file in the same step (a lease of its session)
         r(Op.META_CREATE, on(lambda p, b, s: p.create(
             b["parent"], b["name"], b["mode"], b["uid"], b["gid"], b["target"], b["rdev"],
@@ -149,6 +156,8 @@ class MetaNode(NodeService):
           {"after": Opt(Int(0, MAX_INO), 0), "limit": Opt(Int(0, 1000), 1000)},  # 0: the counters only
           cost=lambda b: b["limit"] and b["limit"] * ATTR_BYTES + SCAN_ENTRIES * DENTRY_BYTES,
           access=Access.INSPECT)
+        r(Op.META_USAGE, on(lambda p, b: p.recount_usage(b["repair"])), {"repair": Opt(Bool, False)},
+          access=Access.INSPECT)
         r(Op.META_SET_NLINK, on(lambda p, b: p.set_nlink(b["ino"], b["nlink"])),
           {"ino": INO, "nlink": Int(0, 1 << 32)}, access=W)
         r(Op.META_RECLAIM_ORPHAN, on(lambda p, b: p.reclaim_orphan(b["ino"], b["ctime"], b["nlink"])),
@@ -161,8 +170,8 @@ class MetaNode(NodeService):
           cost=lambda b: b["limit"] * DENTRY_BYTES, access=R)
         r(Op.META_RENAME, on(self.rename), RENAME, access=W)
         r(Op.META_RENAME_LINK_TX, on(lambda p, b: p.rename_link_tx(
-            b["txid"], b["parent"], b["name"], b["ino"], b["mode"], b["noreplace"], b["replace_dir"])),
-          RENAME_LINK, access=P)
+            b["txid"], b["parent"], b["name"], b["ino"], b["mode"], b["noreplace"], b["replace_dir"], b["qids"])),
+          {**RENAME_LINK, "qids": Opt(QIDS)}, access=P)
         r(Op.META_EXTENT_SET, on(lambda p, b: p.extent_set(b["ino"], b["chunk"], b["dp"], b["ext"])),
           {"ino": INO, "chunk": CHUNK_NO, "dp": PID, "ext": Int(0, U64)}, access=W)
         r(Op.META_EXTENT_DROP, on(lambda p, b: p.extent_drop(b["ino"], b["chunks"])),
@@ -235,6 +244,9 @@ class MetaNode(NodeService):
         part.load()
         vol_id = info["vol_id"]
         part.before_commit = lambda: self.check_writable(vol_id)
+        part.limits = lambda: limits_of(self.volume_limits.get(vol_id), info["pid"], {
+            p: (mp.usage, mp.replica is None or mp.replica.leading)
+            for p, mp in self.partitions.items() if mp.info["vol_id"] == vol_id})
         part.data_partitions = lambda: self.volume_maps.data_partitions(vol_id)
         return part
 
@@ -255,9 +267,11 @@ class MetaNode(NodeService):
 
     async def heartbeat(self, pid: int, body: Any, conn: Any) -> Any:
         self.apply_master_state(body)
+        self.volume_limits = body["limits"]  # read by each partition's limit check (usage.limits_of)
         self.volume_maps.update(body["volumes"], {p.info["vol_id"] for p in self.partitions.values()})
         self.replication.adopt_maps(body["volumes"])
-        return {"partitions": {p: {"vol_id": mp.info["vol_id"], "inodes": len(mp.inodes),
+        return {"partitions": {p: {"vol_id": mp.info["vol_id"], "inodes": mp.usage.inodes, "bytes": mp.usage.bytes,
+                                   "usage": mp.usage.counts,
                                    "catch_up": mp.replica.progress if mp.replica is not None else {}}
                                for p, mp in self.partitions.items()}}
 
@@ -275,7 +289,7 @@ class MetaNode(NodeService):
         part.leases.born()
         if part.start <= 1 < part.end and 1 not in part.inodes:
             # every replica makes the same root itself (same time): nothing to send
-            await part.commit(part.new_root(t=body["created_ns"]))
+            await part.commit(part.new_root(t=body["created_ns"]), check_limits=False)  # a copy, not growth
         atomic_write(os.path.join(pdir, "partition.json"), json.dumps(info).encode())
         fsync_dir(self.data_dir)  # the partition's directory name too
         self._replicate(part, fresh=True)
@@ -473,7 +487,8 @@ class MetaNode(NodeService):
         good) aborts the intent, so no name is left stuck."""
         tx = part.txs[txid]
         body = {"txid": txid, "parent": tx["dp"], "name": tx["dn"], "ino": tx["ino"],
-                "mode": tx["mode"], "noreplace": tx["noreplace"], "replace_dir": tx.get("replace_dir", 0)}
+                "mode": tx["mode"], "noreplace": tx["noreplace"], "replace_dir": tx.get("replace_dir", 0),
+                "qids": tx.get("qids", [])}
         vol_id = part.info["vol_id"]
         while True:
             try:

@@ -39,6 +39,7 @@ class Code(IntEnum):
     FILE_TOO_BIG = 100424
     OUT_OF_RANGE = 100425
     TOO_BIG = 100426
+    CROSS_QUOTA = 100427  # a rename between directories under different quotas (as XFS project quotas)
     INTERNAL = 100500
     # transient: retried inside the operation's deadline
     TIMEOUT = 100600
@@ -82,6 +83,7 @@ REGISTRY: dict[Code, CodeInfo] = {
     Code.FILE_TOO_BIG: CodeInfo("file would exceed the largest size (64 TiB)", False, errno.EFBIG),
     Code.OUT_OF_RANGE: CodeInfo("name or value out of range", False, errno.ERANGE),
     Code.TOO_BIG: CodeInfo("value too large", False, errno.E2BIG),
+    Code.CROSS_QUOTA: CodeInfo("rename across directory quotas: copy, then remove", False, errno.EXDEV),
     Code.PARTITION_NOT_EXIST: CodeInfo("partition not on this node", True, errno.EIO),
     Code.NO_DATA: CodeInfo("no such attribute", False, errno.ENODATA),
     Code.NOT_PERMITTED: CodeInfo("operation not permitted", False, errno.EPERM),

@@ -8,6 +8,9 @@ extent grow past a chunk or name a chunk that no file can have.
 
 from __future__ import annotations
 
+import posixpath
+from collections.abc import Iterable
+
 CHUNK = 64 * 1024 * 1024
 CHUNK_BITS = 20  # chunks per file: 2^20, so a file holds at most 64 TiB
 MAX_CHUNK = (1 << CHUNK_BITS) - 1
@@ -28,3 +31,23 @@ def extent_id(ino: int, chunk: int) -> int:
     if not 0 <= chunk <= MAX_CHUNK or not 0 < ino <= MAX_INO:
         raise ValueError(f"no extent for chunk {chunk} of inode {ino}")
     return (ino << CHUNK_BITS) | chunk
+
+
+VOLUME_BUCKET = "v"  # usage counts: the whole volume's bucket; a directory quota's is "q<id>"
+
+
+def allocated(size: int, chunks: Iterable[int], block: int = 4096) -> int:
+    """Bytes a file of `size` allocates: each chunk that has an extent, up to
+    the size, in whole blocks (chunks without one are holes)."""
+    total = 0
+    for chunk in chunks:
+        part = min(CHUNK, size - chunk * CHUNK)
+        if part > 0:
+            total += -(-part // block) * block
+    return total
+
+
+def normal_path(path: str) -> str:
+    """An absolute path as quotas are named, the same everywhere: /a/b (no
+    trailing slash, no dots, no doubled slashes)."""
+    return posixpath.normpath(path).replace("//", "/")

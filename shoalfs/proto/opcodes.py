@@ -46,6 +46,8 @@ class Op(IntEnum):
     META_RENEW_LEASES = 127  # the files a session has open in a partition: still open
     META_RECLAIM_ORPHAN = 128  # the orphan sweeper: reclaim an inode if it is as the sweep saw it
     META_RECORDS = 129  # journal records the leader made durable (forwarded to followers only)
+    META_USAGE = 130  # fsck: a partition's inode and byte counts against a fresh count
+    META_TAG_QUOTA = 131  # `shoal quota set`: count an inode toward a directory quota (or no longer)
     # datanode
     DATA_WRITE = 200
     DATA_READ = 201
@@ -69,5 +71,5 @@ META_ONCE = frozenset({
     Op.META_CREATE_INODE, Op.META_CREATE, Op.META_SET_ATTR, Op.META_LINK_INODE, Op.META_UNLINK_INODE,
     Op.META_EVICT_INODE, Op.META_CREATE_DENTRY, Op.META_DELETE_DENTRY, Op.META_RENAME, Op.META_EXTENT_SET,
     Op.META_EXTENT_DROP, Op.META_SET_XATTR, Op.META_REMOVE_XATTR, Op.META_RMDIR_PREPARE, Op.META_RMDIR_ABORT,
-    Op.META_CLOSE, Op.META_SET_NLINK,
+    Op.META_CLOSE, Op.META_SET_NLINK, Op.META_TAG_QUOTA,
 })
