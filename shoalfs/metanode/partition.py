@@ -69,6 +69,8 @@ def recomputed(method: Change) -> Change:
         return await method(*args, **kwargs)  # still shut: TRY_AGAIN for the caller
 
     return run  # type: ignore[return-value]
+
+
 # the client's id of the request being served (a change it may retry): commit() records
 # the answer with the change, so the retry gets that answer and the change applies once
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
