@@ -27,6 +27,12 @@ def bench_cluster() -> Iterator[EmbeddedCluster]:
             c.down()
 
 
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `values`, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
 def machine() -> str:
     import os
 

@@ -22,14 +22,9 @@ import sys
 import tempfile
 import time
 
-from bench.common import machine, show
+from bench.common import machine, pct, show
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def failovers(kills: int) -> dict[str, list[float]]:

@@ -20,13 +20,8 @@ import threading
 import time
 from datetime import datetime
 
-from bench.common import bench_cluster, show
+from bench.common import bench_cluster, pct, show
 from shoalfs.client.mount import is_mounted
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def one_round(c, path: str, i: int, work: str, heartbeat: float) -> tuple[float, float]:

@@ -29,7 +29,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import show
+from bench.common import pct, show
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
@@ -38,11 +38,6 @@ from netcluster import AckedWriter, Net, NetCluster  # noqa: E402
 
 ETCDS, MASTERS = ["etcd1", "etcd2", "etcd3"], ["master", "master2"]
 NODES = [f"{role}{i}" for role in ("metanode", "datanode") for i in (1, 2, 3)]
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def parts(c: NetCluster, volume: str) -> dict[str, dict[str, Any]]:

@@ -96,6 +96,12 @@ def shoal_env(c: EmbeddedCluster) -> dict[str, str]:
     return env
 
 
+def cli(c: EmbeddedCluster, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`shoal ARGS` against cluster `c`, as its operator."""
+    return subprocess.run([sys.executable, "-m", "shoalfs.cli", *args], env=shoal_env(c),
+                          capture_output=True, text=True, timeout=timeout)
+
+
 # ----- FUSE mounts ---------------------------------------------------------------
 import signal  # noqa: E402
 import subprocess  # noqa: E402

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -25,7 +23,7 @@ from shoalfs.proto import capability
 from shoalfs.proto.capability import Capability
 from shoalfs.proto.errors import Code
 from shoalfs.proto.opcodes import Op
-from tests.conftest import RawRpc, shoal_env, volume_cap, wait_for
+from tests.conftest import RawRpc, cli, volume_cap, wait_for
 from tests.test_lifecycle import expect_deleted_exit, lifecycle_opts, parse_sd
 
 FAILOVER_LIMIT = 5.0  # seconds from kill -9 of the leader to a follower leading
@@ -61,11 +59,6 @@ def fail_over(c: EmbeddedCluster) -> tuple[str, str, float]:
     new = wait_for(c.leader, 15, "a follower to take over")
     assert isinstance(new, str) and new != old
     return old, new, time.monotonic() - killed
-
-
-def cli(c: EmbeddedCluster, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shoalfs.cli", *args], env=shoal_env(c),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 class Writer(threading.Thread):

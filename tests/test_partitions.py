@@ -9,8 +9,6 @@ import errno
 import hashlib
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +17,7 @@ import pytest
 from conftest import Mount, RawRpc, SyslogListener, volume_cap, wait_for
 from netcluster import CTL, AckedWriter, Net, NetCluster
 from test_lifecycle import RECORD_FIELDS, lifecycle_opts, parse_sd
-from test_replication import assert_replicas_identical, fully_replicated, views
+from test_replication import assert_replicas_identical, fully_replicated, scrub, views
 
 from shoalfs.client.mount import is_mounted
 from shoalfs.proto.errors import Code
@@ -121,15 +119,6 @@ def part_view(c: NetCluster, volume: str, kind: str, pid: int) -> dict[str, Any]
     return next(p for p in views(c, volume, kind) if p["pid"] == pid)
 
 
-def scrub_clean(c: NetCluster, volume: str) -> bool:
-    """`shoal volume scrub` finds every copy equal (exit 0)."""
-    env = dict(os.environ, SHOAL_MASTER=c.master_addr, SHOAL_TOKEN_FILE=c.token_file)
-    r = subprocess.run([sys.executable, "-m", "shoalfs.cli", "volume", "scrub", volume, "--json"],
-                       capture_output=True, text=True, env=env, timeout=120)
-    assert r.stdout, r.stderr
-    return r.returncode == 0
-
-
 @pytest.mark.parametrize("followers", ["reachable", "cut too"])
 def test_leaders_cut_from_etcd_and_masters_stop_acknowledging(pc: NetCluster, mount_factory: Any, tmp_path: Any,
                                                               followers: str) -> None:
@@ -166,7 +155,7 @@ def test_leaders_cut_from_etcd_and_masters_stop_acknowledging(pc: NetCluster, mo
     with c.connect("p1") as vol:
         assert "probe" not in vol.listdir("/")
     assert_replicas_identical(c, "p1")
-    assert scrub_clean(c, "p1")
+    assert scrub(c, "p1")[0] == 0
 
 
 def test_follower_cut_from_its_leader_leaves_in_sync_and_catches_up(pc: NetCluster, mount_factory: Any,
@@ -196,7 +185,7 @@ def test_follower_cut_from_its_leader_leaves_in_sync_and_catches_up(pc: NetClust
     w.assert_no_errors()
     w.assert_read_back()
     assert_replicas_identical(c, "p2")
-    assert scrub_clean(c, "p2")
+    assert scrub(c, "p2")[0] == 0
 
 
 def test_master_leader_cut_from_etcd_is_replaced_and_writes_nothing(pc: NetCluster, mount_factory: Any,

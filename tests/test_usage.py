@@ -9,13 +9,12 @@ import errno
 import json
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import shoal_env, wait_for
+from conftest import cli, wait_for
 
 from shoalfs.cli.cluster import EmbeddedCluster
 
@@ -31,13 +30,10 @@ def usage(c: EmbeddedCluster, volume: str) -> dict[str, Any]:
 
 def settles(c: EmbeddedCluster, volume: str, **want: int) -> dict[str, Any]:
     """Wait until the master's sums show `want` (within a couple of heartbeat rounds)."""
-    return dict(wait_for(lambda: (lambda u: u if all(u[k] == v for k, v in want.items()) else None)(
-        usage(c, volume)), 15, f"usage {want}"))  # type: ignore[arg-type]
-
-
-def shoal(c: EmbeddedCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shoalfs.cli", *args], capture_output=True, text=True,
-                          env=shoal_env(c), timeout=60)
+    def matches() -> dict[str, Any] | None:
+        u = usage(c, volume)
+        return u if all(u[k] == v for k, v in want.items()) else None
+    return dict(wait_for(matches, 15, f"usage {want}"))  # type: ignore[call-overload]
 
 
 def test_df_du_and_df_i_follow_writes_truncates_holes_and_deletes(cluster: EmbeddedCluster,
@@ -71,7 +67,7 @@ def test_df_du_and_df_i_follow_writes_truncates_holes_and_deletes(cluster: Embed
     os.unlink(os.path.join(m.path, "sparse"))
     u = settles(c, "use-df", used_bytes=0, inodes=1)
     assert u["raw_bytes"] >= 0 and u["capacity_bytes"] == 2 << 30
-    listed = shoal(c, "volume", "list")
+    listed = cli(c, "volume", "list")
     assert listed.returncode == 0 and "use-df" in listed.stdout and "2.0 GiB" in listed.stdout, listed
 
 
@@ -130,7 +126,7 @@ def test_capacity_refuses_growth_at_the_right_byte_then_resumes(small: EmbeddedC
         settles(c, "use-cap", used_bytes=size)
         assert fill(vol, "/grow", 256 * 1024) >= 3 * MiB
         # and after the capacity is raised (`shoal volume set`)
-        r = shoal(c, "volume", "set", "use-cap", "--capacity", str(16 * MiB / (1 << 30)))
+        r = cli(c, "volume", "set", "use-cap", "--capacity", str(16 * MiB / (1 << 30)))
         assert r.returncode == 0, r.stderr
         settles(c, "use-cap", capacity_bytes=16 * MiB)
         grown = [0]  # the metanodes hear the new capacity with the next heartbeat round
@@ -147,9 +143,9 @@ def test_inode_limit_refuses_creates_until_raised(small: EmbeddedCluster) -> Non
         settles(c, "use-ino", inodes=2)
         # a limit the volume already holds: the next create is refused once the
         # metanodes have it (the next heartbeat round)
-        assert shoal(c, "volume", "set", "use-ino", "--inodes", "2").returncode == 0
+        assert cli(c, "volume", "set", "use-ino", "--inodes", "2").returncode == 0
         wait_for(lambda: _refused(vol, "/probe"), 10, "creates refused at the limit")
-        r = shoal(c, "volume", "set", "use-ino", "--inodes", "4")
+        r = cli(c, "volume", "set", "use-ino", "--inodes", "4")
         assert r.returncode == 0, r.stderr
         wait_for(lambda: not _refused(vol, "/d/a"), 10, "creates again under the new limit")
         vol.open("/d/a", "wb").close()
@@ -159,7 +155,7 @@ def test_inode_limit_refuses_creates_until_raised(small: EmbeddedCluster) -> Non
                 vol.open(path, "wb").close()
             assert full.value.errno == errno.ENOSPC
         assert sorted(vol.listdir("/d")) == ["a", "b"]
-        assert shoal(c, "volume", "set", "use-ino", "--inodes", "0").returncode == 0
+        assert cli(c, "volume", "set", "use-ino", "--inodes", "0").returncode == 0
         settles(c, "use-ino", inode_limit=0)
         wait_for(lambda: not _refused(vol, "/d/c"), 10, "creates again without a limit")
 
@@ -167,7 +163,7 @@ def test_inode_limit_refuses_creates_until_raised(small: EmbeddedCluster) -> Non
 def test_concurrent_creates_never_pass_the_inode_limit(small: EmbeddedCluster) -> None:
     c = small
     c.create_volume("use-race")
-    assert shoal(c, "volume", "set", "use-race", "--inodes", "12").returncode == 0
+    assert cli(c, "volume", "set", "use-race", "--inodes", "12").returncode == 0
     with c.connect("use-race") as vol:
         wait_for(lambda: _refused_past(vol, 12), 15, "the limit at the metanodes")
         made: list[str] = []
@@ -244,7 +240,7 @@ def test_counts_after_a_metanode_kill_mid_workload_equal_a_recount(small: Embedd
     writer.start()
     try:
         wait_for(lambda: done[0] > 60, 30, "writes")
-        before = shoal(c, "volume", "fsck", "use-kill", "--json")  # the counts kept so far equal a recount
+        before = cli(c, "volume", "fsck", "use-kill", "--json")  # the counts kept so far equal a recount
         assert before.returncode == 0 and json.loads(before.stdout)["usage"] == [], before.stdout + before.stderr
         c.kill("metanode1")  # mid-workload: the writer's calls wait for it
         c.start("metanode1")
@@ -259,7 +255,7 @@ def test_counts_after_a_metanode_kill_mid_workload_equal_a_recount(small: Embedd
         want = sum(-(-vol.stat(p).st_size // BLOCK) * BLOCK for p in files)
         assert all(vol.stat(p).st_blocks * 512 == -(-vol.stat(p).st_size // BLOCK) * BLOCK for p in files)
     settles(c, "use-kill", used_bytes=want, inodes=len(files) + 1)
-    r = shoal(c, "volume", "fsck", "use-kill", "--json")  # every partition's counts equal a fresh count
+    r = cli(c, "volume", "fsck", "use-kill", "--json")  # every partition's counts equal a fresh count
     assert r.returncode == 0 and json.loads(r.stdout)["usage"] == [], r.stdout + r.stderr
 
 
@@ -274,7 +270,7 @@ def test_allocated_counts_chunks_with_an_extent_up_to_the_size() -> None:
 
 
 def quotas(c: EmbeddedCluster, volume: str) -> dict[str, dict[str, Any]]:
-    r = shoal(c, "quota", "list", volume, "--json")
+    r = cli(c, "quota", "list", volume, "--json")
     assert r.returncode == 0, r.stderr
     return {q["path"]: q for q in json.loads(r.stdout)}
 
@@ -289,7 +285,7 @@ def test_directory_quota_limits_its_subtree_and_moves_keep_usage_right(small: Em
     for rel in ("team/a", "team/sub/b", "other/c"):
         with open(os.path.join(m.path, rel), "wb") as f:
             f.write(os.urandom(MiB))
-    r = shoal(c, "quota", "set", "use-dq", "/team", "--bytes", "4M", "--inodes", "8", "--json")
+    r = cli(c, "quota", "set", "use-dq", "/team", "--bytes", "4M", "--inodes", "8", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tagged"] == 4  # team, sub, a, b
     wait_for(lambda: quotas(c, "use-dq")["/team"]["used_bytes"] == 2 * MiB, 15, "the subtree's usage")
@@ -337,7 +333,7 @@ def test_directory_quota_limits_its_subtree_and_moves_keep_usage_right(small: Em
             vol.mkdir("/team/one-too-many")
         assert full.value.errno == errno.ENOSPC
         vol.mkdir("/other/fine")
-    r = shoal(c, "quota", "delete", "use-dq", "/team")
+    r = cli(c, "quota", "delete", "use-dq", "/team")
     assert r.returncode == 0, r.stderr
     assert "/team" not in quotas(c, "use-dq")
     with c.connect("use-dq") as vol:
