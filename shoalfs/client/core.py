@@ -26,6 +26,7 @@ from typing import Any
 
 from shoalfs.client.credential import ClientCredential
 from shoalfs.common.master_client import MasterClient
+from shoalfs.common.metrics import Metrics
 from shoalfs.common.tls import client_context
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import CHUNK, MAX_FILE_SIZE, OPEN_LEASE, extent_id
@@ -73,6 +74,7 @@ class VolumeClient:
         self._rr = 0
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = -1e9  # when placement was last asked for
+        self.metrics: Metrics | None = None  # a mount's, with -o metrics=HOST:PORT
         self.open_counts: dict[int, int] = {}
         self.pending_evict: set[int] = set()  # unlinked by us while we have them open
         self._lease_renewal: asyncio.Task[None] | None = None
@@ -202,12 +204,15 @@ class VolumeClient:
                     await asyncio.wait_for(self.refresh(), max(0.0, until - time.monotonic()))
 
         self.check_fence()
+        started = time.perf_counter()
+        code = 0
         try:
             # the pool bounds each attempt, its connect and its send by what is
             # left, so no call outlives the deadline
             return await self.pool.call(lambda: self._current(part)["replicas"][0], op, part["pid"], body,
                                         deadline=max(0.01, end - time.monotonic()), before_retry=before_retry)
         except ShoalError as exc:
+            code = exc.code
             self.check_fence()
             if exc.code == Code.VOLUME_NOT_EXIST and self.on_volume_error is not None:
                 self.on_volume_error(exc)
@@ -217,6 +222,9 @@ class VolumeClient:
             elif exc.code == Code.UNAUTHORIZED:  # a node refuses the key: it was revoked
                 self.credential.refused(exc)
             raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.client_request(op, code, started)
 
     def check_fence(self) -> None:
         if self.fenced:

@@ -78,6 +78,8 @@ class DeletionAwareMount(MountSession):
         if self.deletion is not None:
             return
         self.deletion = {"tomb": tomb, "path": path, "detected_at": time.time(), "t0": time.monotonic()}
+        if self.client is not None and self.client.metrics is not None:
+            self.client.metrics.event(f"deletion_detected_by_{path}")
         self._watchdog = threading.Timer(self.watchdog_s + self.linger_s, self._force_exit)
         self._watchdog.daemon = True
         self._watchdog.start()

@@ -24,6 +24,7 @@ from typing import Any
 
 from shoalfs.client.core import ClientOptions, VolumeClient
 from shoalfs.common.files import open_private_log
+from shoalfs.common.metrics import Metrics
 from shoalfs.common.tls import TlsConfigError
 from shoalfs.proto.errors import Code, ShoalError
 
@@ -62,7 +63,7 @@ class MountOptions:
              "no_allow_other": ("allow_other", False), "ro": ("read_only", True),
              "debug": ("debug", True), "no_auto_unmount": ("auto_unmount", False)}
     GUARD_OPTIONS = ("heartbeat", "deleted_exit_code", "watchdog", "linger", "audit_log", "syslog", "push", "detect",
-                     "op_deadline")
+                     "op_deadline", "metrics")
 
     def apply(self, spec: str) -> None:
         """Apply a comma-separated -o list. A master list continues the same
@@ -179,6 +180,14 @@ class MountSession:
             raise MountError(f"cannot open volume {self.opts.volume!r}: {exc.msg}") from None
         if client.credential.read_only:
             self.opts.read_only = True  # a read-only key: the kernel refuses writes with EROFS
+        addr = self.opts.extra.get("metrics")
+        if addr:  # -o metrics=HOST:PORT (off unless asked)
+            client.metrics = Metrics("mount")
+            try:
+                client.metrics.serve(addr)
+            except (OSError, ValueError) as exc:
+                await client.close()
+                raise MountError(f"metrics on {addr}: {exc}") from None
         return client
 
     def make_ops(self, client: VolumeClient) -> Any:

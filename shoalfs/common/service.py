@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from shoalfs.common.files import atomic_write
 from shoalfs.common.limits import raise_nofile_limit, server_limits
 from shoalfs.common.master_client import MasterClient
+from shoalfs.common.metrics import Metrics
 from shoalfs.common.tls import TlsConfigError, client_context, server_context
 from shoalfs.common.tombstones import TombstoneStore
 from shoalfs.proto import capability, tombstone
@@ -101,6 +102,10 @@ class NodeService:
         self.master_api = MasterClient(self.master, self.token, tls=self.tls_client)
         self.rpc = RpcServer(f"{self.role}@{self.listen}", limits)
         self.rpc.authorize = self.authorize
+        self.metrics = Metrics(self.role)
+        self.metrics_addr: str | None = cfg.get("metrics") or None  # HOST:PORT; off when absent
+        if self.metrics_addr:  # (nothing is counted when nobody can scrape it)
+            self.rpc.started, self.rpc.answered = self.metrics.rpc_started, self.metrics.rpc_done
         self.rpc.route(Op.PING, self._ping, access=Access.OPEN)
         self.rpc.route(Op.AUTH, self._authenticate, {"cap": Str(MAX_TOKEN)}, access=Access.OPEN)
         # learned when the master accepts our registration
@@ -270,6 +275,8 @@ class NodeService:
         await self.open()
         host, port = split_addr(self.listen)
         await self.rpc.start(host, port, self.tls_server)
+        if self.metrics_addr:
+            self.metrics.serve_or_exit(self.metrics_addr)
         log.info("%s serving on %s%s", self.role, self.listen, " (TLS)" if self.tls_server else "")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -128,6 +128,7 @@ class DataNode(NodeService):
         # between the replicas of a partition
         self.replication = ReplicationHub(self.listen, self.peers, self.master_api,
                                           lambda: {p: dp.replica for p, dp in self.partitions.items()})
+        self.replication.register_metrics(self.metrics)
         self.replication.register(r)
         P = Access.PEER
         r(Op.REPL_FORWARD, self.apply_forwarded, {"view": Raw, "op": Int(0, 999), "body": Map}, access=P)

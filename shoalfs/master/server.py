@@ -30,6 +30,7 @@ from shoalfs.master.cluster_secrets import ClusterSecrets, cluster_secrets
 from shoalfs.master.keys import OWNER, KeyRing
 from shoalfs.master.leadership import Leadership
 from shoalfs.master.lifecycle import VolumeLifecycle
+from shoalfs.master.metrics import master_metrics
 from shoalfs.master.nodes import NodeMonitor
 from shoalfs.master.sessions import ClientSessions
 from shoalfs.master.state import DELETED, MasterState
@@ -266,7 +267,10 @@ class Master:
         self.fence_term = 0  # the term node commands carry: above every term nodes have obeyed
         self.lock = asyncio.Lock()
         self._background_jobs: set[asyncio.Task[None]] = set()
-        self.app = web.Application(middlewares=[self._envelope_mw], client_max_size=1 << 20)
+        self.metrics, counted = master_metrics(self)
+        self.views.on_change = self.metrics.event
+        self.metrics_addr: str | None = cfg.get("metrics") or None  # HOST:PORT; off when absent
+        self.app = web.Application(middlewares=[counted, self._envelope_mw], client_max_size=1 << 20)
         self.routes: dict[tuple[str, str], tuple[Handler, Auth]] = {}
         self.add("GET", "/master/status", self.master_status, Auth.OPEN, leader_only=False)
         self.add("GET", "/cluster/info", self.cluster_info, Auth.OPEN)
@@ -580,6 +584,8 @@ class Master:
         assert runner.server is not None
         host, port = split_addr(self.listen)
         listener = await serve_http(runner.server, host, port, self.http_limits, self.tls_server)
+        if self.metrics_addr:
+            self.metrics.serve_or_exit(self.metrics_addr)
         log.info("master serving on %s://%s (%s), etcd %s", http_scheme(self.tls_server), self.listen,
                  self.http_limits, self.leadership.store.endpoint)
         self._campaign.start()

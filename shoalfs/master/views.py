@@ -53,6 +53,7 @@ class PartitionViews:
         self.lock = asyncio.Lock()
         self.leading_since = 0.0  # monotonic time this master began to lead (set at election)
         self._pushes: set[asyncio.Task[None]] = set()
+        self.on_change: Callable[[str], None] | None = None  # an event for the metrics, per new view
 
     def find(self, pid: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """(partition record, volume) of a live volume's partition."""
@@ -112,6 +113,8 @@ class PartitionViews:
             raise
         log.info("partition %d: epoch %d, leader %s, in sync %s (%s)", view.pid, view.epoch, view.leader,
                  ",".join(view.in_sync), why)
+        if self.on_change is not None:
+            self.on_change("partition_failover" if view.leader != old.leader else "partition_view_change")
         task = asyncio.create_task(self._push(view))
         self._pushes.add(task)
         task.add_done_callback(self._pushes.discard)

@@ -108,6 +108,11 @@ class MetaNode(NodeService):
         self.replication = ReplicationHub(self.listen, self.peers, self.master_api,
                                           lambda: {p: mp.replica for p, mp in self.partitions.items()
                                                    if mp.replica is not None})
+        self.replication.register_metrics(self.metrics)
+        self.metrics.state("shoal_partition_usage", "Each meta partition's counts (what: bytes, inodes)",
+                           ["pid", "what"], lambda: [((str(p), what), float(v)) for p, mp in self.partitions.items()
+                                                     for what, v in (("bytes", mp.usage.bytes),
+                                                                     ("inodes", mp.usage.inodes))])
         r = self._route
         R, W, M, P = Access.READ, Access.WRITE, Access.MASTER, Access.PEER
         self.replication.register(r)

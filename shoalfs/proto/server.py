@@ -252,6 +252,9 @@ class RpcServer:
         self._server: asyncio.AbstractServer | None = None
         self._conns: dict[ServerConnection, None] = {}  # in order of last activity, roughly
         self._sweeper: asyncio.Task[None] | None = None
+        # observers of every request (common/metrics.py): started() -> token; answered(op, result, token)
+        self.started: Callable[[], float] | None = None
+        self.answered: Callable[[int, int, float], None] | None = None
 
     def route(self, opcode: int, handler: Handler, schema: Schema | None = None, cost: Cost | None = None,
               *, access: Access) -> None:
@@ -329,6 +332,7 @@ class RpcServer:
                        reserved: int) -> None:
         held = reserved
         result = 0
+        token = self.started() if self.started is not None else 0.0
         try:
             try:
                 body = decode_body(header, payload)
@@ -366,3 +370,5 @@ class RpcServer:
                             partition_id=header.partition_id, result=result, flags=FLAG_RESPONSE, body=reply))
         finally:
             conn.request_done(held)
+            if self.answered is not None:
+                self.answered(header.opcode, int(result), token)

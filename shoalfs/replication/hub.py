@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from shoalfs.common.master_client import MasterClient
+from shoalfs.common.metrics import Metrics
 from shoalfs.common.placement import views_of
 from shoalfs.common.tasks import BackgroundTask
 from shoalfs.proto.capability import Access
@@ -48,6 +49,21 @@ class ReplicationHub:
         self._tasks: dict[tuple[int, str], asyncio.Task[None]] = {}  # catch-ups and reports under way
         self._retry_at: dict[tuple[int, str], tuple[float, float]] = {}  # -> (when, pause)
         self._missed: dict[str, int] = {}  # follower node -> pings in a row it did not answer
+
+    def register_metrics(self, metrics: Metrics) -> None:
+        """What this node's replication looks like, read when Prometheus scrapes."""
+        def partitions() -> list[tuple[tuple[str, ...], float]]:
+            reps = list(self.replicas().values())
+            led = sum(1 for r in reps if r.leading)
+            return [(("yes",), float(led)), (("no",), float(len(reps) - led))]
+        metrics.state("shoal_partitions", "Partitions held here, by whether this node leads them", ["leading"],
+                      partitions)
+        metrics.state("shoal_replicas_lagging", "Members of partitions led here that are not in sync "
+                      "(catching up, or away)", [],
+                      lambda: [((), float(sum(len(r.view.lagging()) for r in self.replicas().values()
+                                              if r.leading)))])
+        metrics.state("shoal_catch_ups_running", "Catch-ups of lagging members this node runs now", [],
+                      lambda: [((), float(sum(1 for r in self.replicas().values() for _ in r.progress)))])
 
     def replica(self, view: View, persist: Callable[[View], None], fresh: bool = False) -> Replica:
         """A partition's replication; `fresh`: just created, so no other node
