@@ -41,9 +41,9 @@ def dd(args: list[str]) -> float:
     return size / secs / (1 << 20)
 
 
-def fio_iops(directory: str, rw: str) -> float:
+def fio_iops(directory: str, rw: str, seconds: int = 10) -> float:
     out = subprocess.run(["fio", "--name=b", f"--directory={directory}", f"--rw={rw}", "--bs=4k",
-                          "--size=64m", "--runtime=10", "--time_based", "--ioengine=psync",
+                          "--size=64m", f"--runtime={seconds}", "--time_based", "--ioengine=psync",
                           "--output-format=terse", "--terse-version=3"], capture_output=True, text=True,
                          check=True).stdout
     fields = out.strip().splitlines()[-1].split(";")
@@ -100,7 +100,7 @@ def main() -> None:
         with bench_cluster() as c:
             c.create_volume("bench")
             with mounted([sys.executable, "-m", "shoalfs.cli", "mount", "bench", mnt, "--master",
-                          c.master_addr, "--foreground"], mnt):
+                          c.master_addr, "--key-file", c.key_file("bench"), "--foreground"], mnt):
                 results["shoal mount"] = measure(mnt)
         with mounted([sys.executable, "-m", "bench.memfs", mnt], mnt):
             results["in-memory pyfuse3"] = measure(mnt)

@@ -95,8 +95,7 @@ def test_read_that_waits_for_a_prefetch_fails_within_one_deadline(cluster_factor
             # for a prefetch that cannot finish, and must still fail in time
             waited_for_prefetch = None
             while pos < len(data):
-                prefetch = f._handle._prefetch
-                pending = prefetch is not None and not prefetch[1].done() and prefetch[0] <= pos
+                pending = any(w.off <= pos < w.stop and not w.task.done() for w in f._handle._ahead._windows)
                 t0 = time.monotonic()
                 try:
                     got = f.read(piece)

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import errno
 import os
+import time
 
 import pytest
 
+from shoalfs.client.readahead import DEPTH, MAX_WINDOW, ReadAhead
 from shoalfs.datanode.extents import BLOCK, Extent
 from shoalfs.metanode.journal import Journal
 from shoalfs.proto.errors import REGISTRY, Code, ShoalError, check_registry, info
@@ -87,6 +89,63 @@ def test_extent_checksums_sparse_and_truncate(tmp_path) -> None:
     with pytest.raises(ShoalError):
         ext.write(1, b"q", sync=False)  # never merges into a corrupted block
     assert ext.read(BLOCK * 3, 7) == bytes(5) + b"he"  # other blocks unaffected
+    with open(tmp_path / "e_1", "r+b") as f:  # block 1 was never written: it must hold zeros
+        f.seek(BLOCK + 9)
+        f.write(b"Y")
+    with pytest.raises(ShoalError, match="should be empty") as err:
+        ext.read(BLOCK, 10)
+    assert err.value.code == Code.CORRUPTED
+
+
+def test_extent_large_reads_and_writes_round_trip(tmp_path) -> None:
+    ext = Extent(str(tmp_path / "e_2"))
+    data = os.urandom(4 * 1024 * 1024 + 100)
+    ext.write(7, data, sync=False)
+    assert ext.read(7, len(data)) == data
+    assert ext.read(0, 2 * len(data)) == bytes(7) + data  # the caller pads past the end
+    assert ext.read(BLOCK * 5 + 1, 3 * BLOCK) == data[BLOCK * 5 + 1 - 7 : BLOCK * 8 + 1 - 7]
+    os.truncate(tmp_path / "e_2", BLOCK * 10)  # the extent file lost its tail
+    with pytest.raises(ShoalError) as err:
+        ext.read(BLOCK * 9, 2 * BLOCK)
+    assert err.value.code == Code.DATA_LOST
+
+
+def test_read_ahead_pipelines_sequential_reads_and_survives_a_bad_window() -> None:
+    size = 40 * 1024 * 1024
+    content = os.urandom(1024) * (size // 1024)
+    calls: list[tuple[int, int]] = []
+    bad_from = size  # fetches that reach past here fail, as a corrupted block would
+
+    async def fetch(offset: int, n: int, end: float | None) -> bytes:
+        calls.append((offset, n))
+        await asyncio.sleep(0.001)
+        if offset + n > bad_from:
+            raise ShoalError(Code.CORRUPTED, "bad block")
+        return content[offset : offset + n]
+
+    async def scenario() -> None:
+        nonlocal bad_from
+        ra = ReadAhead(fetch)
+        end = time.monotonic() + 10
+        piece = 128 * 1024
+        for off in range(0, size, piece):
+            assert bytes(await ra.read(off, off + piece, size, end)) == content[off : off + piece]
+            assert sum(1 for w in ra._windows if not w.task.done()) <= DEPTH
+        assert len(calls) < size // MAX_WINDOW + DEPTH + 8, "sequential reads fetch whole windows"
+        assert max(n for _, n in calls) == MAX_WINDOW
+        calls.clear()
+        assert bytes(await ra.read(12345, 12345 + 100, size, end)) == content[12345:12445]
+        assert calls == [(12345, 100)], "a random read fetches only what it asks for"
+        ra.drop()
+        bad_from = 3 * 1024 * 1024  # a permanent error past what is read must not fail the read
+        ra = ReadAhead(fetch)
+        for off in range(0, bad_from, piece):
+            assert bytes(await ra.read(off, off + piece, size, end)) == content[off : off + piece]
+        with pytest.raises(ShoalError):
+            await ra.read(bad_from, bad_from + piece, size, end)
+        ra.drop()
+
+    asyncio.run(scenario())
 
 
 def test_frame_receiver_reassembles_any_split() -> None:

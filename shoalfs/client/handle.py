@@ -9,9 +9,8 @@ close, so a write that returned success but never became durable is never
 lost silently. The size pushed to the metanode covers only batches that
 landed: bytes whose write-back failed never make the file grow.
 
-Reads that follow each other sequentially grow a read-ahead window (up to
-READ_AHEAD) and prefetch the next window in the background; random reads
-fetch only what was asked.
+Reads go through ReadAhead (readahead.py): sequential readers get windows
+fetched ahead of them, random reads fetch only what was asked.
 
 Every public method is one user operation with one deadline: `end`, an
 absolute time.monotonic() (ClientOptions.op_deadline from the call if not
@@ -24,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from shoalfs.client.core import CALL_GRACE, VolumeClient, all_or_none, check_file_size
+from shoalfs.client.readahead import ReadAhead
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 
 WRITE_BUFFER = 4 * 1024 * 1024
 MAX_INFLIGHT = 4
-READ_AHEAD = 4 * 1024 * 1024
-FIRST_WINDOW = 128 * 1024
 # waits on background batches allow this much past the deadline: their own
 # calls end by then (core.call cuts a call off CALL_GRACE after its deadline)
 WAIT_GRACE = CALL_GRACE + 0.1
@@ -57,11 +55,7 @@ class FileHandle:
         self._segments: list[list[Any]] = []  # [offset, bytearray], not yet sent
         self._dirty = 0
         self._inflight: dict[asyncio.Task[None], tuple[list[tuple[int, int]], float]] = {}  # ranges, end
-        self._ra_off = 0
-        self._ra = b""
-        self._window = FIRST_WINDOW
-        self._next_seq = 0
-        self._prefetch: tuple[int, asyncio.Task[bytes]] | None = None
+        self._ahead = ReadAhead(self._fetch)
         self._cache_gen = 0  # bumped whenever cached bytes may have gone stale
         self._unsynced: set[int] = set()
         self._meta_size: int = attr["size"]  # the size the metanode has, as far as we know
@@ -172,77 +166,27 @@ class FileHandle:
     # ----- reads ----------------------------------------------------------------
     def _drop_read_cache(self) -> None:
         self._cache_gen += 1
-        self._ra = b""
-        if self._prefetch is not None:
-            self._prefetch[1].cancel()
-            self._prefetch = None
+        self._ahead.drop()
 
-    async def read(self, offset: int, size: int, end: float | None = None) -> bytes:
+    def _fetch(self, offset: int, size: int, end: float | None) -> Awaitable[bytes]:
+        return self.client.read_data(self.ino, offset, size, self.size, self.known, end)
+
+    async def read(self, offset: int, size: int, end: float | None = None) -> bytes | memoryview:
         end = self.deadline() if end is None else end
         self._check()
         if self._segments or self._inflight:
             await self._drain(end)  # read your own writes
             self._check()
-            self._drop_read_cache()  # a prefetch started before they landed has old bytes
+            self._drop_read_cache()  # a window started before they landed has old bytes
         gen = self._cache_gen
         if size <= 0 or offset >= self.size:
             return b""
-        stop = min(offset + size, self.size)
-        sequential = offset == self._next_seq
-        self._next_seq = stop
-        if not (self._ra_off <= offset and stop <= self._ra_off + len(self._ra)):
-            await self._fill(offset, stop, sequential, end)
-        start = offset - self._ra_off
-        data = self._ra[start : start + (stop - offset)]
+        data = await self._ahead.read(offset, min(offset + size, self.size), self.size, end)
         if self._cache_gen != gen:
             # a write or truncate came in while this read waited: what it read
             # may predate it, so it is this read's answer but nobody's cache
             self._drop_read_cache()
-            return data
-        if sequential and self._prefetch is None and self._ra_off + len(self._ra) < self.size:
-            nxt = self._ra_off + len(self._ra)
-            # in the background, with a deadline of its own; a read that
-            # needs it waits for it only until that read's deadline
-            task = asyncio.ensure_future(self.client.read_data(self.ino, nxt, self._window, self.size,
-                                                               self.known))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failure is no news
-            self._prefetch = (nxt, task)
         return data
-
-    async def _fill(self, offset: int, stop: int, sequential: bool, end: float) -> None:
-        failed: ShoalError | None = None
-        if self._prefetch is not None:
-            at, task = self._prefetch
-            self._prefetch = None
-            if at <= offset < at + self._window:
-                # it started earlier with the same op_deadline, and every call
-                # it makes ends by its own deadline: it is done before ours
-                self._ra = b""
-                try:
-                    self._ra, self._ra_off = await task, at
-                except ShoalError as exc:
-                    failed = exc
-                except asyncio.CancelledError:
-                    if not task.cancelled():  # we were cancelled, not the prefetch
-                        raise
-                if self._ra_off <= offset and stop <= self._ra_off + len(self._ra):
-                    self._window = min(READ_AHEAD, self._window * 2)
-                    return
-            else:
-                task.cancel()
-        if failed is not None and time.monotonic() >= end:  # the prefetch used up the time
-            raise failed
-        self._window = min(READ_AHEAD, self._window * 2) if sequential else FIRST_WINDOW
-        want = max(stop - offset, self._window if sequential else 0)
-        try:
-            self._ra = await self.client.read_data(self.ino, offset, want, self.size, self.known, end)
-        except ShoalError:
-            if want == stop - offset or time.monotonic() >= end:
-                raise
-            # read-ahead must not fail a read whose own bytes are fine (a
-            # permanent error past them); this gets only the time left
-            self._ra = await self.client.read_data(self.ino, offset, stop - offset, self.size, self.known, end)
-        self._ra_off = offset
 
     # ----- durability -------------------------------------------------------------
     async def flush(self, end: float | None = None) -> None:

@@ -40,6 +40,13 @@ GENERIC_OPTIONS = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users"
                    "x-systemd.automount", "loop"}
 
 
+# The kernel reads a FUSE file in requests as large as its read-ahead
+# window: 128 KiB by default, one Python handler each. 512 KiB measured
+# 1.1 -> 1.3 GB/s cold reads (1 MiB requests were slower again, in the
+# in-memory ceiling too).
+READ_AHEAD_KB = 512
+
+
 class MountError(Exception):
     """Cannot mount: a clear one-line reason."""
 
@@ -56,6 +63,7 @@ class MountOptions:
     auto_unmount: bool = True
     key_file: str = ""  # the volume's access key (DESIGN.md §7)
     tls_ca: str = ""  # the CA of a TLS cluster
+    read_ahead_kb: int = READ_AHEAD_KB  # the kernel's read-ahead for this mount; 0 leaves its default
     extra: dict[str, str] = field(default_factory=dict)  # options for the lifecycle guard
 
     # -o flags that set one field: option -> (field, value)
@@ -81,6 +89,10 @@ class MountOptions:
                 self.key_file = value
             elif key == "tls_ca":
                 self.tls_ca = value
+            elif key == "read_ahead_kb":
+                if not value.isdigit():
+                    raise MountError(f"read_ahead_kb must be a number of KiB, not {value!r}")
+                self.read_ahead_kb = int(value)
             elif key in self.FLAGS:
                 setattr(self, *self.FLAGS[key])
             elif key in GENERIC_OPTIONS or key.startswith("x-") or key.startswith("comment="):
@@ -211,6 +223,19 @@ class MountSession:
             opts.add("debug")
         return opts
 
+    async def tune_read_ahead(self) -> None:
+        """Set this mount's read-ahead (root only: it is the bdi's sysfs file).
+        It must come after the kernel has our INIT answer, which lowers it to
+        what libfuse asked for: a stat of the root waits for exactly that."""
+        if not self.opts.read_ahead_kb or os.getuid() != 0:
+            return
+        try:
+            dev = (await asyncio.wait_for(asyncio.to_thread(os.stat, self.opts.mountpoint), 10)).st_dev
+            with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
+                f.write(f"{self.opts.read_ahead_kb}\n")
+        except (OSError, TimeoutError) as exc:  # a slower mount, never a failed one
+            log.warning("could not set read-ahead to %d KiB: %s", self.opts.read_ahead_kb, exc)
+
     async def on_mounted(self) -> None:
         """Start background work (the lifecycle guard overrides this)."""
 
@@ -239,6 +264,7 @@ class MountSession:
             loop.add_signal_handler(sig, self.request_stop, name)
         fuse_main = asyncio.ensure_future(pyfuse3.main())
         fuse_main.add_done_callback(lambda _: self.request_stop("unmounted"))
+        await self.tune_read_ahead()
         self.report("READY")
         log.info("mounted volume %s on %s", self.opts.volume, self.opts.mountpoint)
         await self.on_mounted()

@@ -27,13 +27,13 @@ import contextvars
 import logging
 import os
 import struct
-import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
 
 from shoalfs.common.files import atomic_write, pwrite_all
+from shoalfs.proto.checksum import crc32
 from shoalfs.proto.errors import Code, ShoalError, disk_error
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def encode_record(payload: Any) -> bytes:
         body = msgpack.packb(payload, use_bin_type=True)
     except (OverflowError, TypeError, ValueError) as exc:
         raise ShoalError(Code.INVALID, f"value cannot be stored: {exc}") from None
-    return REC.pack(len(body), zlib.crc32(body)) + body
+    return REC.pack(len(body), crc32(body)) + body
 
 
 class Journal:
@@ -89,7 +89,7 @@ class Journal:
             while pos + REC.size <= len(data):
                 length, crc = REC.unpack_from(data, pos)
                 body = data[pos + REC.size : pos + REC.size + length]
-                if len(body) != length or zlib.crc32(body) != crc:
+                if len(body) != length or crc32(body) != crc:
                     break
                 try:
                     records.append(msgpack.unpackb(body, raw=False, strict_map_key=False))

@@ -12,12 +12,12 @@ covers the body so a flipped bit is an error, not a wrong answer.
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
+from shoalfs.proto.checksum import crc32
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import MAX_IO
 
@@ -66,7 +66,7 @@ class Frame:
                 self.result,
                 self.request_id,
                 self.partition_id,
-                zlib.crc32(payload),
+                crc32(payload),
             ),
             payload,
         )
@@ -100,7 +100,7 @@ def parse_header(raw: bytes) -> Header:
 
 def decode_body(header: Header, payload: bytes | bytearray | memoryview) -> Any:
     """Decode a body; a checksum or msgpack failure is a per-request error."""
-    if zlib.crc32(payload) != header.crc:
+    if crc32(payload) != header.crc:
         raise ShoalError(Code.BAD_REQUEST, "frame checksum mismatch")
     try:
         return msgpack.unpackb(payload, raw=False, strict_map_key=False)
