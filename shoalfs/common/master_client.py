@@ -127,6 +127,7 @@ class MasterClient:
         end = time.monotonic() + deadline
         attempt = 0
         request_id = secrets.token_hex(12)
+        answered: ShoalError | None = None  # the last error a master answered with
         while True:
             try:
                 return await self.request_once(method, path, params, body, budget=end - time.monotonic(),
@@ -134,7 +135,11 @@ class MasterClient:
             except ShoalError as exc:
                 delay = random.uniform(0, min(1.0, 0.1 * 2**attempt))
                 if not exc.transient or time.monotonic() + delay >= end:
-                    raise
+                    # an attempt the deadline cut short says less than a master's own answer
+                    cut_short = exc.code in (Code.NODE_UNREACHABLE, Code.TIMEOUT)
+                    raise answered if cut_short and answered is not None else exc from None
+                if exc.code not in (Code.NODE_UNREACHABLE, Code.TIMEOUT):
+                    answered = exc
                 attempt += 1
                 await asyncio.sleep(delay)
 
