@@ -474,7 +474,7 @@ class VolumeClient:
                 except ShoalError as exc:  # the fence too: a deleted volume's loop ends with close()
                     log.warning("could not renew the open files' leases on partition %d: %s", pid, exc.msg)
 
-    async def write_data(self, ino: int, offset: int, data: bytes, known: dict[int, list[int]],
+    async def write_data(self, ino: int, offset: int, data: bytes | memoryview, known: dict[int, list[int]],
                          end: float | None = None) -> set[int]:
         """Write bytes at offset; returns the chunks touched. `known` is the
         caller's extent map, extended with newly recorded extents. `end`: the
@@ -494,7 +494,7 @@ class VolumeClient:
         await all_or_none(jobs)
         return touched
 
-    async def _write_piece(self, ino: int, chunk: int, within: int, piece: bytes,
+    async def _write_piece(self, ino: int, chunk: int, within: int, piece: bytes | memoryview,
                            known: dict[int, list[int]], end: float) -> None:
         entry = known.get(chunk)
         if entry is None:

@@ -73,6 +73,9 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         # inodes seen without any xattr, and when: the kernel asks for
         # security.capability before every write, and an RPC each time halves throughput
         self._no_xattrs: dict[int, float] = {}
+        # (inode, name) a getxattr found absent, and when: a file written for
+        # longer than that keeps asking for security.capability (one RPC per write)
+        self._absent_xattrs: dict[tuple[int, bytes], float] = {}
 
     # ----- hooks for the lifecycle guard --------------------------------------
     def check_fence(self) -> None:
@@ -91,6 +94,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.dir_cursors.clear()
         self._seen.clear()
         self._no_xattrs.clear()
+        self._absent_xattrs.clear()
 
     # ----- helpers ------------------------------------------------------------------
     def entry(self, attr: dict[str, Any]) -> pyfuse3.EntryAttributes:
@@ -344,16 +348,21 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         self.check_writable()
         self._no_xattrs.pop(inode, None)
+        self._absent_xattrs.pop((inode, name), None)
         await self.client.setxattr(inode, os.fsdecode(name), value)
 
     @guarded
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        if time.monotonic() - self._no_xattrs.get(inode, -1e9) < ATTR_TIMEOUT:
+        now = time.monotonic()
+        if now - max(self._no_xattrs.get(inode, -1e9), self._absent_xattrs.get((inode, name), -1e9)) < ATTR_TIMEOUT:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)  # as fresh as any cached attribute
         try:
             return await self.client.getxattr(inode, os.fsdecode(name))
         except ShoalError as exc:
             if exc.code == Code.NO_DATA:
+                if len(self._absent_xattrs) > 100_000:
+                    self._absent_xattrs.clear()
+                self._absent_xattrs[(inode, name)] = now
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
             raise
 

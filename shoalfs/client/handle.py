@@ -135,7 +135,8 @@ class FileHandle:
 
     async def _write_batch(self, batch: list[list[Any]], end: float) -> None:
         try:
-            done = await all_or_none([self.client.write_data(self.ino, o, bytes(b), self.known, end)
+            # views: a batch's buffers are never touched again (new writes go to new segments)
+            done = await all_or_none([self.client.write_data(self.ino, o, memoryview(b), self.known, end)
                                       for o, b in batch])
         except ShoalError as exc:
             self.error = self.error or exc

@@ -39,13 +39,18 @@ def _crc_entry(block: bytes) -> int:
 ZERO_ENTRY = _crc_entry(b"")  # what a never-written block's bytes (zeros) checksum to
 
 
-def _block_entries(buf: bytes | bytearray, count: int) -> list[int]:
+def _block_entries(buf: bytes | bytearray | memoryview, count: int) -> list[int]:
     """The entries of `count` whole blocks of buf (padded with zeros to
     count * BLOCK), without copying a block: one crc32 per block is the
     whole cost of verifying 4 MiB (measured: 4x faster than per-block bytes)."""
     view = memoryview(buf)
     crc = crc32
-    return [(1 << 32) | crc(view[i * BLOCK : (i + 1) * BLOCK]) for i in range(count)]
+    whole = min(count, len(view) // BLOCK)
+    entries = [(1 << 32) | crc(view[i * BLOCK : (i + 1) * BLOCK]) for i in range(whole)]
+    for i in range(whole, count):  # a short last block: its tail counts as zeros
+        part = view[i * BLOCK : (i + 1) * BLOCK]
+        entries.append((1 << 32) | crc(bytes(BLOCK - len(part)), crc(part)))
+    return entries
 
 
 class Extent:
@@ -133,19 +138,24 @@ class Extent:
             old_size = os.fstat(dfd).st_size
             end = offset + len(payload)
             first, last = offset // BLOCK, (end - 1) // BLOCK
-            region_start = first * BLOCK
-            region = bytearray(os.pread(dfd, (last - first + 1) * BLOCK, region_start))
-            entries = self._entries(cfd, first, last - first + 1)
-            # blocks only partly overwritten must be sound before we merge into them
-            for i in {0, last - first}:
-                b_start = (first + i) * BLOCK
-                fully_covered = offset <= b_start and end >= b_start + BLOCK
-                if not fully_covered and b_start < old_size:
-                    self._verify(bytes(region[i * BLOCK : (i + 1) * BLOCK]), entries[i], first + i)
-            region = region.ljust((last - first + 1) * BLOCK, b"\0")
-            region[offset - region_start : end - region_start] = payload
-            # region past the new end of the extent is zeros, which is how a block's tail is checksummed
-            new_entries = struct.pack(f"!{last - first + 1}Q", *_block_entries(region, last - first + 1))
+            count = last - first + 1
+            view = memoryview(payload)
+            crcs: list[int] = []
+            # blocks the payload covers whole are checksummed straight from it
+            # (no copy of the payload); only a partly covered first or last
+            # block is merged with what the extent holds there
+            head = offset % BLOCK != 0 or (count == 1 and end % BLOCK != 0 and end < old_size)
+            tail = count > 1 and end % BLOCK != 0 and end < old_size
+            if head:
+                crcs.append(self._merged_entry(cfd, dfd, first, offset, view, old_size))
+            whole_from, whole_to = first + head, last + 1 - tail
+            if whole_to > whole_from:
+                # the last block may end past the payload: past the extent's end, so zeros
+                whole = view[whole_from * BLOCK - offset : whole_to * BLOCK - offset]
+                crcs += _block_entries(whole, whole_to - whole_from)
+            if tail:
+                crcs.append(self._merged_entry(cfd, dfd, last, offset, view, old_size))
+            new_entries = struct.pack(f"!{count}Q", *crcs)
             # take the space first: a disk that is full fails here, before any byte changes
             _reserve(dfd, offset, len(payload))
             _reserve(cfd, first * ENTRY.size, len(new_entries))
@@ -160,6 +170,19 @@ class Extent:
         if created and sync:  # the new names must survive a crash too
             fsync_dir(os.path.dirname(self.path))
         return created
+
+    def _merged_entry(self, cfd: int, dfd: int, index: int, offset: int, payload: memoryview,
+                      old_size: int) -> int:
+        """The entry of block `index` once the payload (written at offset) is
+        merged into it; what it held must be sound before anything merges into it."""
+        b_start = index * BLOCK
+        old = os.pread(dfd, BLOCK, b_start)
+        if b_start < old_size:
+            self._verify(old, self._entries(cfd, index, 1)[0], index)
+        block = bytearray(old.ljust(BLOCK, b"\0"))
+        lo, hi = max(offset, b_start), min(offset + len(payload), b_start + BLOCK)
+        block[lo - b_start : hi - b_start] = payload[lo - offset : hi - offset]
+        return _crc_entry(bytes(block))
 
     def truncate(self, size: int) -> None:
         try:
