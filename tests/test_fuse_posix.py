@@ -252,6 +252,25 @@ def test_mtime_changes_on_write(mnt: str) -> None:
     assert os.stat(p).st_mtime_ns > t1
 
 
+def test_directory_times_and_links_follow_each_change_at_once(mnt: str) -> None:
+    """A create answers with its directory's new attributes, which the mount
+    serves to the kernel's next getattr: they must never hide a later change."""
+    d = f"{mnt}/dtimes"
+    os.mkdir(d)
+    seen = [os.stat(d)]
+    for change in (lambda: open(f"{d}/a", "w").close(), lambda: os.mkdir(f"{d}/sub"),
+                   lambda: open(f"{d}/b", "w").close(), lambda: os.unlink(f"{d}/a"),
+                   lambda: open(f"{d}/c", "w").close(), lambda: os.rename(f"{d}/c", f"{d}/c2"),
+                   lambda: os.chmod(d, 0o700), lambda: open(f"{d}/e", "w").close(), lambda: os.rmdir(f"{d}/sub")):
+        change()
+        st = os.stat(d)
+        assert st.st_ctime_ns > seen[-1].st_ctime_ns, f"change {len(seen)} did not show"
+        seen.append(st)
+    assert stat.S_IMODE(seen[-1].st_mode) == 0o700
+    assert [s.st_nlink for s in seen] == [2, 2, 3, 3, 3, 3, 3, 3, 3, 2]
+    assert sorted(os.listdir(d)) == ["b", "c2", "e"]
+
+
 def test_every_call_says_enametoolong_past_name_max(mnt: str) -> None:
     os.mkdir(f"{mnt}/names")
     ok, long = "a" * 255, "b" * 256

@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 
 IO_PIECE = 4 * 1024 * 1024  # data per RPC (the servers take up to layout.MAX_IO)
 REFRESH_ON_TRY_AGAIN = 1.0  # a leader that keeps answering TRY_AGAIN: ask the master this often
+# calls that change nothing: they leave fresh_dir_attrs as they are
+READ_OPS = frozenset({
+    Op.META_GET_INODE, Op.META_BATCH_GET_INODE, Op.META_LOOKUP, Op.META_READDIR, Op.META_EXTENT_LIST,
+    Op.META_GET_XATTR, Op.META_LIST_XATTR, Op.META_RENEW_LEASES, Op.DATA_READ,
+})
 CALL_GRACE = 0.1  # how far past its deadline a call may run (the pool's last attempt lasts >= 0.05 s)
 
 
@@ -76,6 +81,8 @@ class VolumeClient:
         self._refreshed_at = -1e9  # when placement was last asked for
         self.metrics: Metrics | None = None  # a mount's, with -o metrics=HOST:PORT
         self.open_counts: dict[int, int] = {}
+        # directory attributes our own last change answered with, and when: see fresh_dir_attr
+        self.fresh_dir_attrs: dict[int, tuple[float, dict[str, Any]]] = {}
         self.pending_evict: set[int] = set()  # unlinked by us while we have them open
         self._lease_renewal: asyncio.Task[None] | None = None
         self.open_lease = OPEN_LEASE
@@ -179,6 +186,8 @@ class VolumeClient:
         operation makes."""
         if end is None:
             end = time.monotonic() + self.options.op_deadline
+        if op not in READ_OPS:
+            self.fresh_dir_attrs.clear()  # whatever we change may be one of them
         until = end
         if op in META_ONCE and "rid" not in body:
             # every attempt of this change carries one id: one that reached the
@@ -235,6 +244,13 @@ class VolumeClient:
         return await self.call(self.meta_partition(ino), op, body)
 
     # ----- inode operations ---------------------------------------------------
+    def fresh_dir_attr(self, ino: int, max_age: float) -> dict[str, Any] | None:
+        """A directory's attributes as our own create just left them, if no
+        later change of ours came since and they are younger than max_age:
+        the kernel asks for them after every create in the directory."""
+        entry = self.fresh_dir_attrs.get(ino)
+        return entry[1] if entry is not None and time.monotonic() - entry[0] < max_age else None
+
     async def getattr(self, ino: int) -> dict[str, Any]:
         res: dict[str, Any] = await self.meta(ino, Op.META_GET_INODE, {"ino": ino})
         return res
@@ -281,6 +297,9 @@ class VolumeClient:
                 res: dict[str, Any] = await self.meta(parent, Op.META_CREATE, {
                     "parent": parent, "name": name, "mode": mode, "uid": uid, "gid": gid,
                     "target": target, "rdev": rdev, "open": opening})
+                parent_attr = res.pop("parent_attr", None)
+                if parent_attr is not None:
+                    self.fresh_dir_attrs[parent] = (time.monotonic(), parent_attr)
                 return res
             except ShoalError as exc:
                 if exc.code != Code.NO_SPACE or at_limit(exc):

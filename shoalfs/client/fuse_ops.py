@@ -154,7 +154,10 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @guarded
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self.entry(await self.client.getattr(inode))
+        # as fresh as the kernel's own cache would be: a change since is ours (it drops them)
+        # or another client's within the attribute timeout
+        attr = self.client.fresh_dir_attr(inode, ATTR_TIMEOUT)
+        return self.entry(attr if attr is not None else await self.client.getattr(inode))
 
     @guarded
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:

@@ -365,9 +365,13 @@ class MetaPartition(ReplicatedPartition):
         ino = node["ino"]
         if opened_by is not None:
             self.leases.open(ino, opened_by)
+        changed = self._dir_changed(parent, _is_dir(mode))
+        # the parent's new attributes too: the kernel asks for them right after
+        # (a create invalidates them there), and the client answers from these
+        answer = dict(public_attr(node), parent_attr=public_attr(changed[2]))
         try:
             return await self.commit([("C", ino + 1), ("I", ino, node), ("D", parent, name, ino, node["mode"]),
-                                      self._dir_changed(parent, _is_dir(mode))], answer=public_attr(node))
+                                      changed], answer=answer)
         except BaseException:
             if opened_by is not None:
                 self.leases.release(ino, opened_by)
