@@ -225,6 +225,12 @@ def test_bad_fields_change_nothing(cluster_factory) -> None:
         (Op.DATA_WRITE, {"ext": 1, "offset": CHUNK - 1, "data": b"xy"}),  # past the extent's end
         (Op.DATA_WRITE, {"ext": 1, "offset": 0, "data": "str"}),
         (Op.DATA_WRITE, {"ext": -1, "offset": 0, "data": b"x"}),
+        # a later piece that is bad refuses the whole write, the good first piece too
+        (Op.DATA_WRITE, {"ext": 1, "offset": 0, "data": b"x", "more": [[CHUNK - 1, b"xy"]]}),
+        (Op.DATA_WRITE, {"ext": 1, "offset": 0, "data": b"x", "more": [[5]]}),
+        (Op.DATA_WRITE, {"ext": 1, "offset": 0, "data": b"x", "more": [[5, "str"]]}),
+        (Op.DATA_WRITE, {"ext": 1, "offset": 0, "data": b"x", "more": [[i, b"y"] for i in range(1025)]}),
+        (Op.DATA_WRITE, {"ext": 1, "offset": 0, "data": bytes(MAX_IO), "more": [[MAX_IO, b"y"]]}),
         (Op.DATA_READ, {"ext": 1, "offset": 0, "size": MAX_IO + 1}),
         (Op.DATA_READ, {"ext": 1, "offset": 0.5, "size": 10}),
         (Op.DATA_TRUNCATE, {"ext": 1, "size": -1}),

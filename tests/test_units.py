@@ -110,6 +110,17 @@ def test_extent_large_reads_and_writes_round_trip(tmp_path) -> None:
     assert err.value.code == Code.DATA_LOST
 
 
+def test_extent_write_many_applies_pieces_in_order(tmp_path) -> None:
+    ext = Extent(str(tmp_path / "e_3"))
+    pieces = [(5, b"abc"), (BLOCK * 2 - 1, b"xy"), (6, b"Z"), (BLOCK * 7, os.urandom(BLOCK))]
+    assert ext.write_many(pieces, sync=True) is True  # created the extent
+    model = bytearray(BLOCK * 8)
+    for offset, data in pieces:
+        model[offset : offset + len(data)] = data
+    assert ext.read(0, len(model)) == bytes(model)
+    assert ext.write_many([(0, b"q")], sync=False) is False
+
+
 def test_read_ahead_pipelines_sequential_reads_and_survives_a_bad_window() -> None:
     size = 40 * 1024 * 1024
     content = os.urandom(1024) * (size // 1024)

@@ -38,6 +38,7 @@ from shoalfs.replication.view import View
 log = logging.getLogger(__name__)
 
 IO_PIECE = 4 * 1024 * 1024  # data per RPC (the servers take up to layout.MAX_IO)
+MAX_PIECES = 1024  # pieces in one DATA_WRITE (the datanode takes as many)
 REFRESH_ON_TRY_AGAIN = 1.0  # a leader that keeps answering TRY_AGAIN: ask the master this often
 # calls that change nothing: they leave fresh_dir_attrs as they are
 READ_OPS = frozenset({
@@ -493,34 +494,49 @@ class VolumeClient:
                 except ShoalError as exc:  # the fence too: a deleted volume's loop ends with close()
                     log.warning("could not renew the open files' leases on partition %d: %s", pid, exc.msg)
 
-    async def write_data(self, ino: int, offset: int, data: bytes | memoryview, known: dict[int, list[int]],
-                         end: float | None = None) -> set[int]:
-        """Write bytes at offset; returns the chunks touched. `known` is the
-        caller's extent map, extended with newly recorded extents. `end`: the
-        operation's deadline (see call), shared by every piece."""
+    async def write_data(self, ino: int, segments: list[tuple[int, bytes | memoryview]],
+                         known: dict[int, list[int]], end: float | None = None) -> set[int]:
+        """Write (offset, bytes) segments that do not overlap; returns the chunks
+        touched. One request per extent carries up to IO_PIECE bytes in up to
+        MAX_PIECES pieces, so scattered small writes cost one round trip per
+        extent, not one each. `known` is the caller's extent map, extended
+        with newly recorded extents. `end`: the operation's deadline (see
+        call), shared by every request."""
         if end is None:
             end = time.monotonic() + self.options.op_deadline
+        by_chunk: dict[int, list[tuple[int, memoryview]]] = {}
+        for offset, data in segments:
+            view = memoryview(data)
+            pos = 0
+            while pos < len(view):
+                chunk, within = divmod(offset + pos, CHUNK)
+                n = min(len(view) - pos, CHUNK - within, IO_PIECE)
+                by_chunk.setdefault(chunk, []).append((within, view[pos:pos + n]))
+                pos += n
         jobs = []
-        touched: set[int] = set()
-        pos = 0
-        while pos < len(data):
-            off = offset + pos
-            chunk, within = divmod(off, CHUNK)
-            n = min(len(data) - pos, CHUNK - within, IO_PIECE)
-            jobs.append(self._write_piece(ino, chunk, within, data[pos:pos + n], known, end))
-            touched.add(chunk)
-            pos += n
+        for chunk, pieces in by_chunk.items():
+            group: list[tuple[int, memoryview]] = []
+            size = 0
+            for within, piece in pieces:
+                if group and (size + len(piece) > IO_PIECE or len(group) >= MAX_PIECES):
+                    jobs.append(self._write_pieces(ino, chunk, group, known, end))
+                    group, size = [], 0
+                group.append((within, piece))
+                size += len(piece)
+            jobs.append(self._write_pieces(ino, chunk, group, known, end))
         await all_or_none(jobs)
-        return touched
+        return set(by_chunk)
 
-    async def _write_piece(self, ino: int, chunk: int, within: int, piece: bytes | memoryview,
-                           known: dict[int, list[int]], end: float) -> None:
+    async def _write_pieces(self, ino: int, chunk: int, pieces: list[tuple[int, memoryview]],
+                            known: dict[int, list[int]], end: float) -> None:
         entry = known.get(chunk)
         if entry is None:
             part = self.data_partition(ino, chunk)
             entry = [part["pid"], extent_id(ino, chunk)]
-        await self.call(self._dp_by_pid(entry[0]), Op.DATA_WRITE,
-                        {"ext": entry[1], "offset": within, "data": piece}, end)
+        body: dict[str, Any] = {"ext": entry[1], "offset": pieces[0][0], "data": pieces[0][1]}
+        if len(pieces) > 1:
+            body["more"] = [[within, piece] for within, piece in pieces[1:]]
+        await self.call(self._dp_by_pid(entry[0]), Op.DATA_WRITE, body, end)
         if chunk not in known:
             await self.call(self.meta_partition(ino), Op.META_EXTENT_SET,
                             {"ino": ino, "chunk": chunk, "dp": entry[0], "ext": entry[1]}, end)

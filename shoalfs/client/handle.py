@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Iterable
 from typing import Any
 
-from shoalfs.client.core import CALL_GRACE, VolumeClient, all_or_none, check_file_size
+from shoalfs.client.core import CALL_GRACE, VolumeClient, check_file_size
 from shoalfs.client.readahead import ReadAhead
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
@@ -136,8 +136,8 @@ class FileHandle:
     async def _write_batch(self, batch: list[list[Any]], end: float) -> None:
         try:
             # views: a batch's buffers are never touched again (new writes go to new segments)
-            done = await all_or_none([self.client.write_data(self.ino, o, memoryview(b), self.known, end)
-                                      for o, b in batch])
+            touched = await self.client.write_data(self.ino, [(o, memoryview(b)) for o, b in batch],
+                                                   self.known, end)
         except ShoalError as exc:
             self.error = self.error or exc
             return
@@ -145,8 +145,7 @@ class FileHandle:
             self.error = self.error or ShoalError(Code.INTERNAL, repr(exc))
             return
         # only now does the batch count: a failed one never makes the file grow
-        for touched in done:
-            self._unsynced |= touched
+        self._unsynced |= touched
         self._landed_end = max([self._landed_end] + [o + len(b) for o, b in batch])
         self._landed = True
 

@@ -171,6 +171,21 @@ class Extent:
             fsync_dir(os.path.dirname(self.path))
         return created
 
+    def write_many(self, pieces: list[tuple[int, bytes]], sync: bool) -> bool:
+        """Several writes in order, made durable together (one sync) if `sync`;
+        True if they created the extent (see write)."""
+        created = False
+        for offset, payload in pieces:
+            created = self.write(offset, payload, sync=False) or created
+        if sync:
+            try:
+                self.sync()
+            except OSError as exc:
+                raise disk_error(exc, f"sync of extent {self.path}") from None
+            if created:
+                fsync_dir(os.path.dirname(self.path))
+        return created
+
     def _merged_entry(self, cfd: int, dfd: int, index: int, offset: int, payload: memoryview,
                       old_size: int) -> int:
         """The entry of block `index` once the payload (written at offset) is

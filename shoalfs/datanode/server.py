@@ -21,7 +21,7 @@ from shoalfs.proto.errors import Code, ShoalError, disk_error
 from shoalfs.proto.layout import CHUNK, MAX_IO
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import RpcPool
-from shoalfs.proto.schema import U64, Bool, Bytes, Int, Map, Opt, Raw, Schema, validate
+from shoalfs.proto.schema import U64, Bool, Bytes, Int, ListOf, Map, Opt, Raw, Schema, Tuple, validate
 from shoalfs.replication.hub import ReplicationHub
 from shoalfs.replication.view import View
 
@@ -30,15 +30,24 @@ log = logging.getLogger(__name__)
 EXT = Int(0, U64)
 OFFSET = Int(0, CHUNK)  # within an extent
 EXTENT_SIZE = Int(0, CHUNK)
+MAX_PIECES = 1024  # pieces in one DATA_WRITE
 MAX_SIDECAR = CHUNK // BLOCK * ENTRY.size
 # the changes a leader forwards to its followers, each checked there as here
 CHANGES: dict[int, Schema] = {
-    Op.DATA_WRITE: {"ext": EXT, "offset": OFFSET, "data": Bytes(MAX_IO), "sync": Opt(Bool, False)},
+    # "more": further [offset, data] pieces of the same extent, written after the first and in
+    # order (a write-back of scattered small writes is one request per extent, not one per write)
+    Op.DATA_WRITE: {"ext": EXT, "offset": OFFSET, "data": Bytes(MAX_IO), "sync": Opt(Bool, False),
+                    "more": Opt(ListOf(Tuple(OFFSET, Bytes(MAX_IO)), MAX_PIECES), [])},
     Op.DATA_TRUNCATE: {"ext": EXT, "size": EXTENT_SIZE},
     Op.DATA_DELETE_EXTENT: {"ext": EXT},
     Op.DATA_SYNC: {"ext": EXT},
 }
 
+
+
+def _pieces(write: dict[str, Any]) -> list[tuple[int, bytes]]:
+    """A DATA_WRITE's pieces, in the order they are written."""
+    return [(write["offset"], write["data"]), *((offset, data) for offset, data in write["more"])]
 
 
 class DataPartition:
@@ -245,19 +254,23 @@ class DataNode(NodeService):
             return await self._apply(part, Op(op), change)
 
     def _check_write(self, part: DataPartition, body: dict[str, Any]) -> None:
-        if body["offset"] + len(body["data"]) > CHUNK:
+        pieces = _pieces(body)
+        if any(offset + len(data) > CHUNK for offset, data in pieces):
             raise ShoalError(Code.BAD_REQUEST, f"a write must end within the extent's {CHUNK} bytes")
-        if shutil.disk_usage(part.dir).free < len(body["data"]) + self.reserve:
+        total = sum(len(data) for _, data in pieces)
+        if total > MAX_IO:
+            raise ShoalError(Code.BAD_REQUEST, f"a write carries {MAX_IO} bytes at most")
+        if shutil.disk_usage(part.dir).free < total + self.reserve:
             raise ShoalError(Code.NO_SPACE, f"datanode {self.listen} is out of space")
 
     async def _apply(self, part: DataPartition, op: Op, body: dict[str, Any]) -> Any:
         """One change to this node's copy (a write already checked: _check_write)."""
         ext = part.extent(body["ext"])
         if op == Op.DATA_WRITE:
-            data, offset = body["data"], body["offset"]
-            if await asyncio.to_thread(ext.write, offset, data, body["sync"]) and not body["sync"]:
+            pieces = _pieces(body)
+            if await asyncio.to_thread(ext.write_many, pieces, body["sync"]) and not body["sync"]:
                 part.names_unsynced = True
-            return {"written": len(data)}
+            return {"written": sum(len(data) for _, data in pieces)}
         if op == Op.DATA_TRUNCATE:
             await asyncio.to_thread(ext.truncate, body["size"])
         elif op == Op.DATA_DELETE_EXTENT:

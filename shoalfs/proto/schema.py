@@ -80,6 +80,15 @@ def ListOf(item: Checker, max_len: int) -> Checker:
     return check
 
 
+def Tuple(*items: Checker) -> Checker:
+    """A list of exactly len(items) values, each checked by its checker."""
+    def check(name: str, v: Any) -> list[Any]:
+        if not isinstance(v, list) or len(v) != len(items):
+            raise _bad(name, f"a list of {len(items)} items")
+        return [item(f"{name}[{i}]", x) for i, (item, x) in enumerate(zip(items, v, strict=True))]
+    return check
+
+
 def Map(name: str, v: Any) -> dict[Any, Any]:
     if not isinstance(v, dict):
         raise _bad(name, "a map")
