@@ -18,15 +18,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 
 from bench.common import bench_cluster, show
-from bench.fuse import dd, drop_caches, fio_iops, mounted
 from bench.peerfs import gluster, gluster_available, seaweed, seaweed_available
 from shoalfs.cli.cluster import EmbeddedCluster
+from shoalfs.client.mount import is_mounted, lazy_unmount
 
 FILES = 2000
 DD_MIB = 256
@@ -35,10 +38,51 @@ STREAM_MIB = 512  # fio sequential: split across the jobs
 Target = Callable[[str], contextlib.AbstractContextManager[str]]  # work dir -> a mounted directory
 
 
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def dd(args: list[str]) -> float:
+    """MB/s as dd reports it."""
+    out = subprocess.run(["dd", *args], capture_output=True, text=True, check=True).stderr
+    m = re.search(r"copied, ([\d.]+) s, ([\d.]+) (\w)B/s", out)
+    assert m, out
+    secs = float(m.group(1))
+    size = int(out.split(" bytes")[0].split()[-1]) if " bytes" in out else 0
+    return size / secs / (1 << 20)
+
+
+def fio_iops(directory: str, rw: str, seconds: int = 10) -> float:
+    out = subprocess.run(["fio", "--name=b", f"--directory={directory}", f"--rw={rw}", "--bs=4k",
+                          "--size=64m", f"--runtime={seconds}", "--time_based", "--ioengine=psync",
+                          "--output-format=terse", "--terse-version=3"], capture_output=True, text=True,
+                         check=True).stdout
+    fields = out.strip().splitlines()[-1].split(";")
+    read_iops, write_iops = float(fields[7]), float(fields[48])
+    return read_iops if rw == "randread" else write_iops
+
+
+@contextlib.contextmanager
+def mounted(cmd: list[str], mnt: str) -> Iterator[str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 30
+        while not is_mounted(mnt):
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"{cmd[2:4]} did not mount")
+            time.sleep(0.05)
+        yield mnt
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        if is_mounted(mnt):
+            lazy_unmount(mnt)
+
+
 def fio_stream(directory: str, rw: str, jobs: int) -> float:
     """MiB/s of `jobs` fio jobs moving STREAM_MIB in 1 MiB requests together."""
-    import subprocess
-
     out = subprocess.run(["fio", "--name=s", f"--directory={directory}", f"--rw={rw}", "--bs=1M",
                           f"--size={STREAM_MIB // jobs}m", f"--numjobs={jobs}", "--ioengine=psync",
                           "--end_fsync=1", "--group_reporting", "--output-format=terse",
@@ -48,7 +92,8 @@ def fio_stream(directory: str, rw: str, jobs: int) -> float:
     return kib_s / 1024
 
 
-def measure(path: str, source: str, seconds: int) -> dict[str, str]:
+def measure(path: str, source: str, seconds: int = 5, fio: bool = True) -> dict[str, str]:
+    """dd, metadata rates, and (with `fio`) the fio runs, on a mounted directory."""
     res: dict[str, str] = {}
     target = os.path.join(path, "dd.bin")
     res["dd write 256 MiB (fsync), MiB/s"] = f"{dd([f'if={source}', f'of={target}', 'bs=1M', 'conv=fsync']):.0f}"
@@ -66,6 +111,8 @@ def measure(path: str, source: str, seconds: int) -> dict[str, str]:
             fn(f"{d}/f{i}")
         res[f"{label}/s"] = f"{FILES / (time.perf_counter() - t):.0f}"
     os.rmdir(d)
+    if not fio:
+        return res
     for rw in ("randwrite", "randread"):
         res[f"fio 4k {rw}, IOPS"] = f"{fio_iops(path, rw, seconds):.0f}"
     for f in os.listdir(path):
@@ -108,7 +155,9 @@ def local(work: str) -> Iterator[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", help="comma-separated column names to run (default: all available)")
+    ap.add_argument("--only", help="comma-separated column names to run (default: all available): "
+                    "shoal 1 replica, shoal 3 replicas, in-memory pyfuse3, local disk, GlusterFS 1 brick, "
+                    "GlusterFS replica 3, SeaweedFS")
     ap.add_argument("--seconds", type=int, default=5, help="fio random I/O run time per test")
     args = ap.parse_args()
     shoal = {"shoal 1 replica": 1, "shoal 3 replicas": 3}

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from bench.common import bench_cluster, show
-from bench.fuse import measure, mounted
+from bench.peers import measure, mounted
 from shoalfs.cli.cluster import EmbeddedCluster
 
 
