@@ -159,6 +159,29 @@ def test_read_ahead_pipelines_sequential_reads_and_survives_a_bad_window() -> No
     asyncio.run(scenario())
 
 
+def test_read_ahead_read_ends_by_its_deadline_when_a_window_hangs() -> None:
+    hang = asyncio.Event()
+
+    async def fetch(offset: int, n: int, end: float | None) -> bytes:
+        if offset > 0:
+            await hang.wait()  # a datanode that never answers
+        return bytes(n)
+
+    async def scenario() -> None:
+        ra = ReadAhead(fetch)
+        size = 64 * 1024 * 1024
+        start = time.monotonic()
+        assert len(await ra.read(0, 128 * 1024, size, start + 5)) == 128 * 1024
+        t0 = time.monotonic()
+        with pytest.raises(ShoalError) as err:  # the window ahead hangs: this read waits for it
+            await ra.read(256 * 1024, 384 * 1024, size, t0 + 0.3)
+        assert err.value.code == Code.TIMEOUT
+        assert time.monotonic() - t0 < 1.0, "a read must end by its own deadline"
+        ra.drop()
+
+    asyncio.run(scenario())
+
+
 def test_frame_receiver_reassembles_any_split() -> None:
     import random
 

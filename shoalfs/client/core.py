@@ -40,10 +40,11 @@ log = logging.getLogger(__name__)
 IO_PIECE = 4 * 1024 * 1024  # data per RPC (the servers take up to layout.MAX_IO)
 MAX_PIECES = 1024  # pieces in one DATA_WRITE (the datanode takes as many)
 REFRESH_ON_TRY_AGAIN = 1.0  # a leader that keeps answering TRY_AGAIN: ask the master this often
-# calls that change nothing: they leave fresh_dir_attrs as they are
-READ_OPS = frozenset({
+# calls that change no directory: they leave fresh_dir_attrs as they are
+KEEPS_DIRS = frozenset({
     Op.META_GET_INODE, Op.META_BATCH_GET_INODE, Op.META_LOOKUP, Op.META_READDIR, Op.META_EXTENT_LIST,
-    Op.META_GET_XATTR, Op.META_LIST_XATTR, Op.META_RENEW_LEASES, Op.DATA_READ,
+    Op.META_GET_XATTR, Op.META_LIST_XATTR, Op.META_RENEW_LEASES,
+    Op.DATA_READ, Op.DATA_WRITE, Op.DATA_SYNC, Op.DATA_TRUNCATE, Op.DATA_DELETE_EXTENT,
 })
 CALL_GRACE = 0.1  # how far past its deadline a call may run (the pool's last attempt lasts >= 0.05 s)
 
@@ -84,6 +85,7 @@ class VolumeClient:
         self.open_counts: dict[int, int] = {}
         # directory attributes our own last change answered with, and when: see fresh_dir_attr
         self.fresh_dir_attrs: dict[int, tuple[float, dict[str, Any]]] = {}
+        self.dir_changes = 0  # +1 as each call that may change a directory starts, +1 as it ends
         self.pending_evict: set[int] = set()  # unlinked by us while we have them open
         self._lease_renewal: asyncio.Task[None] | None = None
         self.open_lease = OPEN_LEASE
@@ -187,8 +189,16 @@ class VolumeClient:
         operation makes."""
         if end is None:
             end = time.monotonic() + self.options.op_deadline
-        if op not in READ_OPS:
+        if op not in KEEPS_DIRS:
             self.fresh_dir_attrs.clear()  # whatever we change may be one of them
+            self.dir_changes += 1
+            try:
+                return await self._call(part, op, body, end)
+            finally:
+                self.dir_changes += 1
+        return await self._call(part, op, body, end)
+
+    async def _call(self, part: dict[str, Any], op: int, body: dict[str, Any], end: float) -> Any:
         until = end
         if op in META_ONCE and "rid" not in body:
             # every attempt of this change carries one id: one that reached the
@@ -295,12 +305,15 @@ class VolumeClient:
         first, then the name; the inode is dropped if the name exists)."""
         if not stat.S_ISDIR(mode):
             try:
+                asked, changes = time.monotonic(), self.dir_changes
                 res: dict[str, Any] = await self.meta(parent, Op.META_CREATE, {
                     "parent": parent, "name": name, "mode": mode, "uid": uid, "gid": gid,
                     "target": target, "rdev": rdev, "open": opening})
                 parent_attr = res.pop("parent_attr", None)
-                if parent_attr is not None:
-                    self.fresh_dir_attrs[parent] = (time.monotonic(), parent_attr)
+                # only if no other change of ours ran meanwhile (it may have come
+                # after ours at the metanode), and as old as the question
+                if parent_attr is not None and self.dir_changes == changes + 2:
+                    self.fresh_dir_attrs[parent] = (asked, parent_attr)
                 return res
             except ShoalError as exc:
                 if exc.code != Code.NO_SPACE or at_limit(exc):
@@ -536,7 +549,10 @@ class VolumeClient:
         body: dict[str, Any] = {"ext": entry[1], "offset": pieces[0][0], "data": pieces[0][1]}
         if len(pieces) > 1:
             body["more"] = [[within, piece] for within, piece in pieces[1:]]
-        await self.call(self._dp_by_pid(entry[0]), Op.DATA_WRITE, body, end)
+        res = await self.call(self._dp_by_pid(entry[0]), Op.DATA_WRITE, body, end)
+        total = sum(len(piece) for _, piece in pieces)
+        if res.get("written") != total:  # a datanode that predates "more" writes the first piece only
+            raise ShoalError(Code.INTERNAL, f"datanode wrote {res.get('written')} of {total} bytes")
         if chunk not in known:
             await self.call(self.meta_partition(ino), Op.META_EXTENT_SET,
                             {"ino": ino, "chunk": chunk, "dp": entry[0], "ext": entry[1]}, end)

@@ -76,6 +76,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         # (inode, name) a getxattr found absent, and when: a file written for
         # longer than that keeps asking for security.capability (one RPC per write)
         self._absent_xattrs: dict[tuple[int, bytes], float] = {}
+        self._xattr_changes = 0  # bumped as a setxattr or removexattr starts
 
     # ----- hooks for the lifecycle guard --------------------------------------
     def check_fence(self) -> None:
@@ -352,6 +353,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.check_writable()
         self._no_xattrs.pop(inode, None)
         self._absent_xattrs.pop((inode, name), None)
+        self._xattr_changes += 1
         await self.client.setxattr(inode, os.fsdecode(name), value)
 
     @guarded
@@ -359,13 +361,15 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         now = time.monotonic()
         if now - max(self._no_xattrs.get(inode, -1e9), self._absent_xattrs.get((inode, name), -1e9)) < ATTR_TIMEOUT:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)  # as fresh as any cached attribute
+        changes = self._xattr_changes
         try:
             return await self.client.getxattr(inode, os.fsdecode(name))
         except ShoalError as exc:
             if exc.code == Code.NO_DATA:
-                if len(self._absent_xattrs) > 100_000:
-                    self._absent_xattrs.clear()
-                self._absent_xattrs[(inode, name)] = now
+                if changes == self._xattr_changes:  # no setxattr of ours raced with the question
+                    if len(self._absent_xattrs) > 100_000:
+                        self._absent_xattrs.clear()
+                    self._absent_xattrs[(inode, name)] = now
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
             raise
 

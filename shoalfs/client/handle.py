@@ -135,6 +135,13 @@ class FileHandle:
 
     async def _write_batch(self, batch: list[list[Any]], end: float) -> None:
         try:
+            await self._land_batch(batch, end)
+        finally:
+            # landed or not, what a window fetched before may predate it
+            self._drop_read_cache()
+
+    async def _land_batch(self, batch: list[list[Any]], end: float) -> None:
+        try:
             # views: a batch's buffers are never touched again (new writes go to new segments)
             touched = await self.client.write_data(self.ino, [(o, memoryview(b)) for o, b in batch],
                                                    self.known, end)

@@ -136,7 +136,7 @@ class MasterClient:
                 delay = random.uniform(0, min(1.0, 0.1 * 2**attempt))
                 if not exc.transient or time.monotonic() + delay >= end:
                     # an attempt the deadline cut short says less than a master's own answer
-                    cut_short = exc.code in (Code.NODE_UNREACHABLE, Code.TIMEOUT)
+                    cut_short = exc.code in (Code.NODE_UNREACHABLE, Code.TIMEOUT) and time.monotonic() >= end - 0.05
                     raise answered if cut_short and answered is not None else exc from None
                 if exc.code not in (Code.NODE_UNREACHABLE, Code.TIMEOUT):
                     answered = exc
