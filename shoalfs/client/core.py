@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 IO_PIECE = 4 * 1024 * 1024  # data per RPC (the servers take up to layout.MAX_IO)
 MAX_PIECES = 1024  # pieces in one DATA_WRITE (the datanode takes as many)
 REFRESH_ON_TRY_AGAIN = 1.0  # a leader that keeps answering TRY_AGAIN: ask the master this often
-# calls that change no directory: they leave fresh_dir_attrs as they are
+# calls that change no directory: they leave a create's parent attributes fresh
 KEEPS_DIRS = frozenset({
     Op.META_GET_INODE, Op.META_BATCH_GET_INODE, Op.META_LOOKUP, Op.META_READDIR, Op.META_EXTENT_LIST,
     Op.META_GET_XATTR, Op.META_LIST_XATTR, Op.META_RENEW_LEASES,
@@ -83,9 +83,9 @@ class VolumeClient:
         self._refreshed_at = -1e9  # when placement was last asked for
         self.metrics: Metrics | None = None  # a mount's, with -o metrics=HOST:PORT
         self.open_counts: dict[int, int] = {}
-        # directory attributes our own last change answered with, and when: see fresh_dir_attr
-        self.fresh_dir_attrs: dict[int, tuple[float, dict[str, Any]]] = {}
         self.dir_changes = 0  # +1 as each call that may change a directory starts, +1 as it ends
+        # (parent, asked at, dir_changes after, attributes) of our last create: see fresh_dir_attr
+        self._created_in: tuple[int, float, int, dict[str, Any]] | None = None
         self.pending_evict: set[int] = set()  # unlinked by us while we have them open
         self._lease_renewal: asyncio.Task[None] | None = None
         self.open_lease = OPEN_LEASE
@@ -190,7 +190,6 @@ class VolumeClient:
         if end is None:
             end = time.monotonic() + self.options.op_deadline
         if op not in KEEPS_DIRS:
-            self.fresh_dir_attrs.clear()  # whatever we change may be one of them
             self.dir_changes += 1
             try:
                 return await self._call(part, op, body, end)
@@ -256,11 +255,14 @@ class VolumeClient:
 
     # ----- inode operations ---------------------------------------------------
     def fresh_dir_attr(self, ino: int, max_age: float) -> dict[str, Any] | None:
-        """A directory's attributes as our own create just left them, if no
-        later change of ours came since and they are younger than max_age:
-        the kernel asks for them after every create in the directory."""
-        entry = self.fresh_dir_attrs.get(ino)
-        return entry[1] if entry is not None and time.monotonic() - entry[0] < max_age else None
+        """A directory's attributes as our own last create left them, if no
+        change of ours ran since (nor during it: it may have come after ours at
+        the metanode) and they are younger than max_age: the kernel asks for
+        them after every create in the directory."""
+        last = self._created_in
+        if last is None or last[0] != ino or last[2] != self.dir_changes or time.monotonic() - last[1] >= max_age:
+            return None
+        return last[3]
 
     async def getattr(self, ino: int) -> dict[str, Any]:
         res: dict[str, Any] = await self.meta(ino, Op.META_GET_INODE, {"ino": ino})
@@ -310,10 +312,8 @@ class VolumeClient:
                     "parent": parent, "name": name, "mode": mode, "uid": uid, "gid": gid,
                     "target": target, "rdev": rdev, "open": opening})
                 parent_attr = res.pop("parent_attr", None)
-                # only if no other change of ours ran meanwhile (it may have come
-                # after ours at the metanode), and as old as the question
-                if parent_attr is not None and self.dir_changes == changes + 2:
-                    self.fresh_dir_attrs[parent] = (asked, parent_attr)
+                if parent_attr is not None and self.dir_changes == changes + 2:  # as old as the question
+                    self._created_in = (parent, asked, self.dir_changes, parent_attr)
                 return res
             except ShoalError as exc:
                 if exc.code != Code.NO_SPACE or at_limit(exc):

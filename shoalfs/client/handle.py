@@ -135,13 +135,6 @@ class FileHandle:
 
     async def _write_batch(self, batch: list[list[Any]], end: float) -> None:
         try:
-            await self._land_batch(batch, end)
-        finally:
-            # landed or not, what a window fetched before may predate it
-            self._drop_read_cache()
-
-    async def _land_batch(self, batch: list[list[Any]], end: float) -> None:
-        try:
             # views: a batch's buffers are never touched again (new writes go to new segments)
             touched = await self.client.write_data(self.ino, [(o, memoryview(b)) for o, b in batch],
                                                    self.known, end)
@@ -151,6 +144,9 @@ class FileHandle:
         except Exception as exc:  # a bug must not turn into silent loss either
             self.error = self.error or ShoalError(Code.INTERNAL, repr(exc))
             return
+        finally:
+            # landed or not, what a window fetched before may predate it
+            self._drop_read_cache()
         # only now does the batch count: a failed one never makes the file grow
         self._unsynced |= touched
         self._landed_end = max([self._landed_end] + [o + len(b) for o, b in batch])

@@ -21,6 +21,7 @@ from shoalfs.common.tls import http_scheme
 from shoalfs.proto.errors import Code, ShoalError
 
 REQUEST_ID = "X-Shoal-Request-Id"
+NO_ANSWER = (Code.NODE_UNREACHABLE, Code.TIMEOUT)  # no master answered: the transport failed or time ran out
 
 
 def master_list(spec: str) -> list[str]:
@@ -88,7 +89,7 @@ class MasterClient:
                     hint = exc.data.get("leader") if isinstance(exc.data, dict) else None
                     if isinstance(hint, str) and hint and hint not in asked:
                         order.insert(0, hint)
-                elif exc.code not in (Code.NODE_UNREACHABLE, Code.TIMEOUT):
+                elif exc.code not in NO_ANSWER:
                     raise
                 elif error is None or error.code != Code.NOT_LEADER:
                     error = exc
@@ -136,9 +137,9 @@ class MasterClient:
                 delay = random.uniform(0, min(1.0, 0.1 * 2**attempt))
                 if not exc.transient or time.monotonic() + delay >= end:
                     # an attempt the deadline cut short says less than a master's own answer
-                    cut_short = exc.code in (Code.NODE_UNREACHABLE, Code.TIMEOUT) and time.monotonic() >= end - 0.05
+                    cut_short = exc.code in NO_ANSWER and time.monotonic() >= end - 0.05
                     raise answered if cut_short and answered is not None else exc from None
-                if exc.code not in (Code.NODE_UNREACHABLE, Code.TIMEOUT):
+                if exc.code not in NO_ANSWER:
                     answered = exc
                 attempt += 1
                 await asyncio.sleep(delay)

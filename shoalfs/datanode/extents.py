@@ -32,13 +32,6 @@ def _reserve(fd: int, offset: int, length: int) -> None:
             raise
 
 
-def _crc_entry(block: bytes) -> int:
-    return (1 << 32) | crc32(block.ljust(BLOCK, b"\0"))
-
-
-ZERO_ENTRY = _crc_entry(b"")  # what a never-written block's bytes (zeros) checksum to
-
-
 def _block_entries(buf: bytes | bytearray | memoryview, count: int) -> list[int]:
     """The entries of `count` whole blocks of buf (padded with zeros to
     count * BLOCK), without copying a block: one crc32 per block is the
@@ -51,6 +44,14 @@ def _block_entries(buf: bytes | bytearray | memoryview, count: int) -> list[int]
         part = view[i * BLOCK : (i + 1) * BLOCK]
         entries.append((1 << 32) | crc(bytes(BLOCK - len(part)), crc(part)))
     return entries
+
+
+def _crc_entry(block: bytes | bytearray) -> int:
+    """The entry of one block (up to BLOCK bytes; the rest counts as zeros)."""
+    return _block_entries(block, 1)[0]
+
+
+ZERO_ENTRY = _crc_entry(b"")  # what a never-written block's bytes (zeros) checksum to
 
 
 class Extent:
@@ -119,14 +120,19 @@ class Extent:
         """Returns True if this write created the extent: its name is durable
         only once the directory is fsync'ed (at once if `sync`, else by the
         caller before it answers a sync)."""
-        if not payload:
+        return self.write_many([(offset, payload)], sync)
+
+    def write_many(self, pieces: list[tuple[int, bytes]], sync: bool) -> bool:
+        """Several writes in order, with the files opened once and made durable
+        together (one sync) if `sync`; True if they created the extent (see write)."""
+        if not any(payload for _, payload in pieces):
             return False
         try:
-            return self._write(offset, payload, sync)
+            return self._write_many(pieces, sync)
         except OSError as exc:
             raise disk_error(exc, f"write to extent {self.path}") from None
 
-    def _write(self, offset: int, payload: bytes, sync: bool) -> bool:
+    def _write_many(self, pieces: list[tuple[int, bytes]], sync: bool) -> bool:
         created = not os.path.exists(self.path)
         dfd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -135,32 +141,9 @@ class Extent:
             os.close(dfd)
             raise
         try:
-            old_size = os.fstat(dfd).st_size
-            end = offset + len(payload)
-            first, last = offset // BLOCK, (end - 1) // BLOCK
-            count = last - first + 1
-            view = memoryview(payload)
-            crcs: list[int] = []
-            # blocks the payload covers whole are checksummed straight from it
-            # (no copy of the payload); only a partly covered first or last
-            # block is merged with what the extent holds there
-            head = offset % BLOCK != 0 or (count == 1 and end % BLOCK != 0 and end < old_size)
-            tail = count > 1 and end % BLOCK != 0 and end < old_size
-            if head:
-                crcs.append(self._merged_entry(cfd, dfd, first, offset, view, old_size))
-            whole_from, whole_to = first + head, last + 1 - tail
-            if whole_to > whole_from:
-                # the last block may end past the payload: past the extent's end, so zeros
-                whole = view[whole_from * BLOCK - offset : whole_to * BLOCK - offset]
-                crcs += _block_entries(whole, whole_to - whole_from)
-            if tail:
-                crcs.append(self._merged_entry(cfd, dfd, last, offset, view, old_size))
-            new_entries = struct.pack(f"!{count}Q", *crcs)
-            # take the space first: a disk that is full fails here, before any byte changes
-            _reserve(dfd, offset, len(payload))
-            _reserve(cfd, first * ENTRY.size, len(new_entries))
-            pwrite_all(dfd, payload, offset)
-            pwrite_all(cfd, new_entries, first * ENTRY.size)
+            for offset, payload in pieces:
+                if payload:
+                    self._write_at(dfd, cfd, offset, payload)
             if sync:
                 os.fdatasync(dfd)
                 os.fdatasync(cfd)
@@ -171,20 +154,33 @@ class Extent:
             fsync_dir(os.path.dirname(self.path))
         return created
 
-    def write_many(self, pieces: list[tuple[int, bytes]], sync: bool) -> bool:
-        """Several writes in order, made durable together (one sync) if `sync`;
-        True if they created the extent (see write)."""
-        created = False
-        for offset, payload in pieces:
-            created = self.write(offset, payload, sync=False) or created
-        if sync:
-            try:
-                self.sync()
-            except OSError as exc:
-                raise disk_error(exc, f"sync of extent {self.path}") from None
-            if created:
-                fsync_dir(os.path.dirname(self.path))
-        return created
+    def _write_at(self, dfd: int, cfd: int, offset: int, payload: bytes) -> None:
+        old_size = os.fstat(dfd).st_size
+        end = offset + len(payload)
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        count = last - first + 1
+        view = memoryview(payload)
+        crcs: list[int] = []
+        # blocks the payload covers whole are checksummed straight from it
+        # (no copy of the payload); only a partly covered first or last
+        # block is merged with what the extent holds there
+        head = offset % BLOCK != 0 or (count == 1 and end % BLOCK != 0 and end < old_size)
+        tail = count > 1 and end % BLOCK != 0 and end < old_size
+        if head:
+            crcs.append(self._merged_entry(cfd, dfd, first, offset, view, old_size))
+        whole_from, whole_to = first + head, last + 1 - tail
+        if whole_to > whole_from:
+            # the last block may end past the payload: past the extent's end, so zeros
+            whole = view[whole_from * BLOCK - offset : whole_to * BLOCK - offset]
+            crcs += _block_entries(whole, whole_to - whole_from)
+        if tail:
+            crcs.append(self._merged_entry(cfd, dfd, last, offset, view, old_size))
+        new_entries = struct.pack(f"!{count}Q", *crcs)
+        # take the space first: a disk that is full fails here, before any byte changes
+        _reserve(dfd, offset, len(payload))
+        _reserve(cfd, first * ENTRY.size, len(new_entries))
+        pwrite_all(dfd, payload, offset)
+        pwrite_all(cfd, new_entries, first * ENTRY.size)
 
     def _merged_entry(self, cfd: int, dfd: int, index: int, offset: int, payload: memoryview,
                       old_size: int) -> int:
@@ -197,7 +193,7 @@ class Extent:
         block = bytearray(old.ljust(BLOCK, b"\0"))
         lo, hi = max(offset, b_start), min(offset + len(payload), b_start + BLOCK)
         block[lo - b_start : hi - b_start] = payload[lo - offset : hi - offset]
-        return _crc_entry(bytes(block))
+        return _crc_entry(block)
 
     def truncate(self, size: int) -> None:
         try:
