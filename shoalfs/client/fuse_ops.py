@@ -10,6 +10,7 @@ logged; nothing escapes to the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import itertools
@@ -77,6 +78,12 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         # longer than that keeps asking for security.capability (one RPC per write)
         self._absent_xattrs: dict[tuple[int, bytes], float] = {}
         self._xattr_changes = 0  # bumped as a setxattr or removexattr starts
+        self.initialized = asyncio.Event()  # the kernel has our INIT answer (see init)
+
+    def init(self) -> None:
+        """pyfuse3 calls this as the kernel's INIT arrives; the answer goes out
+        as it returns, before the event loop runs anything else."""
+        self.initialized.set()
 
     # ----- hooks for the lifecycle guard --------------------------------------
     def check_fence(self) -> None:

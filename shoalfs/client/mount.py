@@ -123,6 +123,21 @@ def is_mounted(path: str) -> bool:
         return False
 
 
+def mount_device(path: str) -> str:
+    """MAJOR:MINOR of what is mounted at path, from /proc alone (never a stat:
+    see is_mounted); LookupError if nothing is."""
+    target = os.path.abspath(path)
+    device = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].replace("\\040", " ") == target:
+                device = fields[2]  # the last one mounted there is the one seen
+    if device is None:
+        raise LookupError(f"nothing is mounted at {path}")
+    return device
+
+
 MNT_DETACH = 2
 
 
@@ -224,16 +239,17 @@ class MountSession:
         return opts
 
     async def tune_read_ahead(self) -> None:
-        """Set this mount's read-ahead (root only: it is the bdi's sysfs file).
-        It must come after the kernel has our INIT answer, which lowers it to
-        what libfuse asked for: a stat of the root waits for exactly that."""
-        if not self.opts.read_ahead_kb or os.getuid() != 0:
+        """Set this mount's read-ahead (root only: it is the bdi's sysfs file),
+        once the kernel has our INIT answer, which lowers it to what libfuse
+        asked for. Never by a stat of the mountpoint: a thread of ours waiting
+        on our own mount keeps a killed mount alive (its /dev/fuse stays open)."""
+        if not self.opts.read_ahead_kb or os.getuid() != 0 or self.ops is None:
             return
         try:
-            dev = (await asyncio.wait_for(asyncio.to_thread(os.stat, self.opts.mountpoint), 10)).st_dev
-            with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
+            await asyncio.wait_for(self.ops.initialized.wait(), 10)
+            with open(f"/sys/class/bdi/{mount_device(self.opts.mountpoint)}/read_ahead_kb", "w") as f:
                 f.write(f"{self.opts.read_ahead_kb}\n")
-        except (OSError, TimeoutError) as exc:  # a slower mount, never a failed one
+        except (OSError, TimeoutError, LookupError) as exc:  # a slower mount, never a failed one
             log.warning("could not set read-ahead to %d KiB: %s", self.opts.read_ahead_kb, exc)
 
     async def on_mounted(self) -> None:
