@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoalfs.client.credential import ClientCredential
+from shoalfs.client.locks import FileLocks
 from shoalfs.common.master_client import MasterClient
 from shoalfs.common.metrics import Metrics
 from shoalfs.common.tls import client_context
 from shoalfs.proto.errors import Code, ShoalError
-from shoalfs.proto.layout import CHUNK, MAX_FILE_SIZE, OPEN_LEASE, extent_id
+from shoalfs.proto.layout import CHUNK, LOCK_LEASE, MAX_FILE_SIZE, OPEN_LEASE, extent_id
 from shoalfs.proto.opcodes import META_ONCE, Op
 from shoalfs.proto.rpc import EventCallback, RetryPolicy, RpcPool
 from shoalfs.replication.replica import newer_view
@@ -43,7 +44,8 @@ REFRESH_ON_TRY_AGAIN = 1.0  # a leader that keeps answering TRY_AGAIN: ask the m
 # calls that change no directory: they leave a create's parent attributes fresh
 KEEPS_DIRS = frozenset({
     Op.META_GET_INODE, Op.META_BATCH_GET_INODE, Op.META_LOOKUP, Op.META_READDIR, Op.META_EXTENT_LIST,
-    Op.META_GET_XATTR, Op.META_LIST_XATTR, Op.META_RENEW_LEASES,
+    Op.META_GET_XATTR, Op.META_LIST_XATTR, Op.META_RENEW_LEASES, Op.META_LOCK, Op.META_LOCK_CANCEL,
+    Op.META_RELEASE_LOCKS,
     Op.DATA_READ, Op.DATA_WRITE, Op.DATA_SYNC, Op.DATA_TRUNCATE, Op.DATA_DELETE_EXTENT,
 })
 CALL_GRACE = 0.1  # how far past its deadline a call may run (the pool's last attempt lasts >= 0.05 s)
@@ -89,7 +91,10 @@ class VolumeClient:
         self.pending_evict: set[int] = set()  # unlinked by us while we have them open
         self._lease_renewal: asyncio.Task[None] | None = None
         self.open_lease = OPEN_LEASE
-        self._lease_shortened = asyncio.Event()
+        self.lock_lease = LOCK_LEASE
+        # renew on a new schedule from now: a lease got shorter, or we hold our first lock
+        self.renew_schedule_changed = asyncio.Event()
+        self.locks = FileLocks(self)
         # lifecycle: set by the guard (client/lifecycle.py)
         self.fenced = False  # the volume is deleted: every call fails at once
         self.pending_delete = False  # the volume is pending deletion: read-only for now
@@ -472,7 +477,14 @@ class VolumeClient:
         lease = reply.get("lease")
         if isinstance(lease, (int, float)) and 0 < lease < self.open_lease:
             self.open_lease = float(lease)
-            self._lease_shortened.set()  # renew on the new schedule from now
+            self.renew_schedule_changed.set()  # renew on the new schedule from now
+        self.learn_lock_lease(reply.get("lock_lease"))
+
+    def learn_lock_lease(self, lease: Any) -> None:
+        """A metanode's lease on our locks: renewed, while we hold any, at a third of the shortest."""
+        if isinstance(lease, (int, float)) and 0 < lease < self.lock_lease:
+            self.lock_lease = float(lease)
+            self.renew_schedule_changed.set()
 
     # ----- files held open (other mounts keep an unlinked file's data for us) ------
     async def closed(self, ino: int) -> None:
@@ -490,22 +502,29 @@ class VolumeClient:
             log.info("close of inode %d at its metanode: %s", ino, exc.msg)
 
     async def _renew_leases(self) -> None:
-        """Tell each metanode, every third of a lease, which files we still have open."""
+        """Tell each metanode, every third of a lease, which files we still have
+        open and which locks we hold (a new partition leader learns them so)."""
         while True:
+            period = min(self.open_lease, self.lock_lease if self.locks.held else self.open_lease) / 3
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lease_shortened.wait(), self.open_lease / 3)
-            self._lease_shortened.clear()
-            by_part: dict[int, tuple[dict[str, Any], list[int]]] = {}
-            for ino in list(self.open_counts):
+                await asyncio.wait_for(self.renew_schedule_changed.wait(), period)
+            self.renew_schedule_changed.clear()
+            by_part: dict[int, tuple[dict[str, Any], list[int], set[int]]] = {}
+            for ino, is_open in [(i, True) for i in self.open_counts] + [(i, False) for i in self.locks.held.inos()]:
                 with contextlib.suppress(ShoalError):
                     part = self.meta_partition(ino)
-                    by_part.setdefault(part["pid"], (part, []))[1].append(ino)
-            for pid, (part, held) in by_part.items():
+                    entry = by_part.setdefault(part["pid"], (part, [], set()))
+                    (entry[1].append if is_open else entry[2].add)(ino)
+            for pid, (part, held, locked) in by_part.items():
+                claims = self.locks.held.claims(locked)
                 try:
-                    self._learn_lease(await self.call(part, Op.META_RENEW_LEASES, {"open": held},
-                                                      end=time.monotonic() + self.open_lease / 3))
+                    res = await self.call(part, Op.META_RENEW_LEASES, {"open": held, "locks": claims},
+                                          end=time.monotonic() + period)
                 except ShoalError as exc:  # the fence too: a deleted volume's loop ends with close()
-                    log.warning("could not renew the open files' leases on partition %d: %s", pid, exc.msg)
+                    log.warning("could not renew the leases on partition %d: %s", pid, exc.msg)
+                    continue
+                self._learn_lease(res)
+                self.locks.held.renewed(claims, res.get("locks", []), res.get("version", ["", 0]))
 
     async def write_data(self, ino: int, segments: list[tuple[int, bytes | memoryview]],
                          known: dict[int, list[int]], end: float | None = None) -> set[int]:
@@ -620,6 +639,8 @@ class VolumeClient:
     async def close(self) -> None:
         if self._lease_renewal is not None:
             self._lease_renewal.cancel()
+        if self.locks.held and not self.fenced:
+            await self.locks.release_all(deadline=min(2.0, self.options.op_deadline))
         await self.credential.stop()
         await self.pool.close()
         await self.master.close()

@@ -36,6 +36,7 @@ ENTRY_TIMEOUT = 1.0
 BLOCK = 4096
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
 
 
 def guarded(fn: F) -> F:
@@ -58,6 +59,19 @@ def guarded(fn: F) -> F:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+async def stale_if_gone(call: Awaitable[T]) -> T:
+    """An inode the kernel names that another mount removed is ESTALE, not
+    ENOENT: the kernel then looks its name up again and retries once (an
+    open(O_CREAT) through a cached name creates the file anew, a stat finds
+    it gone), as for NFS."""
+    try:
+        return await call
+    except ShoalError as exc:
+        if exc.code == Code.NOT_FOUND:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+        raise
 
 
 class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
@@ -165,7 +179,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         # as fresh as the kernel's own cache would be: a change since is ours (it drops them)
         # or another client's within the attribute timeout
         attr = self.client.fresh_dir_attr(inode, ATTR_TIMEOUT)
-        return self.entry(attr if attr is not None else await self.client.getattr(inode))
+        return self.entry(attr if attr is not None else await stale_if_gone(self.client.getattr(inode)))
 
     @guarded
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
@@ -225,7 +239,17 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         self.check_writable()
         mode = stat.S_IFREG | (mode & ~ctx.umask & 0o7777)
-        attr = await self._make(parent_inode, name, mode, ctx, opening=True)
+        try:
+            attr = await self._make(parent_inode, name, mode, ctx, opening=True)
+        except ShoalError as exc:
+            if exc.code != Code.EXISTS or flags & os.O_EXCL:
+                raise
+            # another mount created it since the kernel looked (it caches no absent
+            # names): without O_EXCL, open(O_CREAT) opens what is there
+            attr = await self.client.lookup_attr(parent_inode, self.name(name))
+            if stat.S_ISDIR(attr["mode"]):
+                raise pyfuse3.FUSEError(errno.EISDIR) from None
+            return await self.open(attr["ino"], flags, ctx), self.entry(attr)
         fh = self._new_handle(attr, {}, flags)
         return pyfuse3.FileInfo(fh=fh), self.entry(attr)
 
@@ -264,7 +288,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     # ----- files ------------------------------------------------------------------------
     @guarded
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        attr, extents = await self.client.attr_and_extents(inode, opening=True)  # one round trip
+        attr, extents = await stale_if_gone(self.client.attr_and_extents(inode, opening=True))  # one round trip
         if stat.S_ISDIR(attr["mode"]):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):

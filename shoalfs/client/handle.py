@@ -23,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 from shoalfs.client.core import CALL_GRACE, VolumeClient, check_file_size
 from shoalfs.client.readahead import ReadAhead
 from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.locks import UNLOCK
 from shoalfs.proto.opcodes import Op
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,26 @@ MAX_INFLIGHT = 4
 # waits on background batches allow this much past the deadline: their own
 # calls end by then (core.call cuts a call off CALL_GRACE after its deadline)
 WAIT_GRACE = CALL_GRACE + 0.1
+
+
+T = TypeVar("T")
+
+
+async def coherent_lock(handles: Iterable[FileHandle], type: int, lock: Callable[[], Awaitable[T]]) -> T:
+    """Set a lock with lock-to-unlock consistency, as NFS and CephFS give: what
+    we wrote is on the cluster before we let a lock go, and once we hold one,
+    what the previous holder wrote is what we read (sizes and extents
+    re-read, read-ahead dropped)."""
+    handles = list(handles)
+    if type == UNLOCK:
+        for h in handles:
+            await h.flush()
+    result = await lock()
+    if type != UNLOCK:
+        for h in handles:
+            await h.flush()
+            await h.refresh()
+    return result
 
 
 def _overlap(a_off: int, a_len: int, b_off: int, b_len: int) -> bool:

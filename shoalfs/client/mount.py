@@ -64,12 +64,14 @@ class MountOptions:
     key_file: str = ""  # the volume's access key (DESIGN.md §7)
     tls_ca: str = ""  # the CA of a TLS cluster
     read_ahead_kb: int = READ_AHEAD_KB  # the kernel's read-ahead for this mount; 0 leaves its default
+    local_locks: bool = False  # flock and fcntl locks held by the kernel, for this machine only
     extra: dict[str, str] = field(default_factory=dict)  # options for the lifecycle guard
 
     # -o flags that set one field: option -> (field, value)
     FLAGS = {"writeback_cache": ("writeback_cache", True), "allow_other": ("allow_other", True),
              "no_allow_other": ("allow_other", False), "ro": ("read_only", True),
-             "debug": ("debug", True), "no_auto_unmount": ("auto_unmount", False)}
+             "debug": ("debug", True), "no_auto_unmount": ("auto_unmount", False),
+             "local_locks": ("local_locks", True)}
     GUARD_OPTIONS = ("heartbeat", "deleted_exit_code", "watchdog", "linger", "audit_log", "syslog", "push", "detect",
                      "op_deadline", "metrics")
 
@@ -217,10 +219,18 @@ class MountSession:
                 raise MountError(f"metrics on {addr}: {exc}") from None
         return client
 
-    def make_ops(self, client: VolumeClient) -> Any:
+    def operations_class(self) -> Any:
+        """With cluster-wide locks unless -o local_locks; refused (before
+        anything starts) if this pyfuse3 cannot pass locks on."""
+        from shoalfs.client import fuse_locks
         from shoalfs.client.fuse_ops import ShoalOperations
 
-        return ShoalOperations(client, writeback_cache=self.opts.writeback_cache)
+        if self.opts.local_locks:
+            return ShoalOperations
+        if not fuse_locks.supported():
+            raise MountError("this pyfuse3 cannot pass file locks on, so locks would hold on this machine only: "
+                             "install the patched build (scripts/install), or mount with -o local_locks")
+        return fuse_locks.LockingOperations
 
     def fuse_options(self) -> set[str]:
         import pyfuse3
@@ -267,8 +277,9 @@ class MountSession:
         pyfuse3.asyncio.enable()
         pyfuse3.asyncio.notify_closing = _notify_closing  # type: ignore[attr-defined]
         check_mountpoint(self.opts.mountpoint)
+        operations = self.operations_class()
         self.client = await self.open_volume()
-        self.ops = self.make_ops(self.client)
+        self.ops = operations(self.client, writeback_cache=self.opts.writeback_cache)
         try:
             pyfuse3.init(self.ops, self.opts.mountpoint, self.fuse_options())
         except RuntimeError as exc:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import io
+import itertools
 import logging
 import os
 import stat as stat_mod
@@ -26,14 +28,16 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from shoalfs.client.core import ClientOptions, VolumeClient, split_path
-from shoalfs.client.handle import FileHandle
+from shoalfs.client.handle import FileHandle, coherent_lock
 from shoalfs.client.lifecycle import GuardConfig, LifecycleGuard
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import ROOT_INO
+from shoalfs.proto.locks import EOF, FLOCK, FLOCK_TYPES, POSIX, lock_range
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_LOCK_OWNERS = itertools.count(1)  # each file object owns its locks
 MAX_SYMLINKS = 40
 
 
@@ -322,6 +326,14 @@ class Volume:
                                 else io.BufferedReader(raw) if readable else io.BufferedWriter(raw),
                                 encoding=encoding or "utf-8")
 
+    def flock(self, file: Any, operation: int) -> None:
+        """fcntl.flock on a file this volume opened (text or binary): see ShoalFile.flock."""
+        _raw_file(file).flock(operation)
+
+    def lockf(self, file: Any, cmd: int, len: int = 0, start: int = 0, whence: int = io.SEEK_SET) -> None:
+        """fcntl.lockf on a file this volume opened (text or binary): see ShoalFile.lockf."""
+        _raw_file(file).lockf(cmd, len, start, whence)
+
     async def _open(self, path: str, mode: str) -> FileHandle:
         creating = bool(set(mode) & set("wax"))
         try:
@@ -352,6 +364,7 @@ class ShoalFile(io.RawIOBase):
         self._readable = readable
         self._writable = writable
         self._handle: FileHandle = vol._run(vol._open(path, mode), path)
+        self._owner = next(_LOCK_OWNERS)
         self._pos = self._handle.size if "a" in mode else 0
 
     def readable(self) -> bool:
@@ -420,6 +433,41 @@ class ShoalFile(io.RawIOBase):
     def fileno(self) -> int:
         raise io.UnsupportedOperation("shoalfs files have no OS file descriptor")
 
+    # ----- locks: held across every mount and handle of the volume; owned by this
+    # file object (as Linux's open file description locks), released when it closes
+    def flock(self, operation: int) -> None:
+        """As fcntl.flock: LOCK_SH, LOCK_EX or LOCK_UN, with LOCK_NB not to wait (BlockingIOError)."""
+        type = FLOCK_TYPES.get(operation & ~fcntl.LOCK_NB)
+        if type is None:
+            raise ValueError(f"invalid flock operation {operation}")
+        self._lock(FLOCK, type, 0, EOF, not operation & fcntl.LOCK_NB)
+
+    def lockf(self, cmd: int, len: int = 0, start: int = 0, whence: int = io.SEEK_SET) -> None:
+        """As fcntl.lockf: a byte range from `start` (relative to `whence`), `len`
+        bytes (0: to the end of the file, whatever its size; negative: before `start`)."""
+        type = FLOCK_TYPES.get(cmd & ~fcntl.LOCK_NB)
+        if type is None:
+            raise ValueError(f"invalid lockf command {cmd}")
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._handle.size}.get(whence)
+        if base is None:
+            raise ValueError(f"invalid whence {whence}")
+        first = base + start + min(len, 0)
+        if first < 0 or first + abs(len) >= EOF:
+            raise OSError(errno.EINVAL, "lock range out of bounds", self.name)
+        self._lock(POSIX, type, *lock_range(first, abs(len)), not cmd & fcntl.LOCK_NB)
+
+    def _lock(self, kind: int, type: int, start: int, end: int, wait: bool) -> None:
+        vol, ino = self._vol, self._handle.ino
+        interrupted = asyncio.Event()
+        try:
+            conflict = vol._run(coherent_lock([self._handle], type, lambda: vol.client.locks.lock(
+                ino, kind, self._owner, type, start, end, os.getpid(), wait, interrupted)), self.name)
+        except BaseException:  # KeyboardInterrupt while waiting: the request is answered at once
+            vol._loop.loop.call_soon_threadsafe(interrupted.set)
+            raise
+        if conflict is not None:
+            raise BlockingIOError(errno.EAGAIN, "locked by another owner", self.name)
+
     def close(self) -> None:
         if self.closed:
             return
@@ -428,13 +476,27 @@ class ShoalFile(io.RawIOBase):
             return
         if self._vol._loop.on_loop_thread():
             # a file never closed, collected by the garbage collector on the I/O thread
-            self._vol._loop.run_later(self._handle.release(), f"closing {self.name}")
+            self._vol._loop.run_later(self._release(), f"closing {self.name}")
             super().close()
             return
         try:
-            self._vol._run(self._handle.release(), self.name)
+            self._vol._run(self._release(), self.name)
         finally:
             super().close()
+
+    async def _release(self) -> None:
+        try:
+            await self._handle.release()
+        finally:
+            for kind in (POSIX, FLOCK):
+                await self._vol.client.locks.release(self._handle.ino, kind, self._owner)
+
+
+def _raw_file(file: Any) -> ShoalFile:
+    raw = getattr(getattr(file, "buffer", file), "raw", getattr(file, "buffer", file))
+    if not isinstance(raw, ShoalFile):
+        raise TypeError("not a file opened by a shoalfs Volume")
+    return raw
 
 
 def connect(master: str, volume: str, options: ClientOptions | None = None, *,

@@ -25,11 +25,13 @@ from sortedcontainers import SortedDict
 
 from shoalfs.metanode.journal import Journal
 from shoalfs.metanode.leases import OpenLeases
+from shoalfs.metanode.locks import LockTable
 from shoalfs.metanode.replicated import Call, ReplicatedPartition
 from shoalfs.metanode.staged import Staged
 from shoalfs.metanode.usage import Limits, Usage, allocated_of, growth
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import (
+    LOCK_LEASE,
     MAX_CHUNK,
     MAX_NAME,
     MAX_SYMLINK,
@@ -114,6 +116,7 @@ class MetaPartition(ReplicatedPartition):
         self.before_commit: Callable[[], None] | None = None  # refuses writes while pending delete
         self.data_partitions: Callable[[], set[int] | None] = lambda: None  # the volume's, from the master
         self.leases = OpenLeases()  # which sessions have which files open
+        self.locks = LockTable(LOCK_LEASE)  # the files' locks (the leader's; replaced with each term)
         # renames since this partition was loaded (with a token of the load): what the
         # orphan sweeper compares before and after a scan
         self.moves = 0
@@ -255,6 +258,7 @@ class MetaPartition(ReplicatedPartition):
         self.staged.clear()
 
     async def close(self) -> None:
+        self.locks.close()
         await self.journal.close()
 
     # ----- helpers -----------------------------------------------------

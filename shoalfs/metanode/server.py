@@ -25,6 +25,7 @@ from shoalfs.common.limits import config_seconds
 from shoalfs.common.placement import VolumeMaps
 from shoalfs.common.service import DELETE_PARTITION, MASTER_STATE, NEW_PARTITION, NodeService
 from shoalfs.metanode.leases import OpenLeases
+from shoalfs.metanode.locks import LockTable
 from shoalfs.metanode.orphans import OrphanSweeper
 from shoalfs.metanode.partition import REQUEST_ID, SCAN_ENTRIES, MetaPartition, public_attr
 from shoalfs.metanode.reaper import Reaper
@@ -32,6 +33,7 @@ from shoalfs.metanode.usage import limits_of
 from shoalfs.proto.capability import READ_WRITE, Access
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import (
+    LOCK_LEASE,
     MAX_CHUNK,
     MAX_FILE_SIZE,
     MAX_INO,
@@ -39,6 +41,7 @@ from shoalfs.proto.layout import (
     MAX_NAME,
     OPEN_LEASE,
 )
+from shoalfs.proto.locks import LOCK_CLAIMS, LOCK_TARGET, RELEASE_LOCKS, SET_LOCK
 from shoalfs.proto.opcodes import META_ONCE, Op
 from shoalfs.proto.rpc import RetryPolicy, RpcPool
 from shoalfs.proto.schema import I64_MAX, I64_MIN, U32, U64, Bool, Bytes, Int, ListOf, Map, Opt, Raw, Schema, Str
@@ -99,6 +102,7 @@ class MetaNode(NodeService):
         self.volume_limits: dict[str, Any] = {}  # vol_id -> limits and totals, from the master
         try:
             self.open_lease = config_seconds(cfg, "open_lease", OPEN_LEASE)
+            self.lock_lease = config_seconds(cfg, "lock_lease", LOCK_LEASE)
             sweep = (config_seconds(cfg, "orphan_scan_interval", 300.0, zero=True),
                      config_seconds(cfg, "orphan_grace", 600.0))
         except ValueError as exc:
@@ -151,7 +155,14 @@ class MetaNode(NodeService):
         r(Op.META_CLOSE, on(lambda p, b, s, rw: p.close_inode(b["ino"], s, rw), session=True, rights=True),
           {"ino": INO}, access=R)
         r(Op.META_RENEW_LEASES, on(self._renew_leases, session=True),
-          {"open": ListOf(Int(0, MAX_INO), 100_000)}, access=R)
+          {"open": ListOf(Int(0, MAX_INO), 100_000), "locks": Opt(LOCK_CLAIMS, [])}, access=R)
+        # locks change no file: a read-only session may lock what it can open (the kernel
+        # refuses a write lock on a file not opened for writing)
+        r(Op.META_LOCK, on(self._lock, session=True), SET_LOCK, access=R)
+        r(Op.META_LOCK_CANCEL, on(lambda p, b, s: p.locks.cancel(s, b["owner"], b["ino"]), session=True),
+          LOCK_TARGET, access=R)
+        r(Op.META_RELEASE_LOCKS, on(lambda p, b, s: p.locks.release(s, b["ino"], b["kind"], b["owner"]),
+                                    session=True), RELEASE_LOCKS, access=R)
         r(Op.META_CREATE_DENTRY, on(lambda p, b: p.create_dentry(b["parent"], b["name"], b["ino"], b["mode"])),
           {"parent": INO, "name": NAME, "ino": INO, "mode": MODE}, access=W)
         r(Op.META_LOOKUP, on(self._lookup), {"parent": INO, "name": NAME}, access=R)
@@ -237,6 +248,9 @@ class MetaNode(NodeService):
         yet (every file counts as held for a lease period), and renames the
         old leader began are driven to their end from here."""
         part.leases = OpenLeases(self.open_lease)
+        part.locks.close()
+        part.locks = LockTable(self.lock_lease)
+        log.info("leading meta partition %d: granting only reclaimed locks for %.0fs", part.pid, self.lock_lease)
         self._resume_txs(part)
 
     def _resume_txs(self, part: MetaPartition) -> None:
@@ -246,6 +260,7 @@ class MetaNode(NodeService):
     def _partition(self, info: dict[str, Any], pdir: str) -> MetaPartition:
         part = MetaPartition(info["pid"], info, pdir)
         part.leases = OpenLeases(self.open_lease)
+        part.locks = LockTable(self.lock_lease)
         part.load()
         vol_id = info["vol_id"]
         part.before_commit = lambda: self.check_writable(vol_id)
@@ -292,6 +307,7 @@ class MetaNode(NodeService):
         os.makedirs(pdir, mode=0o700, exist_ok=True)
         part = self._partition(info, pdir)
         part.leases.born()
+        part.locks.born()
         if part.start <= 1 < part.end and 1 not in part.inodes:
             # every replica makes the same root itself (same time): nothing to send
             await part.commit(part.new_root(t=body["created_ns"]), check_limits=False)  # a copy, not growth
@@ -447,7 +463,25 @@ class MetaNode(NodeService):
     @staticmethod
     def _renew_leases(part: MetaPartition, body: Any, session: str) -> Any:
         part.leases.renew(session, body["open"])
-        return {"lease": part.leases.lease}
+        return {"lease": part.leases.lease, "locks": part.locks.renew(session, body["locks"]),
+                "lock_lease": part.locks.lease, "version": part.locks.stamp}
+
+    @staticmethod
+    async def _lock(part: MetaPartition, body: Any, session: str) -> Any:
+        """Set a lock (waiting up to `wait` seconds for it), or with `test` name one in the way."""
+        ino, start, end = body["ino"], body["start"], body["end"]
+        if start >= end:
+            raise ShoalError(Code.BAD_REQUEST, "a lock's range must not be empty")
+        part.inode(ino)  # NOT_FOUND for a file that is not here
+        key, owner, locks = (ino, body["kind"]), (session, body["owner"]), part.locks
+        if body["test"]:
+            blocking = locks.test(key, owner, body["type"], start, end)
+            return {"conflict": blocking.public() if blocking is not None else None}
+        blocking = await locks.acquire(key, owner, body["type"], start, end, body["pid"], body["wait"])
+        if part.replica is not None:
+            part.replica.check_serving()  # still the leader: a new one learns this lock from our client
+        return {"granted": blocking is None, "conflict": blocking.public() if blocking is not None else None,
+                "held": locks.held(key, owner), "version": locks.stamp, "lock_lease": locks.lease}
 
     @staticmethod
     def _get_xattr(part: MetaPartition, body: Any) -> Any:

@@ -24,6 +24,7 @@ MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 64 * 1024  # as ext4
 MAX_XATTR_TOTAL = 256 * 1024  # all xattrs of one inode
 OPEN_LEASE = 60.0  # seconds a metanode keeps a file open for a session that stopped renewing (default)
+LOCK_LEASE = 15.0  # seconds a metanode keeps the locks of a session that stopped renewing (default)
 
 
 def extent_id(ino: int, chunk: int) -> int:

@@ -48,6 +48,9 @@ class Op(IntEnum):
     META_RECORDS = 129  # journal records the leader made durable (forwarded to followers only)
     META_USAGE = 130  # fsck: a partition's inode and byte counts against a fresh count
     META_TAG_QUOTA = 131  # `shoal quota set`: count an inode toward a directory quota (or no longer)
+    META_LOCK = 132  # set a file lock (or test for one), waiting a while if asked (proto/locks.py)
+    META_LOCK_CANCEL = 133  # the process waiting for a lock was interrupted: answer its request now
+    META_RELEASE_LOCKS = 134  # drop a session's locks (on a file, of an owner, or all)
     # datanode
     DATA_WRITE = 200
     DATA_READ = 201

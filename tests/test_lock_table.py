@@ -1,0 +1,155 @@
+"""The metanode's lock table on its own: POSIX range algebra, conflicts,
+waiting and waking, interrupts, lapsed sessions and the grace after a start."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from shoalfs.metanode.locks import Lock, LockTable, apply
+from shoalfs.proto.errors import Code, ShoalError
+from shoalfs.proto.locks import EOF, FLOCK, POSIX, READ, UNLOCK, WRITE
+
+A, B = ("sa", 1), ("sb", 7)
+F = (2, POSIX)
+
+
+def table(lease: float = 30.0) -> LockTable:
+    t = LockTable(lease)
+    t.born()
+    return t
+
+
+def hold(t: LockTable, owner: tuple[str, int], type: int, start: int, end: int, pid: int) -> None:
+    t.touch(owner[0])  # a live session, as every request makes it
+    t.set(F, owner, type, start, end, pid)
+
+
+def test_apply_splits_replaces_and_merges_ranges() -> None:
+    mine = apply([], A, WRITE, 0, 100, 1)
+    mine = apply(mine, A, UNLOCK, 40, 60, 1)  # a hole in the middle: two ranges
+    assert [(lk.type, lk.start, lk.end) for lk in mine] == [(WRITE, 0, 40), (WRITE, 60, 100)]
+    mine = apply(mine, A, READ, 30, 70, 1)  # a downgrade across the hole
+    assert [(lk.type, lk.start, lk.end) for lk in mine] == [(WRITE, 0, 30), (READ, 30, 70), (WRITE, 70, 100)]
+    mine = apply(mine, A, WRITE, 30, 70, 1)  # back up: one range again
+    assert [(lk.type, lk.start, lk.end) for lk in mine] == [(WRITE, 0, 100)]
+    assert apply(mine, A, UNLOCK, 0, EOF, 1) == []
+
+
+def test_apply_matches_a_byte_model() -> None:
+    """Random sequences of sets against a per-byte model of what the owner holds."""
+    rng = random.Random(5)
+    for _ in range(300):
+        mine: list[Lock] = []
+        model = [UNLOCK] * 64
+        for _ in range(12):
+            start = rng.randrange(64)
+            end = rng.randrange(start + 1, 65)
+            type = rng.choice((READ, WRITE, UNLOCK))
+            mine = apply(mine, A, type, start, end, 1)
+            model[start:end] = [type] * (end - start)
+            got = [UNLOCK] * 64
+            for lk in mine:
+                got[lk.start:lk.end] = [lk.type] * (lk.end - lk.start)
+            assert got == model
+            # ranges are sorted, disjoint, and two of one type never touch
+            for a, b in zip(mine, mine[1:], strict=False):
+                assert a.end <= b.start and not (a.end == b.start and a.type == b.type)
+
+
+def test_conflicts_are_per_kind_range_and_type() -> None:
+    t = table()
+    hold(t, A, READ, 0, 10, 1)
+    assert t.conflict(F, B, READ, 0, 10) is None  # shared locks coexist
+    assert t.conflict(F, B, WRITE, 10, 20) is None  # ranges that do not overlap
+    blocking = t.conflict(F, B, WRITE, 5, 6)
+    assert blocking is not None and blocking.public() == [READ, 0, 10, 1]
+    assert t.conflict(F, A, WRITE, 0, 10) is None  # an owner never conflicts with itself (upgrade)
+    assert t.conflict((2, FLOCK), B, WRITE, 0, EOF) is None  # flock and POSIX locks are apart
+    t.release("sa", 2, POSIX, 1)
+    assert t.conflict(F, B, WRITE, 0, EOF) is None
+
+
+def test_a_waiter_is_woken_by_the_release() -> None:
+    async def main() -> None:
+        t = table()
+        hold(t, A, WRITE, 0, EOF, 1)
+        started = time.monotonic()
+        waiter = asyncio.create_task(t.acquire(F, B, WRITE, 0, 1, 2, wait=10))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        t.release("sa", None, None, None)
+        assert await waiter is None
+        assert time.monotonic() - started < 1
+        assert t.held(F, B) == [[WRITE, 0, 1, 2]]
+    asyncio.run(main())
+
+
+def test_a_waiter_gives_up_when_its_wait_runs_out_or_is_cancelled() -> None:
+    async def main() -> None:
+        t = table()
+        hold(t, A, READ, 0, EOF, 1)
+        blocking = await t.acquire(F, B, WRITE, 0, 1, 2, wait=0.1)
+        assert blocking is not None and blocking.owner == A
+        waiter = asyncio.create_task(t.acquire(F, B, WRITE, 0, 1, 2, wait=10))
+        await asyncio.sleep(0.05)
+        t.cancel("sb", 7, 2)
+        assert (await asyncio.wait_for(waiter, 1)) is not None
+        t.cancel("sb", 7, 2)  # nobody waits: nothing is remembered for the next request
+        blocking = await t.acquire(F, B, WRITE, 0, 1, 2, wait=0.2)
+        assert blocking is not None
+    asyncio.run(main())
+
+
+def test_a_session_that_stops_renewing_loses_its_locks_and_wakes_waiters() -> None:
+    async def main() -> None:
+        t = table(lease=0.3)
+        assert await t.acquire(F, A, WRITE, 0, EOF, 1, wait=0) is None
+        started = time.monotonic()
+        # B keeps its own session alive while it waits; A's lapses
+        assert await t.acquire(F, B, WRITE, 0, EOF, 2, wait=5) is None
+        assert 0.2 < time.monotonic() - started < 1.5
+        assert t.held(F, A) == []
+    asyncio.run(main())
+
+
+def test_the_grace_grants_only_reclaims() -> None:
+    async def main() -> None:
+        t = LockTable(0.5)  # a leader that just started: not born empty
+        with pytest.raises(ShoalError) as err:
+            await t.acquire(F, B, WRITE, 0, EOF, 2, wait=0)
+        assert err.value.code == Code.TRY_AGAIN
+        with pytest.raises(ShoalError):
+            t.test(F, B, WRITE, 0, EOF)
+        answer = t.renew("sa", [[2, POSIX, 1, [[WRITE, 0, 100, 1]]]])
+        assert answer == [[2, POSIX, 1, [[WRITE, 0, 100, 1]]]]
+        async def renewing() -> None:  # A renews every third of a lease, as its client does
+            while True:
+                await asyncio.sleep(0.15)
+                t.renew("sa", [[2, POSIX, 1, [[WRITE, 0, 100, 1]]]])
+        renewer = asyncio.create_task(renewing())
+        # B waits out the grace, then still finds A's reclaimed lock in the way
+        started = time.monotonic()
+        blocking = await t.acquire(F, B, WRITE, 0, 10, 2, wait=1.0)
+        assert blocking is not None and blocking.owner == A
+        assert t.settled and time.monotonic() - started >= 0.9
+        renewer.cancel()
+        # after the grace a claim of a lock the table does not have is not granted: lost
+        assert t.renew("sc", [[2, POSIX, 3, [[WRITE, 200, 300, 9]]]]) == [[2, POSIX, 3, []]]
+    asyncio.run(main())
+
+
+def test_a_closed_table_grants_nothing() -> None:
+    async def main() -> None:
+        t = table()
+        hold(t, A, WRITE, 0, EOF, 1)
+        waiter = asyncio.create_task(t.acquire(F, B, WRITE, 0, EOF, 2, wait=10))
+        await asyncio.sleep(0.05)
+        t.close()  # another term as leader, or the partition deleted
+        with pytest.raises(ShoalError) as err:
+            await asyncio.wait_for(waiter, 1)
+        assert err.value.code == Code.TRY_AGAIN
+    asyncio.run(main())
