@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from shoalfs.client.locks import HeldLocks
+from shoalfs.metanode import locks as locks_module
 from shoalfs.metanode.locks import Lock, LockTable, apply
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.locks import EOF, FLOCK, POSIX, READ, UNLOCK, WRITE
@@ -152,4 +154,120 @@ def test_a_closed_table_grants_nothing() -> None:
         with pytest.raises(ShoalError) as err:
             await asyncio.wait_for(waiter, 1)
         assert err.value.code == Code.TRY_AGAIN
+    asyncio.run(main())
+
+
+def test_held_locks_keep_the_newest_answer_and_what_a_failed_request_may_hold() -> None:
+    held = HeldLocks()
+    key = (2, POSIX, 1)
+    held.learn(key, [[WRITE, 0, 10, 5]], ["t1", 7])
+    held.learn(key, [], ["t1", 6])  # an older answer arriving late changes nothing
+    assert held.holds(*key) and held.claims({2})[0] == [[2, POSIX, 1, [[WRITE, 0, 10, 5]]]]
+    held.learn(key, [], ["t1", 8])
+    assert not held.holds(*key) and not held
+    held.learn(key, [[WRITE, 0, 10, 5]], ["t1", 7])  # nor after the locks were let go
+    assert not held.holds(*key)
+    held.learn(key, [[READ, 0, 1, 5]], ["t2", 0])  # another table (a new leader): its count starts over
+    assert held.claims({2})[0] == [[2, POSIX, 1, [[READ, 0, 1, 5]]]]
+    # a request whose answer never came may have been granted: a close must let go
+    other = (3, FLOCK, 9)
+    held.asking(other)
+    assert held.holds(*other) and 3 in held.inos()
+    held.forget(3)
+    assert not held.holds(*other)
+    # a renewal that finds less than it claimed counts a loss
+    claims, seen = held.claims({2})
+    assert held.renewed(seen, [[2, POSIX, 1, []]], ["t2", 5]) == []
+    assert held.lost == 1 and not held
+
+
+def test_a_renewal_answer_never_brings_back_locks_let_go_meanwhile() -> None:
+    held = HeldLocks()
+    key = (2, POSIX, 1)
+    held.learn(key, [[WRITE, 0, 10, 5]], ["t1", 1])
+    claims, seen = held.claims({2})
+    held.forget(2, POSIX, 1, ["t1", 2])  # a close while the renewal was out
+    # the renewal reached a new leader in its grace, which took the claim as a reclaim
+    stale = held.renewed(seen, [[2, POSIX, 1, [[WRITE, 0, 10, 5]]]], ["t2", 1])
+    assert not held.holds(*key)  # not ours again
+    assert stale == [(key, [[WRITE, 0, 10, 5]])]  # and let go of again at the metanode
+    assert held.lost == 0
+
+
+def test_a_release_withdraws_the_owners_waiting_requests() -> None:
+    """A client that gave up a request (EIO) and closed the file: the request
+    still waiting at the metanode must not be granted afterwards."""
+    async def main() -> None:
+        t = table()
+        hold(t, A, WRITE, 0, EOF, 1)
+        waiter = asyncio.create_task(t.acquire(F, B, WRITE, 0, EOF, 2, wait=10))
+        await asyncio.sleep(0.05)
+        t.release("sb", 2, POSIX, 7)  # B closes
+        assert (await asyncio.wait_for(waiter, 1)) is not None
+        t.release("sa", None, None, None)
+        assert t.held(F, B) == []
+    asyncio.run(main())
+
+
+def test_two_shared_flocks_that_both_want_it_exclusive_do_not_wait_for_each_other() -> None:
+    async def main() -> None:
+        t = table()
+        key = (2, FLOCK)
+        for owner in (A, B):
+            assert await t.acquire(key, owner, READ, 0, EOF, 1, wait=0) is None
+        # as Linux: a conversion first lets go of the old lock, so one of them gets it
+        first = asyncio.create_task(t.acquire(key, A, WRITE, 0, EOF, 1, wait=2))
+        second = asyncio.create_task(t.acquire(key, B, WRITE, 0, EOF, 2, wait=2))
+        results = await asyncio.wait_for(asyncio.gather(first, second), 3)
+        assert None in results
+    asyncio.run(main())
+
+
+def test_a_release_during_the_grace_is_not_undone_by_an_older_reclaim() -> None:
+    async def main() -> None:
+        t = LockTable(30.0)  # a new leader, in its grace
+        t.renew("sa", [[2, POSIX, 1, [[WRITE, 0, 10, 1]]]])
+        assert t.held(F, A) == [[WRITE, 0, 10, 1]]
+        t.release("sa", 2, POSIX, 1)  # A closes the file
+        # a renewal A sent before the close arrives late: its claim is not taken again
+        assert t.renew("sa", [[2, POSIX, 1, [[WRITE, 0, 10, 1]]]]) == [[2, POSIX, 1, []]]
+    asyncio.run(main())
+
+
+def test_unlocks_that_split_ranges_count_against_the_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(locks_module, "MAX_SESSION_LOCKS", 3)
+    t = table()
+    hold(t, A, WRITE, 0, 100, 1)
+    hold(t, A, UNLOCK, 10, 20, 1)
+    hold(t, A, UNLOCK, 30, 40, 1)
+    with pytest.raises(ShoalError) as err:
+        hold(t, A, UNLOCK, 50, 60, 1)  # a fourth range
+    assert err.value.code == Code.NO_SPACE
+    assert len(t.held(F, A)) == 3
+
+
+def test_time_the_partition_cannot_be_served_does_not_count_against_leases() -> None:
+    async def main() -> None:
+        t = table(lease=0.4)
+        hold(t, A, WRITE, 0, EOF, 1)
+        for _ in range(8):  # 0.8 s without serving: nobody could renew
+            await asyncio.sleep(0.1)
+            t.tick(serving=False)
+        t.tick(serving=True)
+        assert t.conflict(F, B, WRITE, 0, EOF) is not None  # A's lock did not lapse meanwhile
+        await asyncio.sleep(0.5)
+        t.tick(serving=True)
+        assert t.conflict(F, B, WRITE, 0, EOF) is None  # served time counts
+    asyncio.run(main())
+
+
+def test_no_grant_from_a_node_that_may_not_serve() -> None:
+    async def main() -> None:
+        def refuse() -> None:
+            raise ShoalError(Code.NOT_PARTITION_LEADER, "deposed")
+        t = LockTable(30.0, refuse)
+        t.born()
+        with pytest.raises(ShoalError):
+            await t.acquire(F, A, WRITE, 0, EOF, 1, wait=0)
+        assert t.held(F, A) == []
     asyncio.run(main())

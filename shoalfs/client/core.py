@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoalfs.client.credential import ClientCredential
+from shoalfs.client.leases import SessionLeases
 from shoalfs.client.locks import FileLocks
 from shoalfs.common.master_client import MasterClient
 from shoalfs.common.metrics import Metrics
 from shoalfs.common.tls import client_context
 from shoalfs.proto.errors import Code, ShoalError
-from shoalfs.proto.layout import CHUNK, LOCK_LEASE, MAX_FILE_SIZE, OPEN_LEASE, extent_id
+from shoalfs.proto.layout import CHUNK, MAX_FILE_SIZE, extent_id
 from shoalfs.proto.opcodes import META_ONCE, Op
 from shoalfs.proto.rpc import EventCallback, RetryPolicy, RpcPool
 from shoalfs.replication.replica import newer_view
@@ -89,12 +90,9 @@ class VolumeClient:
         # (parent, asked at, dir_changes after, attributes) of our last create: see fresh_dir_attr
         self._created_in: tuple[int, float, int, dict[str, Any]] | None = None
         self.pending_evict: set[int] = set()  # unlinked by us while we have them open
-        self._lease_renewal: asyncio.Task[None] | None = None
-        self.open_lease = OPEN_LEASE
-        self.lock_lease = LOCK_LEASE
-        # renew on a new schedule from now: a lease got shorter, or we hold our first lock
-        self.renew_schedule_changed = asyncio.Event()
+        self.leases = SessionLeases(self)
         self.locks = FileLocks(self)
+        self.closing = False  # close() has begun: nothing is retried from now on
         # lifecycle: set by the guard (client/lifecycle.py)
         self.fenced = False  # the volume is deleted: every call fails at once
         self.pending_delete = False  # the volume is pending deletion: read-only for now
@@ -120,7 +118,7 @@ class VolumeClient:
         the master refuses is PermissionError-worthy: UNAUTHORIZED."""
         self._install(await self.credential.open(deadline=self.options.op_deadline))
         self.credential.start()
-        self._lease_renewal = asyncio.create_task(self._renew_leases())
+        self.leases.start()
 
     def _install(self, vol: dict[str, Any]) -> None:
         if self.vol and vol["vol_id"] != self.vol["vol_id"]:
@@ -469,22 +467,8 @@ class VolumeClient:
         """Attributes and extent map in one round trip (what an open needs;
         `opening`: the file is held open by this session from now on)."""
         res = await self.meta(ino, Op.META_EXTENT_LIST, {"ino": ino, "open": opening})
-        self._learn_lease(res)
+        self.leases.learn(res)
         return res["attr"], {int(k): v for k, v in res["extents"].items()}
-
-    def _learn_lease(self, reply: dict[str, Any]) -> None:
-        """A metanode's lease on open files (we renew at a third of the shortest)."""
-        lease = reply.get("lease")
-        if isinstance(lease, (int, float)) and 0 < lease < self.open_lease:
-            self.open_lease = float(lease)
-            self.renew_schedule_changed.set()  # renew on the new schedule from now
-        self.learn_lock_lease(reply.get("lock_lease"))
-
-    def learn_lock_lease(self, lease: Any) -> None:
-        """A metanode's lease on our locks: renewed, while we hold any, at a third of the shortest."""
-        if isinstance(lease, (int, float)) and 0 < lease < self.lock_lease:
-            self.lock_lease = float(lease)
-            self.renew_schedule_changed.set()
 
     # ----- files held open (other mounts keep an unlinked file's data for us) ------
     async def closed(self, ino: int) -> None:
@@ -500,31 +484,6 @@ class VolumeClient:
             await self.free_extents(ino, res.get("extents", {}))
         except ShoalError as exc:  # the lease lapses, and the metanode's reaper takes over
             log.info("close of inode %d at its metanode: %s", ino, exc.msg)
-
-    async def _renew_leases(self) -> None:
-        """Tell each metanode, every third of a lease, which files we still have
-        open and which locks we hold (a new partition leader learns them so)."""
-        while True:
-            period = min(self.open_lease, self.lock_lease if self.locks.held else self.open_lease) / 3
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.renew_schedule_changed.wait(), period)
-            self.renew_schedule_changed.clear()
-            by_part: dict[int, tuple[dict[str, Any], list[int], set[int]]] = {}
-            for ino, is_open in [(i, True) for i in self.open_counts] + [(i, False) for i in self.locks.held.inos()]:
-                with contextlib.suppress(ShoalError):
-                    part = self.meta_partition(ino)
-                    entry = by_part.setdefault(part["pid"], (part, [], set()))
-                    (entry[1].append if is_open else entry[2].add)(ino)
-            for pid, (part, held, locked) in by_part.items():
-                claims = self.locks.held.claims(locked)
-                try:
-                    res = await self.call(part, Op.META_RENEW_LEASES, {"open": held, "locks": claims},
-                                          end=time.monotonic() + period)
-                except ShoalError as exc:  # the fence too: a deleted volume's loop ends with close()
-                    log.warning("could not renew the leases on partition %d: %s", pid, exc.msg)
-                    continue
-                self._learn_lease(res)
-                self.locks.held.renewed(claims, res.get("locks", []), res.get("version", ["", 0]))
 
     async def write_data(self, ino: int, segments: list[tuple[int, bytes | memoryview]],
                          known: dict[int, list[int]], end: float | None = None) -> set[int]:
@@ -637,8 +596,8 @@ class VolumeClient:
         return res
 
     async def close(self) -> None:
-        if self._lease_renewal is not None:
-            self._lease_renewal.cancel()
+        self.closing = True
+        self.leases.stop()
         if self.locks.held and not self.fenced:
             await self.locks.release_all(deadline=min(2.0, self.options.op_deadline))
         await self.credential.stop()

@@ -14,12 +14,16 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import logging
+from typing import Any
 
 import pyfuse3
 
 from shoalfs.client.fuse_ops import ShoalOperations, guarded
 from shoalfs.client.handle import coherent_lock
 from shoalfs.proto.locks import EOF, FLOCK, FLOCK_TYPES, POSIX, READ, UNLOCK, WRITE, lock_length, lock_range
+
+log = logging.getLogger(__name__)
 
 LOCK_TYPES = {fcntl.F_RDLCK: READ, fcntl.F_WRLCK: WRITE, fcntl.F_UNLCK: UNLOCK}
 FCNTL_TYPES = {v: k for k, v in LOCK_TYPES.items()}
@@ -31,6 +35,13 @@ def supported() -> bool:
 
 
 class LockingOperations(ShoalOperations):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # POSIX lock owners that locked through each open file: an open file
+        # description lock (F_OFD_SETLK) is owned by the open file, which no
+        # flush names, so its locks go when the open file is released
+        self._posix_owners: dict[int, set[int]] = {}
+
     @guarded
     async def getlk(self, ino: int, fh: int, lock_owner: int, type: int, start: int, length: int,
                     pid: int) -> tuple[int, int, int, int]:
@@ -43,6 +54,7 @@ class LockingOperations(ShoalOperations):
     @guarded
     async def setlk(self, ino: int, fh: int, lock_owner: int, type: int, start: int, length: int, pid: int,
                     sleep: bool, interrupt: pyfuse3.Interrupt) -> None:
+        self._posix_owners.setdefault(fh, set()).add(lock_owner)
         await self._lock(ino, POSIX, lock_owner, LOCK_TYPES[type], *lock_range(start, length), pid, sleep, interrupt)
 
     @guarded
@@ -75,3 +87,14 @@ class LockingOperations(ShoalOperations):
         """A close: the POSIX locks of the closing process go (flush), and a
         file's flock goes with its last descriptor (release)."""
         await self.client.locks.release(ino, FLOCK if flock else POSIX, lock_owner)
+
+    async def release(self, fh: int) -> None:
+        owners, handle = self._posix_owners.pop(fh, set()), self.handles.get(fh)
+        ino = handle.ino if handle is not None else 0
+        try:
+            for owner in owners if ino else ():
+                await self.client.locks.release(ino, POSIX, owner)  # (no round trip if none held)
+        except Exception as exc:  # the kernel ignores release errors; the locks lapse with the session
+            log.warning("could not release the locks of inode %d: %s", ino, exc)
+        finally:
+            await super().release(fh)

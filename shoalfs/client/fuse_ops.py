@@ -245,11 +245,9 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
             if exc.code != Code.EXISTS or flags & os.O_EXCL:
                 raise
             # another mount created it since the kernel looked (it caches no absent
-            # names): without O_EXCL, open(O_CREAT) opens what is there
-            attr = await self.client.lookup_attr(parent_inode, self.name(name))
-            if stat.S_ISDIR(attr["mode"]):
-                raise pyfuse3.FUSEError(errno.EISDIR) from None
-            return await self.open(attr["ino"], flags, ctx), self.entry(attr)
+            # names): ESTALE makes the kernel look again and open what is there, with
+            # its permission checks, O_TRUNC and symlinks followed
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
         fh = self._new_handle(attr, {}, flags)
         return pyfuse3.FileInfo(fh=fh), self.entry(attr)
 

@@ -488,8 +488,10 @@ class ShoalFile(io.RawIOBase):
         try:
             await self._handle.release()
         finally:
-            for kind in (POSIX, FLOCK):
-                await self._vol.client.locks.release(self._handle.ino, kind, self._owner)
+            try:
+                await self._vol.client.locks.release(self._handle.ino, POSIX, self._owner)
+            finally:
+                await self._vol.client.locks.release(self._handle.ino, FLOCK, self._owner)
 
 
 def _raw_file(file: Any) -> ShoalFile:

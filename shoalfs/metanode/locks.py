@@ -4,13 +4,18 @@ The metanode that leads a file's partition serves its locks, so they hold
 between every mount and SDK handle of the volume. An owner is (session, the
 id its client gives); a lock lives while its session renews (every lock
 request and every lease renewal counts), so a client that crashed, was
-killed or was cut off holds nobody up for longer than one lock lease.
+killed or was cut off holds nobody up for longer than one lock lease. Time
+in which this node could not serve the partition, or its event loop did not
+run (a stall, SIGSTOP), does not count against anyone's lease: nobody could
+renew then.
 
 Nothing is journaled. A leader that starts (a restart, a failover) knows no
 locks, so for one lease period, the grace, it grants only what live
 sessions reclaim with their renewals (they renew every third of a lease)
 and makes every other request wait. A holder that missed the grace learns
-from its next renewal's answer that its lock is gone.
+from its next renewal's answer that its lock is gone. A reclaim of an owner
+that let go of locks on the file during the grace is refused: its claim may
+predate that.
 
 A request that conflicts may wait (the client's `wait`): it is answered as
 soon as a change to the file's locks, the end of the grace or the lapse of
@@ -24,17 +29,22 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from shoalfs.proto.errors import Code, ShoalError
-from shoalfs.proto.locks import MAX_HELD, UNLOCK, WRITE
+from shoalfs.proto.locks import EOF, FLOCK, MAX_HELD, MAX_SESSION_LOCKS, UNLOCK, WRITE
 
 log = logging.getLogger(__name__)
 
 Owner = tuple[str, int]  # (session, the client's owner id)
 Key = tuple[int, int]  # (ino, kind)
+Waiter = tuple[str, int, int]  # (session, owner id, ino)
 MAX_LOCKS = 1_000_000  # locks one partition holds at most (about 200 MB)
+TICK = 0.5  # the metanode ticks every table this often (see tick)
+STALL = 4 * TICK  # no tick for this long: the event loop stalled, and that time does not count
 
 
 @dataclass(frozen=True)
@@ -53,10 +63,15 @@ class Lock:
         return [self.type, self.start, self.end, self.pid]
 
 
+# what is in the way of a request that must wait without a known holder (the
+# grace, or its client withdrew it)
+UNKNOWN_HOLDER = Lock(("", 0), WRITE, 0, EOF, 0)
+
+
 def apply(mine: list[Lock], owner: Owner, type: int, start: int, end: int, pid: int) -> list[Lock]:
     """An owner's locks after it sets [start, end) to `type` (POSIX: what it
     held there is replaced, the rest of each range it held stays; ranges of
-    one type that touch become one)."""
+    one type that touch become one). Kept sorted by start."""
     out: list[Lock] = []
     for lk in mine:
         if lk.end <= start or end <= lk.start:
@@ -79,19 +94,28 @@ def apply(mine: list[Lock], owner: Owner, type: int, start: int, end: int, pid: 
     return merged
 
 
+def _serving() -> None:
+    """A partition without replicas can always serve."""
+
+
 class LockTable:
-    def __init__(self, lease: float) -> None:
+    def __init__(self, lease: float, serving: Callable[[], None] = _serving) -> None:
         self.lease = lease
+        self.serving = serving  # raises unless this node may answer for the partition now
         self.settles_at = time.monotonic() + lease  # the grace: only reclaims until then
         self.id = secrets.token_hex(4)
         self.version = 0  # +1 on every change: a client keeps the newest answer about its locks
-        self._locks: dict[Key, list[Lock]] = {}
-        self._count = 0
-        self._expires: dict[str, float] = {}  # session -> when its locks lapse (monotonic)
-        self._changed: dict[int, asyncio.Event] = {}  # ino -> set (and dropped) when its locks change
-        self._waiting: dict[tuple[str, int, int], int] = {}  # (session, owner, ino) -> requests waiting
-        self._cancelled: set[tuple[str, int, int]] = set()
         self.closed = False  # no longer this node's to serve: nothing more is granted from it
+        self._locks: dict[Key, dict[Owner, list[Lock]]] = {}
+        self._keys_of: dict[str, set[Key]] = {}  # session -> the files it holds locks on
+        self._count = 0
+        self._count_of: Counter[str] = Counter()  # session -> locks it holds here
+        self._expires: dict[str, float] = {}  # session -> when its locks lapse (monotonic)
+        self._last_tick = time.monotonic()
+        self._changed: dict[int, asyncio.Event] = {}  # ino -> set (and dropped) when its locks change
+        self._waiting: Counter[Waiter] = Counter()  # requests waiting, per (session, owner, ino)
+        self._cancelled: set[Waiter] = set()
+        self._let_go_in_grace: set[tuple[Owner, Key]] = set()
 
     def born(self) -> None:
         """A partition created just now: nobody can hold a lock on it, no grace."""
@@ -104,33 +128,72 @@ class LockTable:
 
     @property
     def settled(self) -> bool:
-        return time.monotonic() >= self.settles_at
+        settled = self._now() >= self.settles_at
+        if settled and self._let_go_in_grace:
+            self._let_go_in_grace.clear()
+        return settled
+
+    # ----- time that counts ------------------------------------------------------------
+    def tick(self, serving: bool) -> None:
+        """Called every TICK by the metanode. While this node cannot serve the
+        partition, nobody can renew: that time is added to every lease (and
+        to the grace)."""
+        now = time.monotonic()
+        gap = now - self._last_tick
+        if not serving:
+            self._postpone(gap)
+        elif gap > STALL:
+            self._postpone(gap - TICK)
+        self._last_tick = now
+
+    def _now(self) -> float:
+        now = time.monotonic()
+        if now - self._last_tick > STALL:  # the loop stalled (or nobody ticks): it does not count
+            self._postpone(now - self._last_tick - TICK)
+            self._last_tick = now
+        return now
+
+    def _postpone(self, seconds: float) -> None:
+        for session in self._expires:
+            self._expires[session] += seconds
+        if self.settles_at > self._last_tick:
+            self.settles_at += seconds
 
     def touch(self, session: str) -> None:
-        now = time.monotonic()
+        now = self._now()
         self._expires[session] = now + self.lease
-        if len(self._expires) > 4 * (self._count + 256):  # forget sessions long gone
-            live = {lk.owner[0] for locks in self._locks.values() for lk in locks}
-            self._expires = {s: t for s, t in self._expires.items() if t >= now or s in live}
+        if len(self._expires) > 4 * (len(self._keys_of) + 256):  # forget sessions long gone
+            self._expires = {s: t for s, t in self._expires.items() if t >= now or s in self._keys_of}
 
     # ----- the table ---------------------------------------------------------------
-    def _live(self, key: Key) -> list[Lock]:
-        """The file's locks, without those of sessions whose lease lapsed."""
-        locks = self._locks.get(key)
-        if not locks:
-            return []
-        now = time.monotonic()
-        alive = [lk for lk in locks if self._expires.get(lk.owner[0], 0.0) >= now]
-        if len(alive) != len(locks):
-            self._store(key, alive)
-        return alive
+    def _live(self, key: Key) -> dict[Owner, list[Lock]]:
+        """The file's locks by owner, without those of sessions whose lease lapsed."""
+        owners = self._locks.get(key)
+        if not owners:
+            return {}
+        now = self._now()
+        for owner in [o for o in owners if self._expires.get(o[0], 0.0) < now]:
+            self._store(key, owner, [])
+        return self._locks.get(key, {})
 
-    def _store(self, key: Key, locks: list[Lock]) -> None:
-        self._count += len(locks) - len(self._locks.get(key, ()))
-        if locks:
-            self._locks[key] = locks
+    def _store(self, key: Key, owner: Owner, mine: list[Lock]) -> None:
+        owners = self._locks.setdefault(key, {})
+        grown = len(mine) - len(owners.get(owner, ()))
+        self._count += grown
+        self._count_of[owner[0]] += grown
+        if mine:
+            owners[owner] = mine
+            self._keys_of.setdefault(owner[0], set()).add(key)
         else:
-            self._locks.pop(key, None)
+            owners.pop(owner, None)
+            if not owners:
+                del self._locks[key]
+            if not any(o[0] == owner[0] for o in owners):  # the session holds nothing more here
+                keys = self._keys_of.get(owner[0], set())
+                keys.discard(key)
+                if not keys:
+                    self._keys_of.pop(owner[0], None)
+                    self._count_of.pop(owner[0], None)
         self.version += 1
         event = self._changed.pop(key[0], None)
         if event is not None:
@@ -139,34 +202,49 @@ class LockTable:
     def conflict(self, key: Key, owner: Owner, type: int, start: int, end: int) -> Lock | None:
         if type == UNLOCK:
             return None
-        return next((lk for lk in self._live(key) if lk.blocks(owner, type, start, end)), None)
+        for other, locks in self._live(key).items():
+            if other != owner:
+                for lk in locks:
+                    if lk.blocks(owner, type, start, end):
+                        return lk
+        return None
 
     def held(self, key: Key, owner: Owner) -> list[list[int]]:
-        return [lk.public() for lk in self._live(key) if lk.owner == owner]
+        """What an owner holds on a file (its session is alive: it is asking)."""
+        return [lk.public() for lk in self._locks.get(key, {}).get(owner, ())]
 
     def set(self, key: Key, owner: Owner, type: int, start: int, end: int, pid: int) -> None:
         """Set a lock that conflicts with nothing (see `conflict`)."""
-        locks = self._live(key)
-        mine = apply([lk for lk in locks if lk.owner == owner], owner, type, start, end, pid)
-        if len(mine) > MAX_HELD or (type != UNLOCK and self._count >= MAX_LOCKS):
+        before = self._live(key).get(owner, [])
+        mine = apply(before, owner, type, start, end, pid)
+        if mine == before:
+            return
+        grown = len(mine) - len(before)  # an unlock in the middle of a range grows too
+        if grown > 0 and (len(mine) > MAX_HELD or self._count + grown > MAX_LOCKS
+                          or self._count_of[owner[0]] + grown > MAX_SESSION_LOCKS):
             raise ShoalError(Code.NO_SPACE, "too many locks")
-        if mine != [lk for lk in locks if lk.owner == owner]:  # (an owner's locks are kept in order)
-            self._store(key, [lk for lk in locks if lk.owner != owner] + mine)
+        if type == UNLOCK and not self.settled:
+            self._let_go_in_grace.add((owner, key))
+        self._store(key, owner, mine)
 
     def release(self, session: str, ino: int | None, kind: int | None, owner: int | None) -> None:
-        """Drop a session's locks: all, or those on one file, kind or owner."""
-        for key in [k for k in self._locks if (ino is None or k[0] == ino) and (kind is None or k[1] == kind)]:
-            locks = self._locks[key]
-            keep = [lk for lk in locks if lk.owner[0] != session or (owner is not None and lk.owner[1] != owner)]
-            if len(keep) != len(locks):
-                self._store(key, keep)
+        """Drop a session's locks, all or those on one file, of one kind or
+        owner; its requests waiting for such locks are answered at once (their
+        client let go of them, or went)."""
+        for key in [k for k in self._keys_of.get(session, ()) if (ino is None or k[0] == ino)
+                    and (kind is None or k[1] == kind)]:
+            for who in [o for o in self._locks.get(key, {}) if o[0] == session and (owner is None or o[1] == owner)]:
+                if not self.settled:
+                    self._let_go_in_grace.add((who, key))
+                self._store(key, who, [])
+        for waiter in [w for w in self._waiting if w[0] == session and (ino is None or w[2] == ino)
+                       and (owner is None or w[1] == owner)]:
+            self._withdraw(waiter)
 
     def close(self) -> None:
         """The partition goes, or another table takes over (a new term as
         leader): nothing more is granted from this one, and its waiters go."""
         self.closed = True
-        for key in list(self._locks):
-            self._store(key, [])
         for event in self._changed.values():
             event.set()
         self._changed.clear()
@@ -178,25 +256,32 @@ class LockTable:
         go; the lock in the way when it could not (None: granted)."""
         deadline = time.monotonic() + wait
         waiter = (owner[0], owner[1], key[0])
-        self._waiting[waiter] = self._waiting.get(waiter, 0) + 1
+        self._waiting[waiter] += 1
         try:
             while True:
                 if self.closed:
                     raise ShoalError(Code.TRY_AGAIN, "the partition's locks moved")
                 self.touch(owner[0])
-                now = time.monotonic()
+                now = self._now()
+                if waiter in self._cancelled:
+                    return UNKNOWN_HOLDER
                 if type == UNLOCK or self.settled:
                     blocking = self.conflict(key, owner, type, start, end)
                     if blocking is None:
+                        self.serving()  # no grant from a node that may not answer now
                         self.set(key, owner, type, start, end, pid)
                         return None
+                    if key[1] == FLOCK and self.held(key, owner):
+                        # as Linux: a flock that changes type lets go of the old one first (two
+                        # holders of a shared lock who both want it exclusive would wait for ever)
+                        self.serving()
+                        self.set(key, owner, UNLOCK, 0, EOF, pid)
                     wake_at = self._expires.get(blocking.owner[0], now)
                 elif not wait:
                     raise ShoalError(Code.TRY_AGAIN, "the partition's locks are being reclaimed")
                 else:  # the grace: whoever held this lock may not have reclaimed it yet
-                    blocking, wake_at = Lock(("", 0), WRITE, 0, end, 0), self.settles_at
-                if now >= deadline or waiter in self._cancelled:
-                    self._cancelled.discard(waiter)
+                    blocking, wake_at = UNKNOWN_HOLDER, self.settles_at
+                if now >= deadline:
                     return blocking
                 event = self._changed.setdefault(key[0], asyncio.Event())
                 try:
@@ -208,6 +293,8 @@ class LockTable:
             if not self._waiting[waiter]:
                 del self._waiting[waiter]
                 self._cancelled.discard(waiter)
+                if not any(w[2] == key[0] for w in self._waiting):
+                    self._changed.pop(key[0], None)
 
     def test(self, key: Key, owner: Owner, type: int, start: int, end: int) -> Lock | None:
         """F_GETLK: a lock in the way (during the grace, one may not be known yet)."""
@@ -220,10 +307,13 @@ class LockTable:
         """The waiting process was interrupted: its waiting request answers now, not granted."""
         waiter = (session, owner, ino)
         if waiter in self._waiting:
-            self._cancelled.add(waiter)
-            event = self._changed.pop(ino, None)
-            if event is not None:
-                event.set()
+            self._withdraw(waiter)
+
+    def _withdraw(self, waiter: Waiter) -> None:
+        self._cancelled.add(waiter)
+        event = self._changed.pop(waiter[2], None)
+        if event is not None:
+            event.set()
 
     def renew(self, session: str, claims: list[Any]) -> list[list[Any]]:
         """A session's renewal: what it says it holds is its again (reclaimed
@@ -233,9 +323,10 @@ class LockTable:
         answer = []
         for ino, kind, owner_id, locks in claims:
             key, owner = (ino, kind), (session, owner_id)
-            if not self.settled and self.held(key, owner) != locks:
+            if (not self.settled and self.held(key, owner) != locks
+                    and (owner, key) not in self._let_go_in_grace):
                 for type, start, end, pid in locks:
-                    if self.conflict(key, owner, type, start, end) is None:
+                    if start < end and self.conflict(key, owner, type, start, end) is None:
                         self.set(key, owner, type, start, end, pid)
                 log.info("inode %d: reclaimed %d locks of a session", ino, len(locks))
             answer.append([ino, kind, owner_id, self.held(key, owner)])

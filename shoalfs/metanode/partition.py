@@ -116,7 +116,7 @@ class MetaPartition(ReplicatedPartition):
         self.before_commit: Callable[[], None] | None = None  # refuses writes while pending delete
         self.data_partitions: Callable[[], set[int] | None] = lambda: None  # the volume's, from the master
         self.leases = OpenLeases()  # which sessions have which files open
-        self.locks = LockTable(LOCK_LEASE)  # the files' locks (the leader's; replaced with each term)
+        self.locks = LockTable(LOCK_LEASE, self.serving)  # the files' locks (the leader's; replaced with each term)
         # renames since this partition was loaded (with a token of the load): what the
         # orphan sweeper compares before and after a scan
         self.moves = 0
@@ -256,6 +256,11 @@ class MetaPartition(ReplicatedPartition):
 
     def _on_failed(self) -> None:
         self.staged.clear()
+
+    def serving(self) -> None:
+        """Raise unless this node may answer for the partition now (its leader, lease held)."""
+        if self.replica is not None:
+            self.replica.check_serving()
 
     async def close(self) -> None:
         self.locks.close()

@@ -25,6 +25,7 @@ from shoalfs.common.limits import config_seconds
 from shoalfs.common.placement import VolumeMaps
 from shoalfs.common.service import DELETE_PARTITION, MASTER_STATE, NEW_PARTITION, NodeService
 from shoalfs.metanode.leases import OpenLeases
+from shoalfs.metanode.locks import TICK as LOCK_TICK
 from shoalfs.metanode.locks import LockTable
 from shoalfs.metanode.orphans import OrphanSweeper
 from shoalfs.metanode.partition import REQUEST_ID, SCAN_ENTRIES, MetaPartition, public_attr
@@ -41,7 +42,7 @@ from shoalfs.proto.layout import (
     MAX_NAME,
     OPEN_LEASE,
 )
-from shoalfs.proto.locks import LOCK_CLAIMS, LOCK_TARGET, RELEASE_LOCKS, SET_LOCK
+from shoalfs.proto.locks import LOCK_CLAIMS, LOCK_TARGET, POSIX, RELEASE_LOCKS, SET_LOCK, WRITE
 from shoalfs.proto.opcodes import META_ONCE, Op
 from shoalfs.proto.rpc import RetryPolicy, RpcPool
 from shoalfs.proto.schema import I64_MAX, I64_MIN, U32, U64, Bool, Bytes, Int, ListOf, Map, Opt, Raw, Schema, Str
@@ -158,11 +159,10 @@ class MetaNode(NodeService):
           {"open": ListOf(Int(0, MAX_INO), 100_000), "locks": Opt(LOCK_CLAIMS, [])}, access=R)
         # locks change no file: a read-only session may lock what it can open (the kernel
         # refuses a write lock on a file not opened for writing)
-        r(Op.META_LOCK, on(self._lock, session=True), SET_LOCK, access=R)
+        r(Op.META_LOCK, on(self._lock, session=True, rights=True), SET_LOCK, access=R)
         r(Op.META_LOCK_CANCEL, on(lambda p, b, s: p.locks.cancel(s, b["owner"], b["ino"]), session=True),
           LOCK_TARGET, access=R)
-        r(Op.META_RELEASE_LOCKS, on(lambda p, b, s: p.locks.release(s, b["ino"], b["kind"], b["owner"]),
-                                    session=True), RELEASE_LOCKS, access=R)
+        r(Op.META_RELEASE_LOCKS, on(self._release_locks, session=True), RELEASE_LOCKS, access=R)
         r(Op.META_CREATE_DENTRY, on(lambda p, b: p.create_dentry(b["parent"], b["name"], b["ino"], b["mode"])),
           {"parent": INO, "name": NAME, "ino": INO, "mode": MODE}, access=W)
         r(Op.META_LOOKUP, on(self._lookup), {"parent": INO, "name": NAME}, access=R)
@@ -226,9 +226,25 @@ class MetaNode(NodeService):
             if part.replica is not None and part.replica.leading:
                 self._resume_txs(part)
         log.info("loaded %d meta partitions", len(self.partitions))
+        self._spawn(self._tick_locks())
         self.reaper.start()
         self.sweeper.start()
         self.replication.start()
+
+    async def _tick_locks(self) -> None:
+        """Lock leases count only time in which a partition could be served (locks.py)."""
+        while True:
+            await asyncio.sleep(LOCK_TICK)
+            for part in list(self.partitions.values()):
+                part.locks.tick(self._serving(part))
+
+    @staticmethod
+    def _serving(part: MetaPartition) -> bool:
+        try:
+            part.serving()
+        except ShoalError:
+            return False
+        return True
 
     def _replicate(self, part: MetaPartition, fresh: bool = False) -> None:
         """Give a partition its replication, as its view in partition.json says
@@ -249,7 +265,7 @@ class MetaNode(NodeService):
         old leader began are driven to their end from here."""
         part.leases = OpenLeases(self.open_lease)
         part.locks.close()
-        part.locks = LockTable(self.lock_lease)
+        part.locks = LockTable(self.lock_lease, part.serving)
         log.info("leading meta partition %d: granting only reclaimed locks for %.0fs", part.pid, self.lock_lease)
         self._resume_txs(part)
 
@@ -260,7 +276,7 @@ class MetaNode(NodeService):
     def _partition(self, info: dict[str, Any], pdir: str) -> MetaPartition:
         part = MetaPartition(info["pid"], info, pdir)
         part.leases = OpenLeases(self.open_lease)
-        part.locks = LockTable(self.lock_lease)
+        part.locks = LockTable(self.lock_lease, part.serving)
         part.load()
         vol_id = info["vol_id"]
         part.before_commit = lambda: self.check_writable(vol_id)
@@ -405,8 +421,7 @@ class MetaNode(NodeService):
         session, with `rights` whether it may change the volume."""
         async def handler(pid: int, body: Any, conn: ServerConnection) -> Any:
             part = self._hosted(pid)
-            if part.replica is not None:
-                part.replica.check_serving()  # reads too: only the leader is sure to have every change
+            part.serving()  # reads too: only the leader is sure to have every change
             args: list[Any] = [part, body]
             cap = conn.capability
             if session:
@@ -463,23 +478,30 @@ class MetaNode(NodeService):
     @staticmethod
     def _renew_leases(part: MetaPartition, body: Any, session: str) -> Any:
         part.leases.renew(session, body["open"])
-        return {"lease": part.leases.lease, "locks": part.locks.renew(session, body["locks"]),
+        claims = [c for c in body["locks"] if c[0] in part.inodes]  # files of this partition only
+        return {"lease": part.leases.lease, "locks": part.locks.renew(session, claims),
                 "lock_lease": part.locks.lease, "version": part.locks.stamp}
 
     @staticmethod
-    async def _lock(part: MetaPartition, body: Any, session: str) -> Any:
+    def _release_locks(part: MetaPartition, body: Any, session: str) -> Any:
+        part.locks.release(session, body["ino"], body["kind"], body["owner"])
+        return {"version": part.locks.stamp}
+
+    @staticmethod
+    async def _lock(part: MetaPartition, body: Any, session: str, may_write: bool) -> Any:
         """Set a lock (waiting up to `wait` seconds for it), or with `test` name one in the way."""
         ino, start, end = body["ino"], body["start"], body["end"]
         if start >= end:
             raise ShoalError(Code.BAD_REQUEST, "a lock's range must not be empty")
+        if body["kind"] == POSIX and body["type"] == WRITE and not may_write and not body["test"]:
+            # as the kernel refuses one on a file not opened for writing (a flock may be exclusive)
+            raise ShoalError(Code.READ_ONLY, "a read-only key takes no POSIX write lock")
         part.inode(ino)  # NOT_FOUND for a file that is not here
         key, owner, locks = (ino, body["kind"]), (session, body["owner"]), part.locks
         if body["test"]:
             blocking = locks.test(key, owner, body["type"], start, end)
             return {"conflict": blocking.public() if blocking is not None else None}
         blocking = await locks.acquire(key, owner, body["type"], start, end, body["pid"], body["wait"])
-        if part.replica is not None:
-            part.replica.check_serving()  # still the leader: a new one learns this lock from our client
         return {"granted": blocking is None, "conflict": blocking.public() if blocking is not None else None,
                 "held": locks.held(key, owner), "version": locks.stamp, "lock_lease": locks.lease}
 

@@ -10,7 +10,9 @@ file). An owner is the id its client gives, within the caller's session.
 from __future__ import annotations
 
 import fcntl
+from typing import Any
 
+from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import MAX_INO
 from shoalfs.proto.schema import U64, Bool, Int, ListOf, Number, Opt, Schema, Tuple
 
@@ -20,7 +22,7 @@ EOF = 1 << 63  # past the largest offset the kernel passes (OFFSET_MAX = 2**63 -
 MAX_WAIT = 30.0  # seconds one blocking request may be held by the metanode; the client asks again
 MAX_HELD = 1024  # ranges one owner may hold on one file (each split of a range makes one more)
 FLOCK_TYPES = {fcntl.LOCK_SH: READ, fcntl.LOCK_EX: WRITE, fcntl.LOCK_UN: UNLOCK}  # flock and lockf commands
-MAX_CLAIMS = 100_000  # owners' locks one renewal may carry
+MAX_SESSION_LOCKS = 10_000  # locks one session may hold in one partition (all a renewal carries)
 
 PID = Int(0, (1 << 31) - 1)
 LOCK = Tuple(Int(READ, WRITE), Int(0, EOF - 1), Int(1, EOF), PID)  # a held lock: type, start, end, pid
@@ -33,8 +35,18 @@ SET_LOCK: Schema = {**LOCK_TARGET, "type": Int(READ, UNLOCK), "start": Int(0, EO
                     "pid": PID, "wait": Opt(Number(0, MAX_WAIT), 0.0), "test": Opt(Bool, False)}
 # META_RELEASE_LOCKS: every lock of the caller's session, narrowed by what is given
 RELEASE_LOCKS: Schema = {"ino": Opt(INO), "kind": Opt(KIND), "owner": Opt(OWNER)}
-# what a renewal says the session holds: ino, kind, owner, the owner's locks on that file
-LOCK_CLAIMS = ListOf(Tuple(INO, KIND, OWNER, ListOf(LOCK, MAX_HELD)), MAX_CLAIMS)
+CLAIM = Tuple(INO, KIND, OWNER, ListOf(LOCK, MAX_HELD))
+
+
+def LOCK_CLAIMS(name: str, v: Any) -> list[Any]:
+    """What a renewal says the session holds: [ino, kind, owner, the owner's
+    locks on that file], at most MAX_SESSION_LOCKS locks in all (counted
+    before anything is checked one by one)."""
+    if (not isinstance(v, list) or len(v) > MAX_SESSION_LOCKS
+            or sum(len(c[3]) for c in v if isinstance(c, list) and len(c) == 4 and isinstance(c[3], list))
+            > MAX_SESSION_LOCKS):
+        raise ShoalError(Code.BAD_REQUEST, f"field {name!r} must be at most {MAX_SESSION_LOCKS} locks")
+    return [CLAIM(f"{name}[]", c) for c in v]
 
 
 def lock_range(start: int, length: int) -> tuple[int, int]:
