@@ -169,16 +169,24 @@ def test_held_locks_keep_the_newest_answer_and_what_a_failed_request_may_hold() 
     assert not held.holds(*key)
     held.learn(key, [[READ, 0, 1, 5]], ["t2", 0])  # another table (a new leader): its count starts over
     assert held.claims({2})[0] == [[2, POSIX, 1, [[READ, 0, 1, 5]]]]
-    # a request whose answer never came may have been granted: a close must let go
+    # a request whose answer never came may have been granted: a close must let go,
+    # whatever answers came for the owner before or after
     other = (3, FLOCK, 9)
     held.asking(other)
+    held.learn(other, [], ["t2", 3])
     assert held.holds(*other) and 3 in held.inos()
-    held.forget(3)
+    held.sure(other)  # an unlock answered: nothing held
     assert not held.holds(*other)
+    held.asking(other)
+    held.forget(3, version=["t2", 4])
+    assert not held.holds(*other)
+    held.learn(other, [[WRITE, 0, EOF, 0]], ["t2", 5])  # a release answer older than a lock answer
+    held.forget(3, version=["t2", 4])
+    assert held.holds(*other)
     # a renewal that finds less than it claimed counts a loss
     claims, seen = held.claims({2})
     assert held.renewed(seen, [[2, POSIX, 1, []]], ["t2", 5]) == []
-    assert held.lost == 1 and not held
+    assert held.lost == 1 and not held.holds(*key)
 
 
 def test_a_renewal_answer_never_brings_back_locks_let_go_meanwhile() -> None:
@@ -223,14 +231,39 @@ def test_two_shared_flocks_that_both_want_it_exclusive_do_not_wait_for_each_othe
     asyncio.run(main())
 
 
-def test_a_release_during_the_grace_is_not_undone_by_an_older_reclaim() -> None:
+def test_the_grace_refuses_every_change_but_reclaims() -> None:
+    """So no claim can be older than a change made at this table."""
     async def main() -> None:
         t = LockTable(30.0)  # a new leader, in its grace
-        t.renew("sa", [[2, POSIX, 1, [[WRITE, 0, 10, 1]]]])
-        assert t.held(F, A) == [[WRITE, 0, 10, 1]]
-        t.release("sa", 2, POSIX, 1)  # A closes the file
-        # a renewal A sent before the close arrives late: its claim is not taken again
-        assert t.renew("sa", [[2, POSIX, 1, [[WRITE, 0, 10, 1]]]]) == [[2, POSIX, 1, []]]
+        t.renew("sa", [[2, POSIX, 1, [[WRITE, 0, 10, 1], [READ, 20, 30, 1]]]])
+        for change in (lambda: t.release("sa", 2, POSIX, 1),
+                       lambda: t.acquire(F, A, UNLOCK, 20, 30, 1, wait=5),
+                       lambda: t.acquire(F, A, WRITE, 40, 50, 1, wait=0)):
+            with pytest.raises(ShoalError) as err:
+                result = change()
+                if asyncio.iscoroutine(result):
+                    await result
+            assert err.value.code == Code.TRY_AGAIN
+        assert t.held(F, A) == [[WRITE, 0, 10, 1], [READ, 20, 30, 1]]
+        # a read-only session reclaims no POSIX write lock
+        assert t.renew("sr", [[2, POSIX, 4, [[WRITE, 100, 110, 1], [READ, 200, 210, 1]]]], may_write=False) == \
+            [[2, POSIX, 4, [[READ, 200, 210, 1]]]]
+    asyncio.run(main())
+
+
+def test_a_lapsed_session_is_reaped_by_the_tick_and_an_unlock_is_never_withdrawn() -> None:
+    async def main() -> None:
+        t = table(lease=0.2)
+        hold(t, A, WRITE, 0, EOF, 1)
+        await asyncio.sleep(0.3)
+        t.tick(serving=True)
+        assert t._locks == {} and t._count == 0  # nobody asked about the file again
+        hold(t, B, READ, 0, 10, 2)
+        waiter = asyncio.create_task(t.acquire(F, A, WRITE, 0, 10, 1, wait=10))
+        await asyncio.sleep(0.05)
+        t.cancel("sa", 1, 2)  # A's waiting request is withdrawn: its unlock still goes through
+        assert await t.acquire(F, A, UNLOCK, 0, EOF, 1, wait=0) is None
+        assert (await asyncio.wait_for(waiter, 1)) is not None
     asyncio.run(main())
 
 

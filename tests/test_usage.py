@@ -283,6 +283,15 @@ def quotas(c: EmbeddedCluster, volume: str) -> dict[str, dict[str, Any]]:
     return {q["path"]: q for q in json.loads(r.stdout)}
 
 
+def _linked(src: str, dst: str) -> bool:
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        assert exc.errno == errno.EXDEV, exc
+        return False
+    return True
+
+
 def test_directory_quota_limits_its_subtree_and_moves_keep_usage_right(small: EmbeddedCluster,
                                                                       mount_factory: Any) -> None:
     c = small
@@ -341,8 +350,17 @@ def test_directory_quota_limits_its_subtree_and_moves_keep_usage_right(small: Em
             vol.mkdir("/team/one-too-many")
         assert full.value.errno == errno.ENOSPC
         vol.mkdir("/other/fine")
+    # a hard link across the quota's edge: EXDEV too (the file would grow uncounted there)
+    with pytest.raises(OSError) as linked:
+        os.link(os.path.join(m.path, "team", "b"), os.path.join(m.path, "other", "b"))
+    assert linked.value.errno == errno.EXDEV
+    assert os.stat(os.path.join(m.path, "team", "b")).st_nlink == 1  # the refused link left no count
+    os.link(os.path.join(m.path, "team", "b"), os.path.join(m.path, "team", "sub", "b"))  # inside: fine
     r = cli(c, "quota", "delete", "use-dq", "/team")
     assert r.returncode == 0, r.stderr
     assert "/team" not in quotas(c, "use-dq")
+    # the tags of a deleted quota count toward nothing: the same link is a link now
+    wait_for(lambda: _linked(os.path.join(m.path, "team", "b"), os.path.join(m.path, "other", "b")), 15,
+             "a link across the deleted quota's edge")
     with c.connect("use-dq") as vol:
         wait_for(lambda: not _refused(vol, "/team/after"), 15, "creates again without the quota")

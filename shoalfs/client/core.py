@@ -334,15 +334,14 @@ class VolumeClient:
         return attr
 
     async def link(self, ino: int, parent: int, name: str) -> dict[str, Any]:
-        # a file counts toward the quotas it was created under: a link from
-        # under other ones would let it grow uncounted there (EXDEV, as XFS)
-        here, there = await asyncio.gather(self.getattr(ino), self.getattr(parent))
-        if set(here.get("qids", [])) != set(there.get("qids", [])):
-            raise ShoalError(Code.CROSS_QUOTA, "a hard link across directory quotas")
+        """The link count first (a crash before the name leaves one too many,
+        which fsck repairs, never one too few), then the name. A file counts
+        toward the quotas it was created under: the name's partition refuses
+        it under other ones (EXDEV, as XFS), else it would grow uncounted."""
         attr = await self.meta(ino, Op.META_LINK_INODE, {"ino": ino})
         try:
-            await self.meta(parent, Op.META_CREATE_DENTRY,
-                            {"parent": parent, "name": name, "ino": ino, "mode": attr["mode"]})
+            await self.meta(parent, Op.META_CREATE_DENTRY, {"parent": parent, "name": name, "ino": ino,
+                                                            "mode": attr["mode"], "qids": attr.get("qids", [])})
         except ShoalError:
             await self.meta(ino, Op.META_UNLINK_INODE, {"ino": ino})
             raise

@@ -37,10 +37,10 @@ def supported() -> bool:
 class LockingOperations(ShoalOperations):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # POSIX lock owners that locked through each open file: an open file
+        # the open files each POSIX lock owner locked through: an open file
         # description lock (F_OFD_SETLK) is owned by the open file, which no
-        # flush names, so its locks go when the open file is released
-        self._posix_owners: dict[int, set[int]] = {}
+        # flush names, so its locks go when the owner's last such file is released
+        self._files_of: dict[tuple[int, int], set[int]] = {}  # (owner, ino) -> fh
 
     @guarded
     async def getlk(self, ino: int, fh: int, lock_owner: int, type: int, start: int, length: int,
@@ -54,7 +54,7 @@ class LockingOperations(ShoalOperations):
     @guarded
     async def setlk(self, ino: int, fh: int, lock_owner: int, type: int, start: int, length: int, pid: int,
                     sleep: bool, interrupt: pyfuse3.Interrupt) -> None:
-        self._posix_owners.setdefault(fh, set()).add(lock_owner)
+        self._files_of.setdefault((lock_owner, ino), set()).add(fh)
         await self._lock(ino, POSIX, lock_owner, LOCK_TYPES[type], *lock_range(start, length), pid, sleep, interrupt)
 
     @guarded
@@ -89,12 +89,16 @@ class LockingOperations(ShoalOperations):
         await self.client.locks.release(ino, FLOCK if flock else POSIX, lock_owner)
 
     async def release(self, fh: int) -> None:
-        owners, handle = self._posix_owners.pop(fh, set()), self.handles.get(fh)
-        ino = handle.ino if handle is not None else 0
+        done = []  # owners whose last open file of the inode this was
+        for (owner, ino), files in list(self._files_of.items()):
+            files.discard(fh)
+            if not files:
+                del self._files_of[owner, ino]
+                done.append((owner, ino))
         try:
-            for owner in owners if ino else ():
+            for owner, ino in done:
                 await self.client.locks.release(ino, POSIX, owner)  # (no round trip if none held)
         except Exception as exc:  # the kernel ignores release errors; the locks lapse with the session
-            log.warning("could not release the locks of inode %d: %s", ino, exc)
+            log.warning("could not release POSIX locks: %s", exc)
         finally:
             await super().release(fh)

@@ -61,10 +61,12 @@ class SessionLeases:
         return min(self.open_lease, self.lock_lease if locks else self.open_lease) / 3
 
     async def _renew(self) -> None:
+        next_round = time.monotonic() + self.period
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.schedule_changed.wait(), self.period)
+                await asyncio.wait_for(self.schedule_changed.wait(), max(0.0, next_round - time.monotonic()))
             self.schedule_changed.clear()
+            next_round = time.monotonic() + self.period  # from this round's start: a slow one delays none
             by_part: dict[int, tuple[dict[str, Any], list[int], set[int]]] = {}
             for ino, is_open in ([(i, True) for i in self.client.open_counts]
                                  + [(i, False) for i in self.client.locks.held.inos()]):

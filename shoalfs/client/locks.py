@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from shoalfs.proto.errors import ShoalError, is_transient
-from shoalfs.proto.locks import MAX_WAIT, UNLOCK
+from shoalfs.proto.errors import Code, ShoalError, is_transient
+from shoalfs.proto.locks import MAX_SESSION_LOCKS, MAX_WAIT, UNLOCK
 from shoalfs.proto.opcodes import Op
 
 if TYPE_CHECKING:
@@ -61,12 +61,17 @@ class HeldLocks:
 
     def learn(self, key: LockKey, held: list[list[int]], version: Any) -> None:
         """An answer about what the owner holds on the file, unless we know a newer one."""
-        self._unsure.discard(key)
         seen = (str(version[0]), int(version[1]))
+        if not self._older(key, seen):
+            self._put(key, seen, held)
+
+    def _older(self, key: LockKey, version: Version) -> bool:
         record = self._records.get(key)
-        if record is not None and record.version[0] == seen[0] and record.version[1] > seen[1]:
-            return
-        self._put(key, seen, held)
+        return record is not None and record.version[0] == version[0] and record.version[1] > version[1]
+
+    def sure(self, key: LockKey) -> None:
+        """An unlock answered: the owner holds nothing it asked for before."""
+        self._unsure.discard(key)
 
     def _put(self, key: LockKey, version: Version, held: list[list[int]]) -> None:
         now = time.monotonic()
@@ -90,8 +95,12 @@ class HeldLocks:
 
     def claims(self, inos: set[int]) -> tuple[list[list[Any]], dict[LockKey, int]]:
         """What a renewal to the partition of `inos` says we hold, and which
-        record it saw of each file."""
-        keys = [k for k, r in self._records.items() if r.locks and k[0] in inos]
+        record it saw of each file (as many as a metanode takes from a session)."""
+        keys, total = [], 0
+        for k, r in self._records.items():
+            if r.locks and k[0] in inos and total + len(r.locks) <= MAX_SESSION_LOCKS:
+                keys.append(k)
+                total += len(r.locks)
         return ([[*k, self._records[k].locks] for k in keys], {k: self._records[k].changes for k in keys})
 
     def renewed(self, seen: dict[LockKey, int], answer: list[Any], version: Any) -> list[tuple[LockKey, list[Any]]]:
@@ -108,7 +117,7 @@ class HeldLocks:
                 if held and not record.locks:
                     stale.append((key, held))
                 continue
-            if held != record.locks:
+            if any(lock not in held for lock in record.locks):
                 self.lost += 1
                 log.warning("locks of owner %x on inode %d were lost (our session's lock lease lapsed): "
                             "held %s, now %s", owner, ino, record.locks, held)
@@ -118,10 +127,12 @@ class HeldLocks:
     def forget(self, ino: int | None = None, kind: int | None = None, owner: int | None = None,
                version: Any = ("", 0)) -> None:
         """Let go (a release answered with `version`)."""
+        seen = (str(version[0]), int(version[1]))
         for key in [k for k in [*self._records, *self._unsure] if (ino is None or k[0] == ino)
                     and (kind is None or k[1] == kind) and (owner is None or k[2] == owner)]:
             self._unsure.discard(key)
-            self._put(key, (str(version[0]), int(version[1])), [])
+            if not self._older(key, seen):  # a lock answered after this release stays
+                self._put(key, seen, [])
 
 
 class FileLocks:
@@ -143,14 +154,16 @@ class FileLocks:
         key = (ino, kind, owner)
         pending = self._releasing.get(key)
         if pending is not None:  # a release of this owner's locks still on its way goes first
-            await asyncio.wait([pending], timeout=self.client.options.op_deadline)
+            done, _ = await asyncio.wait([pending], timeout=self.client.options.op_deadline)
+            if not done:
+                raise ShoalError(Code.TIMEOUT, f"locks on inode {ino} are still being released")
         part = self.client.meta_partition(ino)
         target = {"ino": ino, "kind": kind, "owner": owner}
         end_by = time.monotonic() + self.client.options.op_deadline
         had_locks = bool(self.held)
-        if type != UNLOCK:
-            self.held.asking(key)
         while True:
+            if type != UNLOCK:
+                self.held.asking(key)  # until a release or an unlock: a grant whose answer is lost
             if interrupted is not None and interrupted.is_set():
                 raise InterruptedError("interrupted while waiting for a lock")
             # the metanode answers a waiting request before the call gives up on it
@@ -159,6 +172,8 @@ class FileLocks:
             res = await self._interruptible(self.client.call(part, Op.META_LOCK, body, end_by), interrupted,
                                             part, target)
             self.held.learn(key, res["held"], res["version"])
+            if type == UNLOCK and not res["held"]:
+                self.held.sure(key)
             if self.held and not had_locks:  # renewals come every third of a lock lease now
                 self.client.leases.schedule_changed.set()
                 had_locks = True
@@ -192,6 +207,10 @@ class FileLocks:
             return task.result()
         finally:
             interrupt.cancel()
+            if not task.done():  # our caller was cancelled
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ShoalError):
+                await task
 
     async def test(self, ino: int, kind: int, owner: int, type: int, start: int, end: int) -> list[int] | None:
         """F_GETLK: a lock another owner holds in the way, or None."""
@@ -218,18 +237,23 @@ class FileLocks:
             return
         self.held.forget(ino, kind, owner, res.get("version", ("", 0)))
 
-    def _release_later(self, key: LockKey) -> None:
+    def _release_later(self, key: LockKey, unless_held: bool = False) -> None:
+        """Release the owner's locks on the file once the metanode answers;
+        `unless_held`: not if the owner took a lock there meanwhile."""
         async def go() -> None:
             ino, kind, owner = key
             try:
                 while not self.client.fenced and not self.client.closing:
+                    if unless_held and self.held.held(key):
+                        return
                     try:
                         res = await self.client.meta(ino, Op.META_RELEASE_LOCKS,
                                                      {"ino": ino, "kind": kind, "owner": owner})
                         self.held.forget(ino, kind, owner, res.get("version", ("", 0)))
                         return
                     except ShoalError as exc:
-                        if not is_transient(exc.code):
+                        if not is_transient(exc.code):  # the file is gone: so are its locks
+                            self.held.forget(ino, kind, owner)
                             return
                     await asyncio.sleep(1.0)
             finally:
@@ -241,7 +265,7 @@ class FileLocks:
         """A renewal reclaimed locks of owners that had let go of them meanwhile."""
         for key, held in stale:
             log.info("inode %d: letting go again of %s (reclaimed by a renewal sent before a close)", key[0], held)
-            self._release_later(key)
+            self._release_later(key, unless_held=True)
 
     async def release_all(self, deadline: float) -> None:
         """Every lock of this session goes (an unmount, an SDK close): best effort,

@@ -10,12 +10,12 @@ run (a stall, SIGSTOP), does not count against anyone's lease: nobody could
 renew then.
 
 Nothing is journaled. A leader that starts (a restart, a failover) knows no
-locks, so for one lease period, the grace, it grants only what live
-sessions reclaim with their renewals (they renew every third of a lease)
-and makes every other request wait. A holder that missed the grace learns
-from its next renewal's answer that its lock is gone. A reclaim of an owner
-that let go of locks on the file during the grace is refused: its claim may
-predate that.
+locks, so for one lease period, the grace, it takes only what live sessions
+reclaim with their renewals (they renew every third of a lease): every
+other request, an unlock or a release too, is answered TRY_AGAIN (its
+client asks again) or waits. So no change can come between a claim and
+what it claims. A holder that missed the grace learns from its next
+renewal's answer that its lock is gone.
 
 A request that conflicts may wait (the client's `wait`): it is answered as
 soon as a change to the file's locks, the end of the grace or the lapse of
@@ -26,6 +26,7 @@ the client asks again. No polling in between.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoalfs.proto.errors import Code, ShoalError
-from shoalfs.proto.locks import EOF, FLOCK, MAX_HELD, MAX_SESSION_LOCKS, UNLOCK, WRITE
+from shoalfs.proto.locks import EOF, FLOCK, MAX_HELD, MAX_SESSION_LOCKS, POSIX, UNLOCK, WRITE
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ Owner = tuple[str, int]  # (session, the client's owner id)
 Key = tuple[int, int]  # (ino, kind)
 Waiter = tuple[str, int, int]  # (session, owner id, ino)
 MAX_LOCKS = 1_000_000  # locks one partition holds at most (about 200 MB)
+MAX_FILE_LOCKS = 4096  # locks on one file, of all owners (a reclaim checks each claim against them)
 TICK = 0.5  # the metanode ticks every table this often (see tick)
 STALL = 4 * TICK  # no tick for this long: the event loop stalled, and that time does not count
 
@@ -115,11 +117,12 @@ class LockTable:
         self._changed: dict[int, asyncio.Event] = {}  # ino -> set (and dropped) when its locks change
         self._waiting: Counter[Waiter] = Counter()  # requests waiting, per (session, owner, ino)
         self._cancelled: set[Waiter] = set()
-        self._let_go_in_grace: set[tuple[Owner, Key]] = set()
+        self._settled = False  # latched: time postponed later never reopens the grace
 
     def born(self) -> None:
         """A partition created just now: nobody can hold a lock on it, no grace."""
         self.settles_at = time.monotonic()
+        self._settled = True
 
     @property
     def stamp(self) -> list[Any]:
@@ -128,10 +131,13 @@ class LockTable:
 
     @property
     def settled(self) -> bool:
-        settled = self._now() >= self.settles_at
-        if settled and self._let_go_in_grace:
-            self._let_go_in_grace.clear()
-        return settled
+        if not self._settled and self._now() >= self.settles_at:
+            self._settled = True
+        return self._settled
+
+    def check_settled(self) -> None:
+        if not self.settled:
+            raise ShoalError(Code.TRY_AGAIN, "the partition's locks are being reclaimed")
 
     # ----- time that counts ------------------------------------------------------------
     def tick(self, serving: bool) -> None:
@@ -145,6 +151,14 @@ class LockTable:
         elif gap > STALL:
             self._postpone(gap - TICK)
         self._last_tick = now
+        self._reap(now)
+
+    def _reap(self, now: float) -> None:
+        """Drop the locks of sessions whose lease lapsed (on files nobody asks about too)."""
+        for session in [s for s in self._keys_of if self._expires.get(s, 0.0) < now]:
+            for key in list(self._keys_of.get(session, ())):
+                for owner in [o for o in self._locks.get(key, {}) if o[0] == session]:
+                    self._store(key, owner, [])
 
     def _now(self) -> float:
         now = time.monotonic()
@@ -156,7 +170,7 @@ class LockTable:
     def _postpone(self, seconds: float) -> None:
         for session in self._expires:
             self._expires[session] += seconds
-        if self.settles_at > self._last_tick:
+        if not self._settled:
             self.settles_at += seconds
 
     def touch(self, session: str) -> None:
@@ -221,21 +235,20 @@ class LockTable:
             return
         grown = len(mine) - len(before)  # an unlock in the middle of a range grows too
         if grown > 0 and (len(mine) > MAX_HELD or self._count + grown > MAX_LOCKS
-                          or self._count_of[owner[0]] + grown > MAX_SESSION_LOCKS):
+                          or self._count_of[owner[0]] + grown > MAX_SESSION_LOCKS
+                          or sum(map(len, self._locks.get(key, {}).values())) + grown > MAX_FILE_LOCKS):
             raise ShoalError(Code.NO_SPACE, "too many locks")
-        if type == UNLOCK and not self.settled:
-            self._let_go_in_grace.add((owner, key))
         self._store(key, owner, mine)
 
     def release(self, session: str, ino: int | None, kind: int | None, owner: int | None) -> None:
         """Drop a session's locks, all or those on one file, of one kind or
         owner; its requests waiting for such locks are answered at once (their
-        client let go of them, or went)."""
+        client let go of them, or went). Not during the grace (TRY_AGAIN)."""
+        self.touch(session)
+        self.check_settled()
         for key in [k for k in self._keys_of.get(session, ()) if (ino is None or k[0] == ino)
                     and (kind is None or k[1] == kind)]:
             for who in [o for o in self._locks.get(key, {}) if o[0] == session and (owner is None or o[1] == owner)]:
-                if not self.settled:
-                    self._let_go_in_grace.add((who, key))
                 self._store(key, who, [])
         for waiter in [w for w in self._waiting if w[0] == session and (ino is None or w[2] == ino)
                        and (owner is None or w[1] == owner)]:
@@ -263,9 +276,11 @@ class LockTable:
                     raise ShoalError(Code.TRY_AGAIN, "the partition's locks moved")
                 self.touch(owner[0])
                 now = self._now()
-                if waiter in self._cancelled:
+                if waiter in self._cancelled and type != UNLOCK:
                     return UNKNOWN_HOLDER
-                if type == UNLOCK or self.settled:
+                if not wait or type == UNLOCK:
+                    self.check_settled()  # the grace: TRY_AGAIN, and its client asks again
+                if self.settled:
                     blocking = self.conflict(key, owner, type, start, end)
                     if blocking is None:
                         self.serving()  # no grant from a node that may not answer now
@@ -277,13 +292,14 @@ class LockTable:
                         self.serving()
                         self.set(key, owner, UNLOCK, 0, EOF, pid)
                     wake_at = self._expires.get(blocking.owner[0], now)
-                elif not wait:
-                    raise ShoalError(Code.TRY_AGAIN, "the partition's locks are being reclaimed")
                 else:  # the grace: whoever held this lock may not have reclaimed it yet
                     blocking, wake_at = UNKNOWN_HOLDER, self.settles_at
                 if now >= deadline:
+                    self.serving()  # not even a refusal from a node that may not answer now
                     return blocking
-                event = self._changed.setdefault(key[0], asyncio.Event())
+                event = self._changed.get(key[0])
+                if event is None:
+                    event = self._changed[key[0]] = asyncio.Event()
                 try:
                     await asyncio.wait_for(event.wait(), max(0.0, min(deadline, wake_at + 0.01) - now))
                 except TimeoutError:
@@ -299,8 +315,7 @@ class LockTable:
     def test(self, key: Key, owner: Owner, type: int, start: int, end: int) -> Lock | None:
         """F_GETLK: a lock in the way (during the grace, one may not be known yet)."""
         self.touch(owner[0])
-        if not self.settled:
-            raise ShoalError(Code.TRY_AGAIN, "the partition's locks are being reclaimed")
+        self.check_settled()
         return self.conflict(key, owner, type, start, end)
 
     def cancel(self, session: str, owner: int, ino: int) -> None:
@@ -315,7 +330,7 @@ class LockTable:
         if event is not None:
             event.set()
 
-    def renew(self, session: str, claims: list[Any]) -> list[list[Any]]:
+    def renew(self, session: str, claims: list[Any], may_write: bool = True) -> list[list[Any]]:
         """A session's renewal: what it says it holds is its again (reclaimed
         during the grace when nothing else holds it). The answer is what it
         holds of what it claimed: less than it claimed means a lock was lost."""
@@ -323,11 +338,15 @@ class LockTable:
         answer = []
         for ino, kind, owner_id, locks in claims:
             key, owner = (ino, kind), (session, owner_id)
-            if (not self.settled and self.held(key, owner) != locks
-                    and (owner, key) not in self._let_go_in_grace):
+            if not self.settled and self.held(key, owner) != locks:
+                taken = 0
                 for type, start, end, pid in locks:
-                    if start < end and self.conflict(key, owner, type, start, end) is None:
-                        self.set(key, owner, type, start, end, pid)
-                log.info("inode %d: reclaimed %d locks of a session", ino, len(locks))
+                    if (start < end and (may_write or kind != POSIX or type != WRITE)
+                            and self.conflict(key, owner, type, start, end) is None):
+                        with contextlib.suppress(ShoalError):  # over a limit: that one is lost
+                            self.set(key, owner, type, start, end, pid)
+                            taken += 1
+                if taken:
+                    log.info("inode %d: reclaimed %d of %d locks of a session", ino, taken, len(locks))
             answer.append([ino, kind, owner_id, self.held(key, owner)])
         return answer

@@ -549,10 +549,12 @@ class MetaPartition(ReplicatedPartition):
             raise ShoalError(Code.TOO_BIG, f"an xattr value has at most {MAX_XATTR_VALUE} bytes")
 
     @recomputed
-    async def create_dentry(self, parent: int, name: str, ino: int, mode: int) -> None:
+    async def create_dentry(self, parent: int, name: str, ino: int, mode: int, qids: list[int] | None = None) -> None:
         self.check_name(name)
         self.check_type(mode)
         self.open_directory(parent)
+        if qids is not None:
+            self.check_same_quotas(qids, parent)
         if self.staged.dentry(parent, name) is not None:
             raise ShoalError(Code.EXISTS, f"{name!r} exists")
         await self.commit([("D", parent, name, ino, mode), self._dir_changed(parent, _is_dir(mode))], answer=None)

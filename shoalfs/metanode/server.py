@@ -155,7 +155,7 @@ class MetaNode(NodeService):
         # a read-only session holds files open too; only a read-write one drops an unlinked file
         r(Op.META_CLOSE, on(lambda p, b, s, rw: p.close_inode(b["ino"], s, rw), session=True, rights=True),
           {"ino": INO}, access=R)
-        r(Op.META_RENEW_LEASES, on(self._renew_leases, session=True),
+        r(Op.META_RENEW_LEASES, on(self._renew_leases, session=True, rights=True),
           {"open": ListOf(Int(0, MAX_INO), 100_000), "locks": Opt(LOCK_CLAIMS, [])}, access=R)
         # locks change no file: a read-only session may lock what it can open (the kernel
         # refuses a write lock on a file not opened for writing)
@@ -163,8 +163,10 @@ class MetaNode(NodeService):
         r(Op.META_LOCK_CANCEL, on(lambda p, b, s: p.locks.cancel(s, b["owner"], b["ino"]), session=True),
           LOCK_TARGET, access=R)
         r(Op.META_RELEASE_LOCKS, on(self._release_locks, session=True), RELEASE_LOCKS, access=R)
-        r(Op.META_CREATE_DENTRY, on(lambda p, b: p.create_dentry(b["parent"], b["name"], b["ino"], b["mode"])),
-          {"parent": INO, "name": NAME, "ino": INO, "mode": MODE}, access=W)
+        # `qids`: a hard link's file's quotas, which the directory's must match
+        r(Op.META_CREATE_DENTRY, on(lambda p, b: p.create_dentry(b["parent"], b["name"], b["ino"], b["mode"],
+                                                                 b["qids"])),
+          {"parent": INO, "name": NAME, "ino": INO, "mode": MODE, "qids": Opt(QIDS)}, access=W)
         r(Op.META_LOOKUP, on(self._lookup), {"parent": INO, "name": NAME}, access=R)
         r(Op.META_RMDIR_PREPARE, on(lambda p, b: p.prepare_rmdir(b["ino"])), {"ino": INO}, access=W)
         r(Op.META_RMDIR_ABORT, on(lambda p, b: p.abort_rmdir(b["ino"])), {"ino": INO}, access=W)
@@ -236,7 +238,10 @@ class MetaNode(NodeService):
         while True:
             await asyncio.sleep(LOCK_TICK)
             for part in list(self.partitions.values()):
-                part.locks.tick(self._serving(part))
+                try:
+                    part.locks.tick(self._serving(part))
+                except Exception:  # never the end of the ticks: leases would stretch without them
+                    log.exception("lock table of partition %d", part.pid)
 
     @staticmethod
     def _serving(part: MetaPartition) -> bool:
@@ -476,10 +481,11 @@ class MetaNode(NodeService):
         return {"extents": node["extents"], "attr": public_attr(node), "lease": part.leases.lease}
 
     @staticmethod
-    def _renew_leases(part: MetaPartition, body: Any, session: str) -> Any:
+    def _renew_leases(part: MetaPartition, body: Any, session: str, may_write: bool) -> Any:
         part.leases.renew(session, body["open"])
-        claims = [c for c in body["locks"] if c[0] in part.inodes]  # files of this partition only
-        return {"lease": part.leases.lease, "locks": part.locks.renew(session, claims),
+        ours = [c for c in body["locks"] if c[0] in part.inodes]
+        gone = [[*c[:3], []] for c in body["locks"] if c[0] not in part.inodes]  # not (or no longer) here
+        return {"lease": part.leases.lease, "locks": part.locks.renew(session, ours, may_write) + gone,
                 "lock_lease": part.locks.lease, "version": part.locks.stamp}
 
     @staticmethod
