@@ -78,12 +78,12 @@ def hand_off(first: str, second: str, rounds: int) -> list[float]:
 
 
 def measure(a: str, b: str, rounds: int) -> dict[str, str]:
-    def ms(values: list[float]) -> str:
-        return f"{pct(values, 0.5) * 1000:.2f} / {pct(values, 0.99) * 1000:.2f}"
+    def us(values: list[float]) -> str:
+        return f"{pct(values, 0.5) * 1e6:,.0f} / {pct(values, 0.99) * 1e6:,.0f}"
     return {
-        "flock lock+unlock, uncontended (ms p50 / p99)": ms(uncontended(f"{a}/u-flock", rounds, posix=False)),
-        "lockf lock+unlock, uncontended (ms p50 / p99)": ms(uncontended(f"{a}/u-lockf", rounds, posix=True)),
-        "flock hand-off between two openers (ms p50 / p99)": ms(hand_off(f"{a}/h", f"{b}/h", rounds // 4)),
+        "flock lock+unlock, uncontended (µs p50 / p99)": us(uncontended(f"{a}/u-flock", rounds, posix=False)),
+        "lockf lock+unlock, uncontended (µs p50 / p99)": us(uncontended(f"{a}/u-lockf", rounds, posix=True)),
+        "flock hand-off between two openers (µs p50 / p99)": us(hand_off(f"{a}/h", f"{b}/h", rounds // 4)),
     }
 
 
