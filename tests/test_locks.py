@@ -298,7 +298,8 @@ def test_sqlite_from_two_mounts_at_once(pair: Pair) -> None:
 
 def test_sdk_locks_hold_against_a_mount(pair: Pair, holders: list[Holder]) -> None:
     holders.append(h := Holder(f"{pair.a.path}/sdk"))
-    with connect(pair.cluster.master_addr, "locks", ClientOptions(op_deadline=20),
+    # a short op deadline: it bounds each call, never how long a blocking lock may wait
+    with connect(pair.cluster.master_addr, "locks", ClientOptions(op_deadline=2, attempt_timeout=2),
                  key_file=pair.cluster.key_file("locks")) as vol:
         f = vol.open("/sdk", "r+b")
         g = vol.open("/sdk", "r+b")
@@ -310,10 +311,10 @@ def test_sdk_locks_hold_against_a_mount(pair: Pair, holders: list[Holder]) -> No
             vol.lockf(f, fcntl.LOCK_EX, 10, 0)
             assert h.do("lockf", fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 10) == "ok"
             assert h.do("lockf", fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 5) == f"err {errno.EAGAIN}"
-            # a blocking SDK lock waits for the mount's holder, and gets it once it goes
+            # a blocking SDK lock waits for the mount's holder (past the op deadline), and gets it once it goes
             waiter, out = in_thread(g.lockf, fcntl.LOCK_EX, 5, 15)
-            waiter.join(1.0)
-            assert waiter.is_alive()
+            waiter.join(3.0)
+            assert waiter.is_alive(), out
             assert h.do("lockf", fcntl.LOCK_UN, 10, 10) == "ok"
             waiter.join(10)
             assert out == [None]

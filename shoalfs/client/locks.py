@@ -159,18 +159,15 @@ class FileLocks:
                 raise ShoalError(Code.TIMEOUT, f"locks on inode {ino} are still being released")
         part = self.client.meta_partition(ino)
         target = {"ino": ino, "kind": kind, "owner": owner}
-        end_by = time.monotonic() + self.client.options.op_deadline
+        # the metanode answers a waiting request well before the call gives up on it
+        body = {**target, "type": type, "start": start, "end": end, "pid": pid, "wait": self.poll if wait else 0.0}
         had_locks = bool(self.held)
-        while True:
+        while True:  # a blocking wait lasts as long as it must; each call has the op deadline
             if type != UNLOCK:
                 self.held.asking(key)  # until a release or an unlock: a grant whose answer is lost
             if interrupted is not None and interrupted.is_set():
                 raise InterruptedError("interrupted while waiting for a lock")
-            # the metanode answers a waiting request before the call gives up on it
-            hold = min(self.poll, end_by - time.monotonic() - self.poll) if wait else 0.0
-            body = {**target, "type": type, "start": start, "end": end, "pid": pid, "wait": max(0.0, hold)}
-            res = await self._interruptible(self.client.call(part, Op.META_LOCK, body, end_by), interrupted,
-                                            part, target)
+            res = await self._interruptible(self.client.call(part, Op.META_LOCK, body), interrupted, part, target)
             self.held.learn(key, res["held"], res["version"])
             if type == UNLOCK and not res["held"]:
                 self.held.sure(key)
@@ -182,7 +179,7 @@ class FileLocks:
                 return None
             if interrupted is not None and interrupted.is_set():
                 raise InterruptedError("interrupted while waiting for a lock")
-            if not wait or time.monotonic() >= end_by:
+            if not wait:
                 conflict: list[int] = res["conflict"]
                 return conflict
 
