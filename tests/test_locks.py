@@ -387,3 +387,34 @@ def test_a_failover_keeps_the_locks_of_live_sessions(pair: Pair, holders: list[H
     finally:
         os.close(fd)
         c.start(victim)
+
+
+def test_a_restarted_metanode_keeps_the_locks_of_live_sessions(pair: Pair, mount_factory,
+                                                               holders: list[Holder]) -> None:
+    """One copy of each partition: its metanode is killed -9 and started again,
+    knows no locks, and takes back the holders' locks before granting any."""
+    c = pair.cluster
+    c.create_volume("solo-locks", replicas=1)
+    one, two = mount_factory(c, "solo-locks"), mount_factory(c, "solo-locks")
+    holders.append(h := Holder(f"{one.path}/f"))
+    assert h.do("flock", fcntl.LOCK_EX) == "ok"
+    assert h.do("lockf", fcntl.LOCK_SH, 100, 0) == "ok"
+    ino = os.stat(f"{one.path}/f").st_ino
+    info = c.http_get("/volume/info?name=solo-locks")
+    assert info is not None
+    part = next(p for p in info["meta_partitions"] if p["start"] <= ino < p["end"])
+    node = next(n for n, spec in c.layout["nodes"].items() if spec["listen"] == part["replicas"][0])
+    fd = os.open(f"{two.path}/f", os.O_RDWR)
+    try:
+        c.kill(node)
+        c.start(node)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(OSError) as err:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 50)
+        assert err.value.errno == errno.EAGAIN
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 10, 50)  # a shared lock beside the reclaimed one
+        assert h.do("flock", fcntl.LOCK_UN) == "ok"
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
