@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -58,6 +59,47 @@ def test_two_mounts_see_each_other(cluster: EmbeddedCluster, mount_factory) -> N
     t0 = time.monotonic()
     wait_for(lambda: os.stat(f"{b}/attr").st_mode & 0o777 == 0o600, 5, "chmod in B")
     assert time.monotonic() - t0 <= 1.5
+
+
+def test_a_scanned_directory_stays_within_the_attribute_timeout(cluster: EmbeddedCluster, mount_factory) -> None:
+    """A mount answers the lookups of a directory being scanned from one
+    listing of it (client/dirscan.py): what another mount changes still shows
+    within 1 s, and what this mount changes at once."""
+    cluster.create_volume("scan")
+    a = mount_factory(cluster, "scan").path
+    b = mount_factory(cluster, "scan").path
+    os.mkdir(f"{a}/d")
+    for i in range(200):
+        with open(f"{a}/d/f{i}", "wb") as f:
+            f.write(b"x" * i)
+
+    def scan() -> None:
+        for i in range(200):
+            with contextlib.suppress(FileNotFoundError):
+                os.stat(f"{b}/d/f{i}")
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")  # the kernel forgets names and attributes: every stat is a lookup
+    scan()
+    scan()  # the listing answers these
+    sizes = [os.stat(f"{b}/d/f{i}").st_size for i in range(200)]
+    assert sizes == list(range(200))
+    os.chmod(f"{a}/d/f7", 0o600)
+    os.unlink(f"{a}/d/f8")
+    with open(f"{a}/d/f9", "ab") as f:
+        f.write(b"grown")
+    t0 = time.monotonic()
+    wait_for(lambda: (scan() or True) and os.stat(f"{b}/d/f7").st_mode & 0o777 == 0o600
+             and not os.path.exists(f"{b}/d/f8") and os.stat(f"{b}/d/f9").st_size == 9 + 5, 5,
+             "another mount's changes seen through a scan")
+    assert time.monotonic() - t0 <= 1.5
+    # this mount's own change shows at once, whatever it had listed
+    scan()
+    os.chmod(f"{b}/d/f10", 0o640)
+    os.unlink(f"{b}/d/f11")
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    assert os.stat(f"{b}/d/f10").st_mode & 0o777 == 0o640
+    assert not os.path.exists(f"{b}/d/f11")
 
 
 def test_mounts_of_different_volumes_at_once(cluster: EmbeddedCluster, mount_factory) -> None:

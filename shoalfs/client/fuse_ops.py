@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from shoalfs.client.core import VolumeClient
+from shoalfs.client.dirscan import DirectoryScans
 from shoalfs.client.handle import FileHandle
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.layout import MAX_NAME
-from shoalfs.proto.opcodes import Op
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         # longer than that keeps asking for security.capability (one RPC per write)
         self._absent_xattrs: dict[tuple[int, bytes], float] = {}
         self._xattr_changes = 0  # bumped as a setxattr or removexattr starts
+        self.scans = DirectoryScans(client, ATTR_TIMEOUT)  # lookups of a directory being scanned
         self.initialized = asyncio.Event()  # the kernel has our INIT answer (see init)
 
     def init(self) -> None:
@@ -117,14 +118,16 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         self._seen.clear()
         self._no_xattrs.clear()
         self._absent_xattrs.clear()
+        self.scans.drop()
 
     # ----- helpers ------------------------------------------------------------------
-    def entry(self, attr: dict[str, Any]) -> pyfuse3.EntryAttributes:
+    def entry(self, attr: dict[str, Any], valid: float = ATTR_TIMEOUT) -> pyfuse3.EntryAttributes:
+        """What the kernel keeps for `valid` seconds at most (less for what is already that much older)."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr["ino"]
         e.generation = 0
-        e.entry_timeout = ENTRY_TIMEOUT
-        e.attr_timeout = ATTR_TIMEOUT
+        e.entry_timeout = min(ENTRY_TIMEOUT, valid)
+        e.attr_timeout = min(ATTR_TIMEOUT, valid)
         e.st_mode = attr["mode"]
         e.st_nlink = attr["nlink"]
         e.st_uid = attr["uid"]
@@ -172,7 +175,13 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     # ----- lookups and attributes ------------------------------------------------
     @guarded
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self.entry(await self.client.lookup_attr(parent_inode, self.name(name)))
+        name_str = self.name(name)
+        listed = self.scans.get(parent_inode, name_str)
+        if listed is not None:
+            return self.entry(*listed)
+        attr = await self.client.lookup_attr(parent_inode, name_str)
+        self.scans.looked_up(parent_inode)
+        return self.entry(attr)
 
     @guarded
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -347,7 +356,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
             entries = page["entries"]
             if not entries:
                 return
-            attrs = await self._batch_attrs([e[1] for e in entries])
+            attrs = await self.client.batch_attrs([e[1] for e in entries])
             for name, ino, _mode in entries:
                 attr = attrs.get(ino)
                 if attr is None:  # removed meanwhile
@@ -360,18 +369,6 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
                 after = name
             if not page["more"]:
                 return
-
-    async def _batch_attrs(self, inos: list[int]) -> dict[int, dict[str, Any]]:
-        by_part: dict[int, tuple[dict[str, Any], list[int]]] = {}
-        for ino in inos:
-            part = self.client.meta_partition(ino)
-            by_part.setdefault(part["pid"], (part, []))[1].append(ino)
-        out: dict[int, dict[str, Any]] = {}
-        for part, group in by_part.values():
-            res = await self.client.call(part, Op.META_BATCH_GET_INODE, {"inos": group})
-            for attr in res["inodes"]:
-                out[attr["ino"]] = attr
-        return out
 
     async def releasedir(self, fh: int) -> None:
         self.dir_cursors.pop(fh, None)
