@@ -100,7 +100,11 @@ class DirectoryScans:
             return  # the lookups go on one at a time
         finally:
             self._loading.discard(parent)
-        if changes == self.client.dir_changes and time.monotonic() - asked < self.valid:
+        now = time.monotonic()
+        # listings that can answer nothing any more, and old verdicts, go
+        self._listings = {p: v for p, v in self._listings.items() if now - v.asked < self.valid}
+        self._too_big = {p: t for p, t in self._too_big.items() if now - t < TOO_BIG_FOR}
+        if changes == self.client.dir_changes and now - asked < self.valid:
             self._listings[parent] = _Listing(asked, changes, {name: attrs[ino] for name, ino, _ in entries
                                                                if ino in attrs})
 
