@@ -45,7 +45,8 @@ class DirectoryScans:
         self.client = client
         self.valid = valid  # seconds a listing may answer (the attribute timeout)
         self._listings: dict[int, _Listing] = {}
-        self._lookups: dict[int, tuple[float, int]] = {}  # dir -> (window start, lookups in it)
+        # dir -> (window start, the client's dir_changes then, lookups in it)
+        self._lookups: dict[int, tuple[float, int, int]] = {}
         self._loading: set[int] = set()
         self._too_big: dict[int, float] = {}  # dir -> when it was found too large
         self._tasks: set[asyncio.Task[None]] = set()
@@ -65,12 +66,14 @@ class DirectoryScans:
         return attr, left
 
     def looked_up(self, parent: int) -> None:
-        """A lookup in `parent` went to its metanode: a scan lists the directory."""
-        now = time.monotonic()
-        start, count = self._lookups.get(parent, (now, 0))
-        if now - start > WINDOW:
-            start, count = now, 0
-        self._lookups[parent] = (start, count + 1)
+        """A lookup in `parent` went to its metanode: a scan lists the directory,
+        unless this mount changes things meanwhile (`rm -r` looks up and
+        removes: a listing would be dropped by the next removal)."""
+        now, changes = time.monotonic(), self.client.dir_changes
+        start, since, count = self._lookups.get(parent, (now, changes, 0))
+        if now - start > WINDOW or since != changes:
+            start, since, count = now, changes, 0
+        self._lookups[parent] = (start, since, count + 1)
         if len(self._lookups) > 4096:
             self._lookups = {p: v for p, v in self._lookups.items() if now - v[0] <= WINDOW}
         if (count + 1 < SCAN or parent in self._loading or parent in self._listings
