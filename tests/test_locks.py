@@ -353,6 +353,15 @@ def test_deleting_the_volume_fails_a_lock_waiter_with_estale(
         holder.close()
 
 
+def partition_leader(c: EmbeddedCluster, volume: str, path: str) -> tuple[dict, str]:
+    """The meta partition of a file (through a mount) and the node that leads it."""
+    ino = os.stat(path).st_ino
+    info = c.http_get(f"/volume/info?name={volume}")
+    assert info is not None
+    part = next(p for p in info["meta_partitions"] if p["start"] <= ino < p["end"])
+    return part, next(n for n, spec in c.layout["nodes"].items() if spec["listen"] == part["replicas"][0])
+
+
 def test_a_failover_keeps_the_locks_of_live_sessions(pair: Pair, holders: list[Holder]) -> None:
     """The metanode leading the file's partition is killed -9: the new leader
     knows no locks, and grants nothing until the holders reclaimed theirs."""
@@ -360,12 +369,8 @@ def test_a_failover_keeps_the_locks_of_live_sessions(pair: Pair, holders: list[H
     holders.append(h := Holder(f"{pair.a.path}/failover"))
     assert h.do("flock", fcntl.LOCK_EX) == "ok"
     assert h.do("lockf", fcntl.LOCK_EX, 10, 0) == "ok"
-    ino = os.stat(f"{pair.a.path}/failover").st_ino
-    info = c.http_get("/volume/info?name=locks")
-    assert info is not None
-    part = next(p for p in info["meta_partitions"] if p["start"] <= ino < p["end"])
+    part, victim = partition_leader(c, "locks", f"{pair.a.path}/failover")
     assert len(part["replicas"]) == 3, part
-    victim = next(n for n, spec in c.layout["nodes"].items() if spec["listen"] == part["replicas"][0])
     fd = os.open(f"{pair.b.path}/failover", os.O_RDWR)
     try:
         c.kill(victim)
@@ -399,11 +404,7 @@ def test_a_restarted_metanode_keeps_the_locks_of_live_sessions(pair: Pair, mount
     holders.append(h := Holder(f"{one.path}/f"))
     assert h.do("flock", fcntl.LOCK_EX) == "ok"
     assert h.do("lockf", fcntl.LOCK_SH, 100, 0) == "ok"
-    ino = os.stat(f"{one.path}/f").st_ino
-    info = c.http_get("/volume/info?name=solo-locks")
-    assert info is not None
-    part = next(p for p in info["meta_partitions"] if p["start"] <= ino < p["end"])
-    node = next(n for n, spec in c.layout["nodes"].items() if spec["listen"] == part["replicas"][0])
+    _, node = partition_leader(c, "solo-locks", f"{one.path}/f")
     fd = os.open(f"{two.path}/f", os.O_RDWR)
     try:
         c.kill(node)
