@@ -77,8 +77,10 @@ def call_master(args: argparse.Namespace, method: str, path: str, params: dict[s
         client = MasterClient(master_address(args), admin_token(args), tls=tls_context(args),
                               **({"timeout": timeout} if timeout else {}))
         try:
-            # long enough to ride out a master failover (a follower leads within a lease, 3 s)
-            return await client.request(method, path, params, body, deadline=max(10.0, timeout or 0.0))
+            # long enough to ride out a master failover (a follower leads within a lease, 3 s);
+            # longer while masters answer that an election is under way (a loaded machine)
+            return await client.request(method, path, params, body, deadline=max(10.0, timeout or 0.0),
+                                        election_grace=20.0)
         finally:
             await client.close()
     try:

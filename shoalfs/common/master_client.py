@@ -121,10 +121,14 @@ class MasterClient:
         return env.get("data")
 
     async def request(self, method: str, path: str, params: dict[str, Any] | None = None,
-                      body: dict[str, Any] | None = None, deadline: float = 10.0) -> Any:
+                      body: dict[str, Any] | None = None, deadline: float = 10.0,
+                      election_grace: float = 0.0) -> Any:
         """With retries of transient failures (capped backoff, jitter) up to deadline.
         Every attempt carries the same request id: a change the master made but
-        could not confirm (it failed over) is answered as done, not done twice."""
+        could not confirm (it failed over) is answered as done, not done twice.
+        `election_grace`: seconds more once a master answered that another
+        leads, which did not answer yet (a new leader taking over on a loaded
+        machine); not when no leader is known (etcd away: no use waiting)."""
         end = time.monotonic() + deadline
         attempt = 0
         request_id = secrets.token_hex(12)
@@ -135,6 +139,9 @@ class MasterClient:
                                                request_id=request_id)
             except ShoalError as exc:
                 delay = random.uniform(0, min(1.0, 0.1 * 2**attempt))
+                named = exc.data.get("leader") if isinstance(exc.data, dict) else None
+                if exc.code == Code.NOT_LEADER and named and election_grace:
+                    end, election_grace = end + election_grace, 0.0
                 if not exc.transient or time.monotonic() + delay >= end:
                     # an attempt the deadline cut short says less than a master's own answer
                     cut_short = exc.code in NO_ANSWER and time.monotonic() >= end - 0.05
