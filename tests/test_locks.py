@@ -116,6 +116,15 @@ def getlk(fd: int, type: int, start: int, length: int) -> tuple[int, int, int, i
     return t, s, n, pid
 
 
+LOCK_SYSCALLS = {"72", "73"}  # fcntl, flock (x86-64)
+
+
+def in_syscall(pid: int, numbers: set[str]) -> bool:
+    """Whether the process is blocked in one of these system calls (/proc/PID/syscall)."""
+    with open(f"/proc/{pid}/syscall") as f:
+        return f.read().split()[0] in numbers
+
+
 def in_thread(fn: object, *args: object) -> tuple[threading.Thread, list[object]]:
     """Run fn(*args) in a thread; the list gets its result or its exception."""
     out: list[object] = []
@@ -220,7 +229,7 @@ def test_a_signal_interrupts_a_waiter_with_eintr(pair: Pair, holders: list[Holde
                               stdout=subprocess.PIPE, text=True)
     try:
         assert waiter.stdout is not None and waiter.stdout.readline().strip() == "waiting"
-        time.sleep(0.5)  # the waiter is in its lock call (nothing to wait on from outside)
+        wait_for(lambda: in_syscall(waiter.pid, LOCK_SYSCALLS), 10, "the waiter blocked in its lock call")
         assert waiter.poll() is None
         sent = time.monotonic()
         waiter.send_signal(signal.SIGUSR1)

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 from shoalfs.client.core import CALL_GRACE, VolumeClient, check_file_size
 from shoalfs.client.readahead import ReadAhead
@@ -41,24 +41,23 @@ MAX_INFLIGHT = 4
 WAIT_GRACE = CALL_GRACE + 0.1
 
 
-T = TypeVar("T")
-
-
-async def coherent_lock(handles: Iterable[FileHandle], type: int, lock: Callable[[], Awaitable[T]]) -> T:
+async def coherent_lock(handles: Iterable[FileHandle], type: int,
+                        lock: Callable[[], Awaitable[list[int] | None]]) -> list[int] | None:
     """Set a lock with lock-to-unlock consistency, as NFS and CephFS give: what
     we wrote is on the cluster before we let a lock go, and once we hold one,
     what the previous holder wrote is what we read (sizes and extents
-    re-read, read-ahead dropped)."""
+    re-read, read-ahead dropped). A lock refused (the one in the way is
+    returned) costs no more than its own round trip."""
     handles = list(handles)
     if type == UNLOCK:
         for h in handles:
             await h.flush()
-    result = await lock()
-    if type != UNLOCK:
+    conflict = await lock()
+    if type != UNLOCK and conflict is None:
         for h in handles:
             await h.flush()
             await h.refresh()
-    return result
+    return conflict
 
 
 def _overlap(a_off: int, a_len: int, b_off: int, b_len: int) -> bool:

@@ -495,7 +495,9 @@ class ShoalFile(io.RawIOBase):
 
 
 def _raw_file(file: Any) -> ShoalFile:
-    raw = getattr(getattr(file, "buffer", file), "raw", getattr(file, "buffer", file))
+    raw = file
+    for layer in ("buffer", "raw"):  # text -> buffered -> raw, from wherever `file` is
+        raw = getattr(raw, layer, raw)
     if not isinstance(raw, ShoalFile):
         raise TypeError("not a file opened by a shoalfs Volume")
     return raw

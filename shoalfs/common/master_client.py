@@ -24,6 +24,12 @@ REQUEST_ID = "X-Shoal-Request-Id"
 NO_ANSWER = (Code.NODE_UNREACHABLE, Code.TIMEOUT)  # no master answered: the transport failed or time ran out
 
 
+def named_leader(exc: ShoalError) -> str | None:
+    """The leader a NOT_LEADER answer names, if any."""
+    leader = exc.data.get("leader") if isinstance(exc.data, dict) else None
+    return leader if isinstance(leader, str) and leader else None
+
+
 def master_list(spec: str) -> list[str]:
     """`host:port[,host:port...]` (scheme prefixes allowed) -> addresses, in order, once each."""
     out: list[str] = []
@@ -86,8 +92,8 @@ class MasterClient:
             except ShoalError as exc:
                 if exc.code == Code.NOT_LEADER:
                     error = exc  # says more than an unreachable master: a leader is being elected
-                    hint = exc.data.get("leader") if isinstance(exc.data, dict) else None
-                    if isinstance(hint, str) and hint and hint not in asked:
+                    hint = named_leader(exc)
+                    if hint and hint not in asked:
                         order.insert(0, hint)
                 elif exc.code not in NO_ANSWER:
                     raise
@@ -139,8 +145,7 @@ class MasterClient:
                                                request_id=request_id)
             except ShoalError as exc:
                 delay = random.uniform(0, min(1.0, 0.1 * 2**attempt))
-                named = exc.data.get("leader") if isinstance(exc.data, dict) else None
-                if exc.code == Code.NOT_LEADER and named and election_grace:
+                if exc.code == Code.NOT_LEADER and named_leader(exc) and election_grace:
                     end, election_grace = end + election_grace, 0.0
                 if not exc.transient or time.monotonic() + delay >= end:
                     # an attempt the deadline cut short says less than a master's own answer
