@@ -30,6 +30,12 @@ def hold(t: LockTable, owner: tuple[str, int], type: int, start: int, end: int, 
     t.set(F, owner, type, start, end, pid)
 
 
+async def waiting(t: LockTable) -> None:
+    """Until a request waits in the table (it has run up to its first wait)."""
+    while not t._waiting:
+        await asyncio.sleep(0)
+
+
 def test_apply_splits_replaces_and_merges_ranges() -> None:
     mine = apply([], A, WRITE, 0, 100, 1)
     mine = apply(mine, A, UNLOCK, 40, 60, 1)  # a hole in the middle: two ranges
@@ -81,7 +87,7 @@ def test_a_waiter_is_woken_by_the_release() -> None:
         hold(t, A, WRITE, 0, EOF, 1)
         started = time.monotonic()
         waiter = asyncio.create_task(t.acquire(F, B, WRITE, 0, 1, 2, wait=10))
-        await asyncio.sleep(0.05)
+        await waiting(t)
         assert not waiter.done()
         t.release("sa", None, None, None)
         assert await waiter is None
@@ -97,7 +103,7 @@ def test_a_waiter_gives_up_when_its_wait_runs_out_or_is_cancelled() -> None:
         blocking = await t.acquire(F, B, WRITE, 0, 1, 2, wait=0.1)
         assert blocking is not None and blocking.owner == A
         waiter = asyncio.create_task(t.acquire(F, B, WRITE, 0, 1, 2, wait=10))
-        await asyncio.sleep(0.05)
+        await waiting(t)
         t.cancel("sb", 7, 2)
         assert (await asyncio.wait_for(waiter, 1)) is not None
         t.cancel("sb", 7, 2)  # nobody waits: nothing is remembered for the next request
@@ -149,7 +155,7 @@ def test_a_closed_table_grants_nothing() -> None:
         t = table()
         hold(t, A, WRITE, 0, EOF, 1)
         waiter = asyncio.create_task(t.acquire(F, B, WRITE, 0, EOF, 2, wait=10))
-        await asyncio.sleep(0.05)
+        await waiting(t)
         t.close()  # another term as leader, or the partition deleted
         with pytest.raises(ShoalError) as err:
             await asyncio.wait_for(waiter, 1)
@@ -209,7 +215,7 @@ def test_a_release_withdraws_the_owners_waiting_requests() -> None:
         t = table()
         hold(t, A, WRITE, 0, EOF, 1)
         waiter = asyncio.create_task(t.acquire(F, B, WRITE, 0, EOF, 2, wait=10))
-        await asyncio.sleep(0.05)
+        await waiting(t)
         t.release("sb", 2, POSIX, 7)  # B closes
         assert (await asyncio.wait_for(waiter, 1)) is not None
         t.release("sa", None, None, None)
@@ -260,7 +266,7 @@ def test_a_lapsed_session_is_reaped_by_the_tick_and_an_unlock_is_never_withdrawn
         assert t._locks == {} and t._count == 0  # nobody asked about the file again
         hold(t, B, READ, 0, 10, 2)
         waiter = asyncio.create_task(t.acquire(F, A, WRITE, 0, 10, 1, wait=10))
-        await asyncio.sleep(0.05)
+        await waiting(t)
         t.cancel("sa", 1, 2)  # A's waiting request is withdrawn: its unlock still goes through
         assert await t.acquire(F, A, UNLOCK, 0, EOF, 1, wait=0) is None
         assert (await asyncio.wait_for(waiter, 1)) is not None
