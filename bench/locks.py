@@ -45,30 +45,40 @@ def uncontended(path: str, rounds: int, posix: bool) -> list[float]:
     return took
 
 
+FLOCK_SYSCALL = "73"  # x86-64
+
+
+def blocked_in_flock(tid: int) -> bool:
+    with open(f"/proc/self/task/{tid}/syscall") as f:
+        return f.read().split()[0] == FLOCK_SYSCALL
+
+
 def hand_off(first: str, second: str, rounds: int) -> list[float]:
     """Time from an unlock to the other side's blocked flock returning."""
     fds = [os.open(first, os.O_RDWR | os.O_CREAT, 0o644), os.open(second, os.O_RDWR)]
-    released = [0.0]
+    released = [0.0, -1.0]  # when, by whom (a side re-taking its own lock is no hand-off)
     took: list[float] = []
-    turn = threading.Semaphore(0)
+    tids = [0, 0]
 
     def side(me: int) -> None:
-        for i in range(rounds):
-            if i % 2 != me:
-                continue
+        tids[me] = threading.get_native_id()
+        while True:
             fcntl.flock(fds[me], fcntl.LOCK_EX)  # blocks until the other side lets go
-            if released[0]:
+            if len(took) >= rounds:
+                fcntl.flock(fds[me], fcntl.LOCK_UN)
+                return
+            if released[1] == 1 - me:
                 took.append(time.perf_counter() - released[0])
-            turn.release()  # the other side may start waiting now
-            time.sleep(0.005)  # and is blocked in flock by the time we let go
-            released[0] = time.perf_counter()
+            # let go once the other side is blocked waiting for it
+            while len(took) < rounds and (not tids[1 - me] or not blocked_in_flock(tids[1 - me])):
+                time.sleep(0.0002)
+            released[:] = [time.perf_counter(), me]
             fcntl.flock(fds[me], fcntl.LOCK_UN)
 
     try:
         threads = [threading.Thread(target=side, args=(me,)) for me in (0, 1)]
-        threads[0].start()
-        turn.acquire()
-        threads[1].start()
+        for t in threads:
+            t.start()
         for t in threads:
             t.join()
     finally:
