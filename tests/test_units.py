@@ -110,6 +110,31 @@ def test_extent_large_reads_and_writes_round_trip(tmp_path) -> None:
     assert err.value.code == Code.DATA_LOST
 
 
+def test_extent_direct_writes_agree_with_buffered_ones(tmp_path, monkeypatch) -> None:
+    """The whole blocks of a large write go around the page cache (O_DIRECT);
+    its unaligned head and tail, small writes and pages cached before all
+    come out as one model of the file says, checksums included, and so
+    they do where direct writes are refused."""
+    import shoalfs.datanode.extents as extents
+
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(extents, "_no_direct", {os.stat(tmp_path).st_dev})
+        ext = Extent(str(tmp_path / f"e_d{direct}"))
+        model = bytearray()
+        writes = [(0, 3 * BLOCK), (100, 2 * extents.DIRECT_MIN + 5), (BLOCK * 3 + 7, 10),
+                  (BLOCK * 10, extents.DIRECT_MIN), (BLOCK * 10 + 1, 1), (5, 4 * extents.DIRECT_MIN)]
+        for offset, length in writes:
+            data = os.urandom(length)
+            ext.write(offset, data, sync=False)
+            model[len(model):] = bytes(max(0, offset + length - len(model)))
+            model[offset : offset + length] = data
+            assert ext.read(0, len(model)) == bytes(model)  # pages cached here meet the next direct write
+        ext.sync()
+        assert ext.read(0, len(model) + BLOCK) == bytes(model)
+        assert os.path.getsize(ext.path) == len(model)
+
+
 def test_extent_write_many_applies_pieces_in_order(tmp_path) -> None:
     ext = Extent(str(tmp_path / "e_3"))
     pieces = [(5, b"abc"), (BLOCK * 2 - 1, b"xy"), (6, b"Z"), (BLOCK * 7, os.urandom(BLOCK))]

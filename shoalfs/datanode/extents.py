@@ -8,13 +8,21 @@ and a block the sidecar says was written but the extent file lacks (a lost
 or truncated file) is DATA_LOST, never zeros. Space is reserved with
 fallocate before any byte is written, so a full disk fails a write whole.
 These functions block; the datanode calls them from worker threads.
+
+The whole blocks of a large write go around the page cache (O_DIRECT, from
+a buffer each worker thread keeps): filling fresh page cache pages was half
+the CPU of a sequential write on a VM whose free memory the host has taken
+back, and the data is on its way to the disk anyway. Where the file system
+cannot (tmpfs), every write is buffered.
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import struct
+import threading
 
 from shoalfs.common.files import fsync_dir, pwrite_all
 from shoalfs.proto.checksum import crc32
@@ -22,6 +30,44 @@ from shoalfs.proto.errors import Code, ShoalError, disk_error
 
 BLOCK = 4096
 ENTRY = struct.Struct("!Q")
+DIRECT_MIN = 256 * 1024  # whole blocks of a write spanning this much go around the page cache
+_direct = threading.local()  # each worker thread's aligned buffer for them
+_no_direct: set[int] = set()  # devices that refused O_DIRECT: buffered there from now on
+
+
+def _aligned(view: memoryview) -> memoryview:
+    """`view` copied into this thread's page-aligned buffer (kept for the next write)."""
+    buf: mmap.mmap | None = getattr(_direct, "buf", None)
+    if buf is None or len(buf) < len(view):
+        buf = _direct.buf = mmap.mmap(-1, max(len(view), 4 << 20))
+    out = memoryview(buf)[: len(view)]
+    out[:] = view
+    return out
+
+
+def _write_direct(path: str, dfd: int, data: memoryview, offset: int) -> bool:
+    """Write whole blocks (`offset` and `len(data)` multiples of BLOCK) with
+    O_DIRECT; False (nothing written) where the file system cannot."""
+    dev = os.fstat(dfd).st_dev
+    if dev in _no_direct:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        _no_direct.add(dev)
+        return False
+    try:
+        aligned = _aligned(data)
+        while aligned:
+            n = os.pwrite(fd, aligned, offset)
+            if n <= 0 or n % BLOCK:
+                raise OSError(errno.EIO, "direct write made no progress")
+            aligned, offset = aligned[n:], offset + n
+    finally:
+        os.close(fd)
+    return True
 
 
 def _reserve(fd: int, offset: int, length: int) -> None:
@@ -179,7 +225,12 @@ class Extent:
         # take the space first: a disk that is full fails here, before any byte changes
         _reserve(dfd, offset, len(payload))
         _reserve(cfd, first * ENTRY.size, len(new_entries))
-        pwrite_all(dfd, payload, offset)
+        lo, hi = -(-offset // BLOCK) * BLOCK, end // BLOCK * BLOCK  # the whole blocks
+        if hi - lo >= DIRECT_MIN and _write_direct(self.path, dfd, view[lo - offset : hi - offset], lo):
+            pwrite_all(dfd, view[: lo - offset], offset)
+            pwrite_all(dfd, view[hi - offset :], hi)
+        else:
+            pwrite_all(dfd, payload, offset)
         pwrite_all(cfd, new_entries, first * ENTRY.size)
 
     def _merged_entry(self, cfd: int, dfd: int, index: int, offset: int, payload: memoryview,
