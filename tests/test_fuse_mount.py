@@ -102,6 +102,60 @@ def test_a_scanned_directory_stays_within_the_attribute_timeout(cluster: Embedde
     assert not os.path.exists(f"{b}/d/f11")
 
 
+def test_creates_and_removals_keep_a_listing_current(cluster: EmbeddedCluster, mount_factory) -> None:
+    """The kernel looks every new name up before it creates it: in a
+    directory being filled, the mount answers those from a listing kept up
+    to date with its own creates and removals (client/dirscan.py), not one
+    round trip each. Its own changes show at once, another mount's new names
+    within 1 s, and a create of a name another mount made meanwhile opens
+    that file (O_CREAT) or fails (O_EXCL)."""
+    import urllib.request
+
+    def lookups_sent() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("shoal_client_requests_total{") and 'op="META_LOOKUP"' in line)
+
+    port = free_port()
+    cluster.create_volume("fill")
+    a = mount_factory(cluster, "fill", [f"metrics=127.0.0.1:{port}"]).path
+    b = mount_factory(cluster, "fill").path
+    os.mkdir(f"{a}/d")
+    before = lookups_sent()
+    for i in range(600):
+        os.close(os.open(f"{a}/d/f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    sent = lookups_sent() - before
+    assert sent < 400, f"{sent:.0f} of 600 lookups of new names went to the metanode"
+
+    def names_in_a() -> list[bool]:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2\n")  # the kernel forgets its names: every check is a lookup (from the listing)
+        return [os.path.exists(f"{a}/d/f{i}") for i in range(600)]
+    assert names_in_a() == [True] * 600
+    for i in range(0, 600, 2):
+        os.unlink(f"{a}/d/f{i}")
+    assert names_in_a() == [i % 2 == 1 for i in range(600)]
+    os.rename(f"{a}/d/f1", f"{a}/d/r1")
+    assert os.path.exists(f"{a}/d/r1") and not os.path.exists(f"{a}/d/f1")
+    assert sorted(os.listdir(f"{b}/d")) == sorted(["r1", *(f"f{i}" for i in range(3, 600, 2))])
+    # another mount's names, while this one's listing may still say they are not there
+    for i in range(40):
+        os.stat(f"{a}/d/f{2 * i + 3}")
+    with open(f"{b}/d/y", "wb") as f:
+        f.write(b"from b")
+    open(f"{b}/d/z", "wb").close()
+    with open(f"{a}/d/y", "ab") as f:  # O_CREAT: opens b's file, does not make another
+        f.write(b"+a")
+    with pytest.raises(FileExistsError):
+        os.open(f"{a}/d/z", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    assert open(f"{b}/d/y", "rb").read() == b"from b+a"
+    open(f"{b}/d/x", "wb").close()
+    t0 = time.monotonic()
+    wait_for(lambda: os.path.exists(f"{a}/d/x"), 5, "another mount's new name")
+    assert time.monotonic() - t0 <= 1.5
+
+
 def test_mounts_of_different_volumes_at_once(cluster: EmbeddedCluster, mount_factory) -> None:
     for name in ("multi-a", "multi-b", "multi-c"):
         cluster.create_volume(name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import contextvars
 import logging
 import os
 import secrets
@@ -49,6 +50,10 @@ KEEPS_DIRS = frozenset({
     Op.META_RELEASE_LOCKS,
     Op.DATA_READ, Op.DATA_WRITE, Op.DATA_SYNC, Op.DATA_TRUNCATE, Op.DATA_DELETE_EXTENT,
 })
+# the dir_changes of the calls made under it, for whoever set it (client/dirscan.py
+# accounts a change it patched into its listings); tasks started meanwhile share it
+OWN_DIR_CHANGES: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("own_dir_changes",
+                                                                                   default=None)
 CALL_GRACE = 0.1  # how far past its deadline a call may run (the pool's last attempt lasts >= 0.05 s)
 
 
@@ -193,11 +198,16 @@ class VolumeClient:
         if end is None:
             end = time.monotonic() + self.options.op_deadline
         if op not in KEEPS_DIRS:
+            own = OWN_DIR_CHANGES.get()
             self.dir_changes += 1
+            if own is not None:
+                own[0] += 1
             try:
                 return await self._call(part, op, body, end)
             finally:
                 self.dir_changes += 1
+                if own is not None:
+                    own[0] += 1
         return await self._call(part, op, body, end)
 
     async def _call(self, part: dict[str, Any], op: int, body: dict[str, Any], end: float) -> Any:

@@ -178,8 +178,16 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         name_str = self.name(name)
         listed = self.scans.get(parent_inode, name_str)
         if listed is not None:
-            return self.entry(*listed)
-        attr = await self.client.lookup_attr(parent_inode, name_str)
+            attr, left = listed
+            if attr is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self.entry(attr, left)
+        try:
+            attr = await self.client.lookup_attr(parent_inode, name_str)
+        except ShoalError as exc:
+            if exc.code == Code.NOT_FOUND:  # the kernel looks a new name up before it creates it
+                self.scans.looked_up(parent_inode)
+            raise
         self.scans.looked_up(parent_inode)
         return self.entry(attr)
 
@@ -224,8 +232,12 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     # ----- creation ---------------------------------------------------------------
     async def _make(self, parent: int, name: bytes, mode: int, ctx: Any, target: str | None = None,
                     rdev: int = 0, opening: bool = False) -> dict[str, Any]:
-        return await self.client.create(parent, self.name(name), mode, ctx.uid, ctx.gid, target, rdev,
-                                        opening=opening)
+        name_str = self.name(name)
+        with self.scans.changing(parent) as change:
+            attr = await self.client.create(parent, name_str, mode, ctx.uid, ctx.gid, target, rdev,
+                                            opening=opening)
+            change.done(name_str, attr)
+        return attr
 
     @guarded
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
@@ -275,13 +287,18 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     # ----- removal and rename --------------------------------------------------------
     @guarded
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        self.check_writable()
-        await self.client.unlink(parent_inode, self.name(name), want_dir=False)
+        await self._remove(parent_inode, name, want_dir=False)
 
     @guarded
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self._remove(parent_inode, name, want_dir=True)
+
+    async def _remove(self, parent: int, name: bytes, want_dir: bool) -> None:
         self.check_writable()
-        await self.client.unlink(parent_inode, self.name(name), want_dir=True)
+        name_str = self.name(name)
+        with self.scans.changing(parent) as change:
+            await self.client.unlink(parent, name_str, want_dir=want_dir)
+            change.done(name_str, None)
 
     @guarded
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
