@@ -135,6 +135,43 @@ def test_extent_direct_writes_agree_with_buffered_ones(tmp_path, monkeypatch) ->
         assert os.path.getsize(ext.path) == len(model)
 
 
+def test_extent_locks_order_overlapping_operations_and_let_disjoint_ones_run() -> None:
+    from shoalfs.datanode.extent_locks import ExtentLocks
+
+    async def main() -> None:
+        locks = ExtentLocks()
+        log: list[str] = []
+        release = {name: asyncio.Event() for name in "abcdef"}
+
+        async def op(name: str, ext: int, span: tuple[int, int] | None) -> None:
+            async with locks.hold(ext, span) if span else locks.hold(ext):
+                log.append(f"+{name}")
+                await release[name].wait()
+            log.append(f"-{name}")
+
+        tasks = [asyncio.create_task(op("a", 1, (0, BLOCK))),
+                 asyncio.create_task(op("b", 1, (BLOCK, 3 * BLOCK))),  # disjoint from a: runs with it
+                 asyncio.create_task(op("c", 1, (BLOCK - 1, BLOCK + 1))),  # touches both blocks: after both
+                 asyncio.create_task(op("d", 2, None)),  # another extent
+                 asyncio.create_task(op("e", 1, None)),  # the whole extent: after all of the above
+                 asyncio.create_task(op("f", 1, (5 * BLOCK, 6 * BLOCK)))]  # after e, which came first
+        await asyncio.sleep(0)
+        assert sorted(log) == ["+a", "+b", "+d"]
+        tasks[1].cancel()  # a waiter or holder that goes lets the others on
+        release["a"].set()
+        await asyncio.sleep(0.01)
+        assert log[-1] == "+c" and "-a" in log
+        for name in "cde":
+            release[name].set()
+            await asyncio.sleep(0.01)
+        assert log.index("-c") < log.index("+e") < log.index("-e") < log.index("+f")
+        release["f"].set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert len(locks) == 0  # nothing left behind
+
+    asyncio.run(main())
+
+
 def test_extent_write_many_applies_pieces_in_order(tmp_path) -> None:
     ext = Extent(str(tmp_path / "e_3"))
     pieces = [(5, b"abc"), (BLOCK * 2 - 1, b"xy"), (6, b"Z"), (BLOCK * 7, os.urandom(BLOCK))]

@@ -8,11 +8,11 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator
 from typing import Any
 
 from shoalfs.common.files import atomic_write, fsync_dir
 from shoalfs.common.service import DELETE_PARTITION, MASTER_STATE, NEW_PARTITION, NodeService
+from shoalfs.datanode.extent_locks import WHOLE, ExtentLocks
 from shoalfs.datanode.extents import BLOCK, ENTRY, Extent, install_piece, read_raw
 from shoalfs.datanode.extents import digest as extent_digest
 from shoalfs.datanode.resync import UNSOUND, ExtentCopier, sound
@@ -50,13 +50,21 @@ def _pieces(write: dict[str, Any]) -> list[tuple[int, bytes]]:
     return [(write["offset"], write["data"]), *((offset, data) for offset, data in write["more"])]
 
 
+def _span(op: Op | int, change: dict[str, Any]) -> tuple[int, int]:
+    """The bytes of its extent a change may touch: a write its pieces', the rest all."""
+    if op != Op.DATA_WRITE:
+        return WHOLE
+    pieces = _pieces(change)
+    return min(o for o, _ in pieces), max(o + len(d) for o, d in pieces)
+
+
 class DataPartition:
     def __init__(self, pid: int, info: dict[str, Any], directory: str, hub: ReplicationHub,
                  fresh: bool = False) -> None:
         self.pid = pid
         self.info = info
         self.dir = directory
-        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}  # ext -> (lock, users)
+        self._locks = ExtentLocks()
         self.names_unsynced = False  # an extent was created by a write not yet followed by a sync
         self.replica = hub.replica(View.of_partition(info), self._persist_view, fresh)
         self.copier = ExtentCopier(self, hub.call)
@@ -81,21 +89,10 @@ class DataPartition:
                 out[int(name[2:])] = d if not verify or sound(extent) else UNSOUND
         return out
 
-    @contextlib.asynccontextmanager
-    async def extent_lock(self, ext: int) -> AsyncIterator[None]:
-        """One operation at a time on an extent; the lock is dropped when
-        nobody holds or waits for it, so a peer naming many extents leaves nothing."""
-        lock, users = self._locks.get(ext, (asyncio.Lock(), 0))
-        self._locks[ext] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[ext]
-            if users == 1:
-                del self._locks[ext]
-            else:
-                self._locks[ext] = (lock, users - 1)
+    def extent_lock(self, ext: int,
+                    span: tuple[int, int] = WHOLE) -> contextlib.AbstractAsyncContextManager[None]:
+        """Until its end, no other operation on `ext` overlapping `span` runs (extent_locks.py)."""
+        return self._locks.hold(ext, span)
 
     def sync_names(self) -> None:
         """Make the names of new extents durable (one directory fsync for all of them)."""
@@ -224,7 +221,7 @@ class DataNode(NodeService):
         part = self.led(pid, writing=True)
         if op == Op.DATA_WRITE:  # refused here before any copy changes
             self._check_write(part, body)
-        async with part.replica.gate.change(), part.extent_lock(body["ext"]):
+        async with part.replica.gate.change(), part.extent_lock(body["ext"], _span(op, body)):
             part.replica.check_serving()  # the view may have changed while we waited
             return await part.replica.replicate(op, body, self._apply(part, op, body))
 
@@ -249,7 +246,7 @@ class DataNode(NodeService):
         part = self.followed(pid, body["view"])
         if op == Op.DATA_WRITE:
             self._check_write(part, change)
-        async with part.extent_lock(change["ext"]):
+        async with part.extent_lock(change["ext"], _span(op, change)):
             part.replica.accept_leader(body["view"])  # a catch-up may have run while we waited
             return await self._apply(part, Op(op), change)
 
