@@ -172,7 +172,10 @@ class MetaPartition(ReplicatedPartition):
                 self.usage.change(self.inodes.pop(eff[1], None), None)
                 self.dentries.pop(eff[1], None)
             elif kind == "D":
-                self.dentries.setdefault(eff[1], SortedDict())[eff[2]] = (eff[3], eff[4])
+                entries = self.dentries.get(eff[1])
+                if entries is None:  # not setdefault: a SortedDict costs microseconds to make
+                    entries = self.dentries[eff[1]] = SortedDict()
+                entries[eff[2]] = (eff[3], eff[4])
             elif kind == "d":
                 d = self.dentries.get(eff[1])
                 if d is not None:
