@@ -154,6 +154,15 @@ def test_creates_and_removals_keep_a_listing_current(cluster: EmbeddedCluster, m
     t0 = time.monotonic()
     wait_for(lambda: os.path.exists(f"{a}/d/x"), 5, "another mount's new name")
     assert time.monotonic() - t0 <= 1.5
+    # a link removed while the directory is listed: the other link's count is not the listed one
+    os.link(f"{a}/d/f3", f"{a}/d/h3")
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    assert [os.path.exists(f"{a}/d/f{i}") for i in range(5, 101, 2)] == [True] * 48  # listed again
+    os.unlink(f"{a}/d/f3")
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    assert os.stat(f"{a}/d/h3").st_nlink == 1
 
 
 def test_mounts_of_different_volumes_at_once(cluster: EmbeddedCluster, mount_factory) -> None:

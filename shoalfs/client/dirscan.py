@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -143,10 +144,14 @@ class DirectoryScans:
 
     @staticmethod
     def _patch(listing: _Listing, patches: list[tuple[str, dict[str, Any] | None]]) -> bool:
-        """Apply our own changes; False if the listing grew too large to keep."""
+        """Apply our own changes; False if the listing cannot be kept: it grew
+        too large, or a name went that was one of several links of a file
+        (the others' link counts in it are out of date now)."""
         for name, attr in patches:
             if attr is None:
-                listing.attrs.pop(name, None)
+                gone = listing.attrs.pop(name, None)
+                if gone is not None and not stat.S_ISDIR(gone["mode"]) and gone["nlink"] > 1:
+                    return False
             else:
                 listing.attrs[name] = attr
         return len(listing.attrs) <= MAX_ENTRIES
