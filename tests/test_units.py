@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import time
+from typing import Any
 
 import pytest
 
@@ -119,12 +120,24 @@ def test_extent_direct_writes_agree_with_buffered_ones(tmp_path, monkeypatch) ->
     its unaligned head and tail, small writes and pages cached before all
     come out as one model of the file says, checksums included, and so
     they do where direct writes are refused."""
+    import fcntl
+
     import shoalfs.datanode.extents as extents
 
-    for direct in (True, False):
-        if not direct:
+    real_pwrite = os.pwrite
+
+    def pwrite_refusing_direct(fd: int, data: Any, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "no direct writes here")
+        return real_pwrite(fd, data, offset)
+
+    for mode in ("direct", "refused at open", "refused at write"):
+        monkeypatch.setattr(extents, "_no_direct", set())
+        if mode == "refused at open":
             monkeypatch.setattr(extents, "_no_direct", {os.stat(tmp_path).st_dev})
-        ext = Extent(str(tmp_path / f"e_d{direct}"))
+        elif mode == "refused at write":
+            monkeypatch.setattr(os, "pwrite", pwrite_refusing_direct)
+        ext = Extent(str(tmp_path / f"e_{mode.replace(' ', '_')}"))
         model = bytearray()
         writes = [(0, 3 * BLOCK), (100, 2 * extents.DIRECT_MIN + 5), (BLOCK * 3 + 7, 10),
                   (BLOCK * 10, extents.DIRECT_MIN), (BLOCK * 10 + 1, 1), (5, 4 * extents.DIRECT_MIN)]
@@ -137,6 +150,7 @@ def test_extent_direct_writes_agree_with_buffered_ones(tmp_path, monkeypatch) ->
         ext.sync()
         assert ext.read(0, len(model) + BLOCK) == bytes(model)
         assert os.path.getsize(ext.path) == len(model)
+        assert bool(extents._no_direct) == (mode != "direct"), mode  # a refusal is remembered
 
 
 def test_extent_locks_order_overlapping_operations_and_let_disjoint_ones_run() -> None:

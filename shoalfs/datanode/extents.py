@@ -47,9 +47,11 @@ def _aligned(view: memoryview) -> memoryview:
 
 def _write_direct(path: str, dfd: int, data: memoryview, offset: int) -> bool:
     """Write whole blocks (`offset` and `len(data)` multiples of BLOCK) with
-    O_DIRECT; False (nothing written) where the file system cannot."""
+    O_DIRECT; False where the file system cannot (whatever it took is
+    written again by the caller). Not where a page holds several blocks: a
+    buffered neighbour's page would cover direct bytes."""
     dev = os.fstat(dfd).st_dev
-    if dev in _no_direct:
+    if mmap.PAGESIZE != BLOCK or dev in _no_direct:
         return False
     try:
         fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
@@ -61,7 +63,13 @@ def _write_direct(path: str, dfd: int, data: memoryview, offset: int) -> bool:
     try:
         aligned = _aligned(data)
         while aligned:
-            n = os.pwrite(fd, aligned, offset)
+            try:
+                n = os.pwrite(fd, aligned, offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                _no_direct.add(dev)  # opened, but refused to write so
+                return False
             if n <= 0 or n % BLOCK:
                 raise OSError(errno.EIO, "direct write made no progress")
             aligned, offset = aligned[n:], offset + n
@@ -187,11 +195,16 @@ class Extent:
             os.close(dfd)
             raise
         try:
+            direct = False
             for offset, payload in pieces:
                 if payload:
-                    self._write_at(dfd, cfd, offset, payload)
+                    direct |= self._write_at(dfd, cfd, offset, payload)
             if sync:
                 os.fdatasync(dfd)
+                os.fdatasync(cfd)
+            elif direct:
+                # the direct bytes are on the disk already: their checksums follow at once,
+                # or a crash could leave them beside the old ones (the blocks then unreadable)
                 os.fdatasync(cfd)
         finally:
             os.close(dfd)
@@ -200,7 +213,8 @@ class Extent:
             fsync_dir(os.path.dirname(self.path))
         return created
 
-    def _write_at(self, dfd: int, cfd: int, offset: int, payload: bytes) -> None:
+    def _write_at(self, dfd: int, cfd: int, offset: int, payload: bytes) -> bool:
+        """True if part of it went around the page cache."""
         old_size = os.fstat(dfd).st_size
         end = offset + len(payload)
         first, last = offset // BLOCK, (end - 1) // BLOCK
@@ -226,12 +240,14 @@ class Extent:
         _reserve(dfd, offset, len(payload))
         _reserve(cfd, first * ENTRY.size, len(new_entries))
         lo, hi = -(-offset // BLOCK) * BLOCK, end // BLOCK * BLOCK  # the whole blocks
-        if hi - lo >= DIRECT_MIN and _write_direct(self.path, dfd, view[lo - offset : hi - offset], lo):
+        direct = hi - lo >= DIRECT_MIN and _write_direct(self.path, dfd, view[lo - offset : hi - offset], lo)
+        if direct:
             pwrite_all(dfd, view[: lo - offset], offset)
             pwrite_all(dfd, view[hi - offset :], hi)
         else:
             pwrite_all(dfd, payload, offset)
         pwrite_all(cfd, new_entries, first * ENTRY.size)
+        return direct
 
     def _merged_entry(self, cfd: int, dfd: int, index: int, offset: int, payload: memoryview,
                       old_size: int) -> int:

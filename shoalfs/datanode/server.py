@@ -265,7 +265,13 @@ class DataNode(NodeService):
         ext = part.extent(body["ext"])
         if op == Op.DATA_WRITE:
             pieces = _pieces(body)
-            if await asyncio.to_thread(ext.write_many, pieces, body["sync"]) and not body["sync"]:
+            try:
+                created = await asyncio.to_thread(ext.write_many, pieces, body["sync"])
+            except ShoalError:
+                # it may have created the extent's files: the next write would not know
+                part.names_unsynced = True
+                raise
+            if created and not body["sync"]:
                 part.names_unsynced = True
             return {"written": sum(len(data) for _, data in pieces)}
         if op == Op.DATA_TRUNCATE:
