@@ -163,6 +163,16 @@ def test_creates_and_removals_keep_a_listing_current(cluster: EmbeddedCluster, m
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("2\n")
     assert os.stat(f"{a}/d/h3").st_nlink == 1
+    # a name another mount replaced shows within 1 s through a listing that named the old file
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    assert [os.path.exists(f"{a}/d/f{i}") for i in range(5, 101, 2)] == [True] * 48  # listed again
+    with open(f"{b}/d/new", "wb") as f:
+        f.write(b"replaced")
+    os.rename(f"{b}/d/new", f"{b}/d/f5")
+    t0 = time.monotonic()
+    wait_for(lambda: open(f"{a}/d/f5", "rb").read() == b"replaced", 5, "the replaced name")
+    assert time.monotonic() - t0 <= 1.5
 
 
 def test_mounts_of_different_volumes_at_once(cluster: EmbeddedCluster, mount_factory) -> None:

@@ -61,15 +61,17 @@ def guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-async def stale_if_gone(call: Awaitable[T]) -> T:
+async def stale_if_gone(call: Awaitable[T], scans: DirectoryScans) -> T:
     """An inode the kernel names that another mount removed is ESTALE, not
     ENOENT: the kernel then looks its name up again and retries once (an
     open(O_CREAT) through a cached name creates the file anew, a stat finds
-    it gone), as for NFS."""
+    it gone), as for NFS. That lookup must reach the metanode: the listings
+    go (one may still name the inode)."""
     try:
         return await call
     except ShoalError as exc:
         if exc.code == Code.NOT_FOUND:
+            scans.drop()
             raise pyfuse3.FUSEError(errno.ESTALE) from None
         raise
 
@@ -196,7 +198,7 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         # as fresh as the kernel's own cache would be: a change since is ours (it drops them)
         # or another client's within the attribute timeout
         attr = self.client.fresh_dir_attr(inode, ATTR_TIMEOUT)
-        return self.entry(attr if attr is not None else await stale_if_gone(self.client.getattr(inode)))
+        return self.entry(attr if attr is not None else await stale_if_gone(self.client.getattr(inode), self.scans))
 
     @guarded
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
@@ -312,7 +314,8 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
     # ----- files ------------------------------------------------------------------------
     @guarded
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        attr, extents = await stale_if_gone(self.client.attr_and_extents(inode, opening=True))  # one round trip
+        # one round trip
+        attr, extents = await stale_if_gone(self.client.attr_and_extents(inode, opening=True), self.scans)
         if stat.S_ISDIR(attr["mode"]):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
