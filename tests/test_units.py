@@ -16,7 +16,7 @@ from shoalfs.datanode.extents import BLOCK, Extent
 from shoalfs.metanode.journal import Journal
 from shoalfs.proto.errors import REGISTRY, Code, ShoalError, check_registry, info
 from shoalfs.proto.opcodes import Op
-from shoalfs.proto.wire import HEADER_SIZE, MAX_BODY, Frame, FrameError, decode_body, parse_header
+from shoalfs.proto.wire import HEADER_SIZE, MAX_BODY, Frame, FrameError, Packed, decode_body, parse_header
 
 
 def test_registry_is_complete_and_disjoint_from_opcodes() -> None:
@@ -49,6 +49,9 @@ def test_frame_roundtrip_and_rejections() -> None:
     big[0:4] = (MAX_BODY + 1).to_bytes(4, "big")
     with pytest.raises(FrameError):
         parse_header(bytes(big))
+    # a body packed once for several frames is sent as if packed for each
+    packed = Packed.of({"a": b"x" * 10})
+    assert Frame(opcode=Op.PING, request_id=7, partition_id=3, body=packed).encode() == raw
 
 
 def test_journal_replays_and_drops_torn_tail(tmp_path) -> None:

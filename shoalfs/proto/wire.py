@@ -33,6 +33,20 @@ FLAG_RESPONSE = 0x01
 FLAG_EVENT = 0x02  # server-initiated push (lifecycle events)
 
 
+@dataclass(frozen=True)
+class Packed:
+    """A body packed (and checksummed) once for several frames: a leader's
+    forward of a 4 MiB write to each of its followers."""
+
+    payload: bytes
+    crc: int
+
+    @classmethod
+    def of(cls, body: Any) -> Packed:
+        payload = msgpack.packb(body, use_bin_type=True)
+        return cls(payload, crc32(payload))
+
+
 @dataclass
 class Frame:
     opcode: int
@@ -55,7 +69,11 @@ class Frame:
 
     def encode_parts(self) -> tuple[bytes, bytes]:
         """Header and body apart, so a large body is never copied to join them."""
-        payload = msgpack.packb(self.body, use_bin_type=True)
+        if isinstance(self.body, Packed):
+            payload, crc = self.body.payload, self.body.crc
+        else:
+            payload = msgpack.packb(self.body, use_bin_type=True)
+            crc = crc32(payload)
         return (
             HEADER.pack(
                 len(payload),
@@ -66,7 +84,7 @@ class Frame:
                 self.result,
                 self.request_id,
                 self.partition_id,
-                crc32(payload),
+                crc,
             ),
             payload,
         )

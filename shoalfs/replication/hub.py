@@ -24,6 +24,7 @@ from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
 from shoalfs.proto.rpc import RpcPool
 from shoalfs.proto.schema import ListOf, Raw, Schema
+from shoalfs.proto.wire import Packed
 from shoalfs.replication.replica import FORWARD_TIMEOUT, LEASE, Replica, newer_view
 from shoalfs.replication.view import View
 
@@ -73,7 +74,7 @@ class ReplicationHub:
             rep.promised_until = 0.0
         return rep
 
-    async def call(self, target: str, op: Op, pid: int, body: dict[str, Any],
+    async def call(self, target: str, op: Op, pid: int, body: dict[str, Any] | Packed,
                    timeout: float = FORWARD_TIMEOUT) -> Any:
         """One message to another member of a partition (no retry: the caller decides)."""
         return await self.peers.call_once(target, op, pid, body, timeout=timeout)

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from shoalfs.proto.errors import Code, ShoalError
 from shoalfs.proto.opcodes import Op
+from shoalfs.proto.wire import Packed
 from shoalfs.replication.view import View
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ REPORT_WAIT = 1.0  # how long a change waits for the master to drop a follower t
 
 # (member, view) -> the view the master answers; raises if the master cannot be asked
 Reporter = Callable[[View, str, str], Coroutine[Any, Any, View]]
-Forwarder = Callable[[str, Op, int, dict[str, Any]], Awaitable[Any]]
+Forwarder = Callable[[str, Op, int, dict[str, Any] | Packed], Awaitable[Any]]
 # the partition's own catch-up: make `member` hold what the leader holds; `final` runs with no change in flight
 Resync = Callable[[str, View, bool], Awaitable[None]]
 # the partition's own comparison with one follower's copy: what it found (and repaired)
@@ -210,7 +211,8 @@ class Replica:
         targets = [*view.followers(), *sorted(self.joining - set(view.followers()))]
         # the forwards first: they are on the wire before our own write (perhaps an
         # inline fdatasync) holds the loop, so the followers work while we do
-        outcomes = await asyncio.gather(*(self._forward(t, view, op, body) for t in targets), local,
+        forward = Packed.of({"view": view.to_wire(), "op": int(op), "body": body})  # once for all of them
+        outcomes = await asyncio.gather(*(self._forward(t, view, forward) for t in targets), local,
                                         return_exceptions=True)
         theirs, ours = outcomes[:-1], outcomes[-1]
         failed = [(t, o) for t, o in zip(targets, theirs, strict=True) if isinstance(o, BaseException)]
@@ -230,11 +232,10 @@ class Replica:
             raise ours
         return ours  # type: ignore[return-value]
 
-    async def _forward(self, target: str, view: View, op: Op, body: dict[str, Any]) -> BaseException | None:
+    async def _forward(self, target: str, view: View, forward: Packed) -> BaseException | None:
         sent = time.monotonic()
         try:
-            await self._forward_rpc(target, Op.REPL_FORWARD, view.pid,
-                                    {"view": view.to_wire(), "op": int(op), "body": body})
+            await self._forward_rpc(target, Op.REPL_FORWARD, view.pid, forward)
         except ShoalError as exc:
             return exc
         self.grant(target, sent)
