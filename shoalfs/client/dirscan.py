@@ -189,5 +189,7 @@ class DirectoryScans:
 
     def drop(self) -> None:
         self._listings.clear()
+        # a task cancelled before its first step never runs its cleanup: forget them here
+        self._loading.clear()
         for task in self._tasks:
             task.cancel()

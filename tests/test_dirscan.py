@@ -1,0 +1,147 @@
+"""DirectoryScans (client/dirscan.py) against a directory held in memory:
+when a listing answers, which of this mount's changes it takes in, and
+when it must go. The FUSE tests run it against real mounts; these reach
+the orderings a mount makes rare."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from typing import Any
+
+from shoalfs.client.core import OWN_DIR_CHANGES
+from shoalfs.client.dirscan import SCAN, DirectoryScans
+
+DIR = 1
+
+
+class Directory:
+    """The client calls DirectoryScans makes, over one directory; every change
+    bumps dir_changes as VolumeClient.call does (+1 as it starts, +1 as it ends)."""
+
+    def __init__(self) -> None:
+        self.dir_changes = 0
+        self.names: dict[str, int] = {}
+        self.attrs: dict[int, dict[str, Any]] = {}
+        self._next = 100
+
+    def _bump(self) -> None:
+        self.dir_changes += 1
+        own = OWN_DIR_CHANGES.get()
+        if own is not None:
+            own[0] += 1
+
+    async def change(self, fn: Any) -> Any:
+        self._bump()
+        try:
+            await asyncio.sleep(0)
+            return fn()
+        finally:
+            self._bump()
+
+    def create(self, name: str, nlink: int = 1) -> dict[str, Any]:
+        self._next += 1
+        self.names[name] = self._next
+        self.attrs[self._next] = {"ino": self._next, "mode": stat.S_IFREG | 0o644, "nlink": nlink}
+        return self.attrs[self._next]
+
+    async def readdir(self, ino: int, after: str | None, limit: int) -> dict[str, Any]:
+        names = sorted(n for n in self.names if after is None or n > after)[:limit]
+        return {"entries": [[n, self.names[n], 0] for n in names], "more": False}
+
+    async def batch_attrs(self, inos: list[int]) -> dict[int, dict[str, Any]]:
+        return {i: dict(self.attrs[i]) for i in inos if i in self.attrs}
+
+
+def scan(scans: DirectoryScans) -> None:
+    for _ in range(SCAN):
+        scans.looked_up(DIR)
+
+
+def test_a_listing_takes_in_own_creates_and_removals_and_goes_on_anything_else() -> None:
+    async def main() -> None:
+        d = Directory()
+        for i in range(5):
+            d.create(f"f{i}")
+        scans = DirectoryScans(d, valid=5.0)  # type: ignore[arg-type]
+        scan(scans)
+        await asyncio.sleep(0.01)
+        assert scans.get(DIR, "f1") is not None and scans.get(DIR, "f1")[0]["ino"] == d.names["f1"]
+        absent = scans.get(DIR, "new")
+        assert absent is not None and absent[0] is None  # known not to be there: ENOENT
+        with scans.changing(DIR) as change:
+            attr = await d.change(lambda: d.create("new"))
+            change.done("new", attr)
+        assert scans.get(DIR, "new")[0] == attr  # our own create shows at once
+        with scans.changing(DIR) as change:
+            await d.change(lambda: d.names.pop("f2"))
+            change.done("f2", None)
+        assert scans.get(DIR, "f2")[0] is None  # and our own removal
+        try:
+            with scans.changing(DIR):
+                await d.change(lambda: d.create("maybe"))
+                raise TimeoutError  # the answer was lost: it may have happened
+        except TimeoutError:
+            pass
+        assert scans.get(DIR, "maybe") is None  # no listing answers any more
+
+        scan(scans)
+        await asyncio.sleep(0.01)
+        assert scans.get(DIR, "maybe")[0] is not None
+        await d.change(lambda: None)  # a change not patched in (a chmod, a rename...)
+        assert scans.get(DIR, "maybe") is None
+
+    asyncio.run(main())
+
+
+def test_removing_one_of_several_links_drops_the_listing() -> None:
+    async def main() -> None:
+        d = Directory()
+        d.create("a", nlink=2)
+        d.names["b"] = d.names["a"]
+        scans = DirectoryScans(d, valid=5.0)  # type: ignore[arg-type]
+        scan(scans)
+        await asyncio.sleep(0.01)
+        assert scans.get(DIR, "b")[0]["nlink"] == 2
+        with scans.changing(DIR) as change:
+            await d.change(lambda: d.names.pop("a"))
+            change.done("a", None)
+        assert scans.get(DIR, "b") is None  # its listed link count is out of date: asked again
+
+    asyncio.run(main())
+
+
+def test_changes_during_a_listing_are_replayed_on_it() -> None:
+    async def main() -> None:
+        d = Directory()
+        d.create("old")
+        scans = DirectoryScans(d, valid=5.0)  # type: ignore[arg-type]
+        scan(scans)  # the listing is being taken
+        with scans.changing(DIR) as change:
+            await d.change(lambda: d.names.pop("old"))
+            change.done("old", None)
+        with scans.changing(DIR) as change:
+            attr = await d.change(lambda: d.create("new"))
+            change.done("new", attr)
+        await asyncio.sleep(0.01)
+        assert scans.get(DIR, "old")[0] is None and scans.get(DIR, "new")[0] == attr
+
+    asyncio.run(main())
+
+
+def test_a_listing_dropped_before_it_started_does_not_stop_the_next() -> None:
+    async def main() -> None:
+        d = Directory()
+        d.create("x")
+        scans = DirectoryScans(d, valid=5.0)  # type: ignore[arg-type]
+        scan(scans)
+        scans.drop()  # before the listing's task ran at all (an inode found gone meanwhile)
+        await asyncio.sleep(0.01)
+        with scans.changing(DIR) as change:  # nothing piles up for a listing that is not coming
+            attr = await d.change(lambda: d.create("y"))
+            change.done("y", attr)
+        scan(scans)
+        await asyncio.sleep(0.01)
+        assert scans.get(DIR, "x") is not None and scans.get(DIR, "y")[0] == attr
+
+    asyncio.run(main())
