@@ -77,6 +77,32 @@ def test_journal_replays_and_drops_torn_tail(tmp_path) -> None:
     assert os.path.getsize(tmp_path / "journal.log") == end  # tail truncated
 
 
+def test_journal_after_a_failed_replace_appends_from_the_start(tmp_path, monkeypatch) -> None:
+    """A catch-up's replace empties the log; if its sync fails, the next
+    record still goes at the start of the file, not after a gap of zeros
+    (replay stops at the first zero length and would lose it)."""
+    import shoalfs.metanode.journal as journal
+
+    async def run() -> None:
+        j = Journal(str(tmp_path))
+        j.load()
+        await asyncio.gather(*(j.append([("I", i, {"v": i})]) for i in range(20)))
+        real_fsync = os.fsync
+
+        def failing_fsync(fd: int) -> None:
+            monkeypatch.setattr(journal.os, "fsync", real_fsync)
+            raise OSError(errno.EIO, "sync failed")
+        monkeypatch.setattr(journal.os, "fsync", failing_fsync)
+        with pytest.raises(ShoalError):
+            await j.replace(b"\x80")
+        await j.append([("I", 99, {"v": 99})])
+        await j.close()
+
+    asyncio.run(run())
+    _, records = Journal(str(tmp_path)).load()
+    assert records == [[["I", 99, {"v": 99}]]]
+
+
 def test_extent_checksums_sparse_and_truncate(tmp_path) -> None:
     ext = Extent(str(tmp_path / "e_1"))
     ext.write(BLOCK * 3 + 5, b"hello", sync=True)

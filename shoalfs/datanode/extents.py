@@ -199,12 +199,11 @@ class Extent:
             for offset, payload in pieces:
                 if payload:
                     direct |= self._write_at(dfd, cfd, offset, payload)
-            if sync:
+            if sync or direct:
+                # direct bytes are on the disk at once: the rest of the data and then the
+                # checksums follow right away, data first as for any sync, so a crash
+                # cannot leave data and checksums apart for the page cache's writeback delay
                 os.fdatasync(dfd)
-                os.fdatasync(cfd)
-            elif direct:
-                # the direct bytes are on the disk already: their checksums follow at once,
-                # or a crash could leave them beside the old ones (the blocks then unreadable)
                 os.fdatasync(cfd)
         finally:
             os.close(dfd)

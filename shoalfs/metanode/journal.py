@@ -106,8 +106,9 @@ class Journal:
                     break
                 pos += REC.size + length
             good = pos
-            if data[good:].strip(b"\0"):
-                log.warning("%s: cutting a torn tail of %d bytes", self.log_path, len(data) - good)
+            torn = len(data.rstrip(b"\0")) - good  # zeros past it are space taken ahead
+            if torn > 0:
+                log.warning("%s: cutting a torn tail of %d bytes", self.log_path, torn)
         self._fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT, 0o600)
         os.ftruncate(self._fd, good)
         os.fdatasync(self._fd)
@@ -254,8 +255,10 @@ class Journal:
                 # the log first: a crash in between leaves our older state, still
                 # lagging (caught up again), never old records replayed over new state
                 os.ftruncate(self._fd, 0)
-                os.fsync(self._fd)
                 self._end = self._allocated = 0
+                self._torn = True  # until the sync below: the next append cuts again first
+                os.fsync(self._fd)
+                self._torn = False
                 await asyncio.to_thread(atomic_write, self.snap_path, data)
             except OSError as exc:
                 raise disk_error(exc, "installing a copied state") from None

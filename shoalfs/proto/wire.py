@@ -43,7 +43,10 @@ class Packed:
 
     @classmethod
     def of(cls, body: Any) -> Packed:
-        payload = msgpack.packb(body, use_bin_type=True)
+        try:
+            payload = msgpack.packb(body, use_bin_type=True)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise ShoalError(Code.INVALID, f"cannot be sent: {exc}") from None
         return cls(payload, crc32(payload))
 
 

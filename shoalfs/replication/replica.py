@@ -211,9 +211,16 @@ class Replica:
         targets = [*view.followers(), *sorted(self.joining - set(view.followers()))]
         # the forwards first: they are on the wire before our own write (perhaps an
         # inline fdatasync) holds the loop, so the followers work while we do
-        forward = Packed.of({"view": view.to_wire(), "op": int(op), "body": body})  # once for all of them
-        outcomes = await asyncio.gather(*(self._forward(t, view, forward) for t in targets), local,
-                                        return_exceptions=True)
+        forwards = []
+        if targets:
+            try:  # packed once for all of them
+                packed = Packed.of({"view": view.to_wire(), "op": int(op), "body": body})
+            except ShoalError:
+                if asyncio.iscoroutine(local):
+                    local.close()  # nothing was applied anywhere
+                raise
+            forwards = [self._forward(t, view, packed) for t in targets]
+        outcomes = await asyncio.gather(*forwards, local, return_exceptions=True)
         theirs, ours = outcomes[:-1], outcomes[-1]
         failed = [(t, o) for t, o in zip(targets, theirs, strict=True) if isinstance(o, BaseException)]
         if isinstance(ours, BaseException):  # whoever applied it is ahead of us
