@@ -47,7 +47,9 @@ class Directory:
 
     async def readdir(self, ino: int, after: str | None, limit: int) -> dict[str, Any]:
         names = sorted(n for n in self.names if after is None or n > after)[:limit]
-        return {"entries": [[n, self.names[n], 0] for n in names], "more": False}
+        entries = [[n, self.names[n], 0] for n in names]
+        await asyncio.sleep(0)  # the answer comes later: changes may happen meanwhile
+        return {"entries": entries, "more": False}
 
     async def batch_attrs(self, inos: list[int]) -> dict[int, dict[str, Any]]:
         return {i: dict(self.attrs[i]) for i in inos if i in self.attrs}
@@ -143,5 +145,44 @@ def test_a_listing_dropped_before_it_started_does_not_stop_the_next() -> None:
         scan(scans)
         await asyncio.sleep(0.01)
         assert scans.get(DIR, "x") is not None and scans.get(DIR, "y")[0] == attr
+
+    asyncio.run(main())
+
+
+def test_a_dropped_listing_does_not_take_the_patches_of_the_next() -> None:
+    class Held(Directory):
+        """Each readdir reads the directory at once and answers when let go."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.gates: list[asyncio.Event] = []
+
+        async def readdir(self, ino: int, after: str | None, limit: int) -> dict[str, Any]:
+            answer = await super().readdir(ino, after, limit)
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            await gate.wait()
+            return answer
+
+    async def main() -> None:
+        d = Held()
+        for i in range(3):
+            d.create(f"f{i}")
+        scans = DirectoryScans(d, valid=5.0)  # type: ignore[arg-type]
+        scan(scans)  # listing A
+        await asyncio.sleep(0)  # A waits for its answer
+        scans.drop()  # A is cancelled (an inode found gone); its cancellation has not run yet
+        scans.looked_up(DIR)  # a lookup that ran first in the same turn: listing B
+        await asyncio.sleep(0)  # A's cleanup runs; B has read the directory, f1 in it
+        await asyncio.sleep(0)
+        with scans.changing(DIR) as change:
+            await d.change(lambda: d.names.pop("f1"))
+            change.done("f1", None)  # must reach B
+        scans.looked_up(DIR)  # the next lookup
+        for gate in d.gates:
+            gate.set()
+        await asyncio.sleep(0.01)
+        listed = scans.get(DIR, "f1")
+        assert listed is None or listed[0] is None  # never the name this mount removed
 
     asyncio.run(main())

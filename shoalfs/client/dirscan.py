@@ -75,6 +75,7 @@ class DirectoryScans:
         self._loading: dict[int, list[tuple[str, dict[str, Any] | None]] | None] = {}
         self._too_big: dict[int, float] = {}  # dir -> when it was found too large
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loaders: dict[int, asyncio.Task[None]] = {}  # dir -> the task taking its listing
 
     def base(self) -> int:
         """Moves with every change of ours that was not patched into the listings
@@ -109,6 +110,7 @@ class DirectoryScans:
             return
         self._loading[parent] = []
         task = asyncio.create_task(self._list(parent))
+        self._loaders[parent] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -174,7 +176,12 @@ class DirectoryScans:
         except ShoalError:
             return  # the lookups go on one at a time
         finally:
-            patches = self._loading.pop(parent, None)
+            # only the directory's current loader takes its patches: one dropped (and
+            # cancelled) while another started must not take that one's
+            patches = None
+            if self._loaders.get(parent) is asyncio.current_task():
+                del self._loaders[parent]
+                patches = self._loading.pop(parent, None)
         now = time.monotonic()
         # listings that can answer nothing any more, and old verdicts, go
         self._listings = {p: v for p, v in self._listings.items() if now - v.asked < self.valid}
@@ -191,5 +198,6 @@ class DirectoryScans:
         self._listings.clear()
         # a task cancelled before its first step never runs its cleanup: forget them here
         self._loading.clear()
+        self._loaders.clear()
         for task in self._tasks:
             task.cancel()
