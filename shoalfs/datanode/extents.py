@@ -101,6 +101,13 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
+def write_span(pieces: list[tuple[int, bytes]]) -> tuple[int, int]:
+    """The bytes [lo, hi) a write's (offset, data) pieces cover; one that
+    carries nothing covers none, at its first offset."""
+    written = [(offset, len(data)) for offset, data in pieces if data] or [(pieces[0][0], 0)]
+    return min(offset for offset, _ in written), max(offset + size for offset, size in written)
+
+
 def _reserve(fd: int, offset: int, length: int) -> None:
     try:
         os.posix_fallocate(fd, offset, length)
@@ -222,10 +229,6 @@ class Extent:
             for offset, payload in pieces:
                 if payload:
                     direct |= self._write_at(dfd, cfd, offset, payload)
-            lo = min(offset for offset, payload in pieces if payload)
-            hi = max(offset + len(payload) for offset, payload in pieces)
-            data_span = (lo, hi - lo)
-            crc_span = (lo // BLOCK * ENTRY.size, (-(-hi // BLOCK) - lo // BLOCK) * ENTRY.size)
             if sync:
                 os.fdatasync(dfd)
                 os.fdatasync(cfd)
@@ -233,8 +236,10 @@ class Extent:
                 # direct bytes go to the disk at once: the rest of the data, then the
                 # checksums, are sent after them now, not after the page cache's
                 # writeback delay (a crash between leaves blocks that read as EIO)
-                for fd, (offset, length) in ((dfd, data_span), (cfd, crc_span)):
-                    start_writeback(fd, offset, length)
+                lo, hi = write_span(pieces)
+                start_writeback(dfd, lo, hi - lo)
+                first, end = lo // BLOCK, -(-hi // BLOCK)
+                start_writeback(cfd, first * ENTRY.size, (end - first) * ENTRY.size)
         finally:
             os.close(dfd)
             os.close(cfd)

@@ -13,7 +13,7 @@ from typing import Any
 from shoalfs.common.files import atomic_write, fsync_dir
 from shoalfs.common.service import DELETE_PARTITION, MASTER_STATE, NEW_PARTITION, NodeService
 from shoalfs.datanode.extent_locks import WHOLE, ExtentLocks
-from shoalfs.datanode.extents import BLOCK, ENTRY, Extent, install_piece, read_raw
+from shoalfs.datanode.extents import BLOCK, ENTRY, Extent, install_piece, read_raw, write_span
 from shoalfs.datanode.extents import digest as extent_digest
 from shoalfs.datanode.resync import UNSOUND, ExtentCopier, sound
 from shoalfs.proto.capability import Access
@@ -52,10 +52,7 @@ def _pieces(write: dict[str, Any]) -> list[tuple[int, bytes]]:
 
 def _span(op: Op | int, change: dict[str, Any]) -> tuple[int, int]:
     """The bytes of its extent a change may touch: a write its pieces', the rest all."""
-    if op != Op.DATA_WRITE:
-        return WHOLE
-    pieces = _pieces(change)
-    return min(o for o, _ in pieces), max(o + len(d) for o, d in pieces)
+    return write_span(_pieces(change)) if op == Op.DATA_WRITE else WHOLE
 
 
 class DataPartition:
