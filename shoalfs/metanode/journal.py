@@ -110,9 +110,8 @@ class Journal:
             if torn > 0:
                 log.warning("%s: cutting a torn tail of %d bytes", self.log_path, torn)
         self._fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT, 0o600)
-        os.ftruncate(self._fd, good)
+        self._truncate(good)
         os.fdatasync(self._fd)
-        self._end = self._allocated = good
         self.records_since_snapshot = len(records)
         return snapshot, records
 
@@ -195,10 +194,14 @@ class Journal:
 
     def _cut(self) -> None:
         """Drop whatever a failed write left past the last durable record."""
-        os.ftruncate(self._fd, self._end)
+        self._truncate(self._end)
         os.fdatasync(self._fd)
-        self._allocated = self._end
         self._torn = False
+
+    def _truncate(self, size: int) -> None:
+        """The log ends at `size`: the next record goes there, nothing is taken ahead."""
+        os.ftruncate(self._fd, size)
+        self._end = self._allocated = size
 
     def _write_sync(self, batch: bytes) -> None:
         if self._torn:  # the last cut failed: nothing is appended after a tear
@@ -235,8 +238,7 @@ class Journal:
             data = msgpack.packb(state_fn(), use_bin_type=True)
             try:
                 await asyncio.to_thread(atomic_write, self.snap_path, data)
-                os.ftruncate(self._fd, 0)
-                self._end = self._allocated = 0
+                self._truncate(0)
                 os.fsync(self._fd)
             except OSError as exc:
                 log.warning("%s: snapshot failed (%s); keeping the log", self.dir, exc)
@@ -254,8 +256,7 @@ class Journal:
             try:
                 # the log first: a crash in between leaves our older state, still
                 # lagging (caught up again), never old records replayed over new state
-                os.ftruncate(self._fd, 0)
-                self._end = self._allocated = 0
+                self._truncate(0)
                 self._torn = True  # until the sync below: the next append cuts again first
                 os.fsync(self._fd)
                 self._torn = False
