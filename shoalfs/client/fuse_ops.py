@@ -181,17 +181,17 @@ class ShoalOperations(pyfuse3.Operations):  # type: ignore[misc]
         listed = self.scans.get(parent_inode, name_str)
         if listed is not None:
             attr, left = listed
-            if attr is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self.entry(attr, left)
-        try:
-            attr = await self.client.lookup_attr(parent_inode, name_str)
-        except ShoalError as exc:
-            if exc.code == Code.NOT_FOUND:  # the kernel looks a new name up before it creates it
-                self.scans.looked_up(parent_inode)
-            raise
-        self.scans.looked_up(parent_inode)
-        return self.entry(attr)
+        else:
+            try:
+                attr, left = await self.client.lookup_attr(parent_inode, name_str), ATTR_TIMEOUT
+            except ShoalError as exc:
+                if exc.code != Code.NOT_FOUND:
+                    raise
+                attr = None  # counted too: the kernel looks a new name up before it creates it
+            self.scans.looked_up(parent_inode)
+        if attr is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self.entry(attr, left)
 
     @guarded
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
