@@ -60,6 +60,26 @@ def scan(scans: DirectoryScans) -> None:
         scans.looked_up(DIR)
 
 
+async def listed(scans: DirectoryScans) -> None:
+    """Until every listing being taken has landed (or gone); 5 s at most."""
+    await asyncio.wait_for(asyncio.gather(*[t for t in scans._tasks if not t.done()], return_exceptions=True), 5)
+
+
+async def own_create(scans: DirectoryScans, d: Directory, name: str) -> dict[str, Any]:
+    """This mount creates `name`, patched into the listings."""
+    with scans.changing(DIR) as change:
+        attr: dict[str, Any] = await d.change(lambda: d.create(name))
+        change.done(name, attr)
+    return attr
+
+
+async def own_remove(scans: DirectoryScans, d: Directory, name: str) -> None:
+    """This mount removes `name`, patched into the listings."""
+    with scans.changing(DIR) as change:
+        await d.change(lambda: d.names.pop(name))
+        change.done(name, None)
+
+
 def test_a_listing_takes_in_own_creates_and_removals_and_goes_on_anything_else() -> None:
     async def main() -> None:
         d = Directory()
@@ -67,17 +87,13 @@ def test_a_listing_takes_in_own_creates_and_removals_and_goes_on_anything_else()
             d.create(f"f{i}")
         scans = DirectoryScans(d, valid=5.0)  # type: ignore[arg-type]
         scan(scans)
-        await asyncio.sleep(0.01)
+        await listed(scans)
         assert scans.get(DIR, "f1") is not None and scans.get(DIR, "f1")[0]["ino"] == d.names["f1"]
         absent = scans.get(DIR, "new")
         assert absent is not None and absent[0] is None  # known not to be there: ENOENT
-        with scans.changing(DIR) as change:
-            attr = await d.change(lambda: d.create("new"))
-            change.done("new", attr)
+        attr = await own_create(scans, d, "new")
         assert scans.get(DIR, "new")[0] == attr  # our own create shows at once
-        with scans.changing(DIR) as change:
-            await d.change(lambda: d.names.pop("f2"))
-            change.done("f2", None)
+        await own_remove(scans, d, "f2")
         assert scans.get(DIR, "f2")[0] is None  # and our own removal
         try:
             with scans.changing(DIR):
@@ -88,7 +104,7 @@ def test_a_listing_takes_in_own_creates_and_removals_and_goes_on_anything_else()
         assert scans.get(DIR, "maybe") is None  # no listing answers any more
 
         scan(scans)
-        await asyncio.sleep(0.01)
+        await listed(scans)
         assert scans.get(DIR, "maybe")[0] is not None
         await d.change(lambda: None)  # a change not patched in (a chmod, a rename...)
         assert scans.get(DIR, "maybe") is None
@@ -103,11 +119,9 @@ def test_removing_one_of_several_links_drops_the_listing() -> None:
         d.names["b"] = d.names["a"]
         scans = DirectoryScans(d, valid=5.0)  # type: ignore[arg-type]
         scan(scans)
-        await asyncio.sleep(0.01)
+        await listed(scans)
         assert scans.get(DIR, "b")[0]["nlink"] == 2
-        with scans.changing(DIR) as change:
-            await d.change(lambda: d.names.pop("a"))
-            change.done("a", None)
+        await own_remove(scans, d, "a")
         assert scans.get(DIR, "b") is None  # its listed link count is out of date: asked again
 
     asyncio.run(main())
@@ -119,13 +133,9 @@ def test_changes_during_a_listing_are_replayed_on_it() -> None:
         d.create("old")
         scans = DirectoryScans(d, valid=5.0)  # type: ignore[arg-type]
         scan(scans)  # the listing is being taken
-        with scans.changing(DIR) as change:
-            await d.change(lambda: d.names.pop("old"))
-            change.done("old", None)
-        with scans.changing(DIR) as change:
-            attr = await d.change(lambda: d.create("new"))
-            change.done("new", attr)
-        await asyncio.sleep(0.01)
+        await own_remove(scans, d, "old")
+        attr = await own_create(scans, d, "new")
+        await listed(scans)
         assert scans.get(DIR, "old")[0] is None and scans.get(DIR, "new")[0] == attr
 
     asyncio.run(main())
@@ -138,12 +148,10 @@ def test_a_listing_dropped_before_it_started_does_not_stop_the_next() -> None:
         scans = DirectoryScans(d, valid=5.0)  # type: ignore[arg-type]
         scan(scans)
         scans.drop()  # before the listing's task ran at all (an inode found gone meanwhile)
-        await asyncio.sleep(0.01)
-        with scans.changing(DIR) as change:  # nothing piles up for a listing that is not coming
-            attr = await d.change(lambda: d.create("y"))
-            change.done("y", attr)
+        await listed(scans)
+        attr = await own_create(scans, d, "y")  # nothing piles up for a listing that is not coming
         scan(scans)
-        await asyncio.sleep(0.01)
+        await listed(scans)
         assert scans.get(DIR, "x") is not None and scans.get(DIR, "y")[0] == attr
 
     asyncio.run(main())
@@ -151,18 +159,16 @@ def test_a_listing_dropped_before_it_started_does_not_stop_the_next() -> None:
 
 def test_a_dropped_listing_does_not_take_the_patches_of_the_next() -> None:
     class Held(Directory):
-        """Each readdir reads the directory at once and answers when let go."""
+        """Each readdir reads the directory at once and answers once `answer` is set."""
 
         def __init__(self) -> None:
             super().__init__()
-            self.gates: list[asyncio.Event] = []
+            self.answer = asyncio.Event()
 
         async def readdir(self, ino: int, after: str | None, limit: int) -> dict[str, Any]:
-            answer = await super().readdir(ino, after, limit)
-            gate = asyncio.Event()
-            self.gates.append(gate)
-            await gate.wait()
-            return answer
+            entries = await super().readdir(ino, after, limit)
+            await self.answer.wait()
+            return entries
 
     async def main() -> None:
         d = Held()
@@ -175,14 +181,11 @@ def test_a_dropped_listing_does_not_take_the_patches_of_the_next() -> None:
         scans.looked_up(DIR)  # a lookup that ran first in the same turn: listing B
         await asyncio.sleep(0)  # A's cleanup runs; B has read the directory, f1 in it
         await asyncio.sleep(0)
-        with scans.changing(DIR) as change:
-            await d.change(lambda: d.names.pop("f1"))
-            change.done("f1", None)  # must reach B
+        await own_remove(scans, d, "f1")  # must reach B
         scans.looked_up(DIR)  # the next lookup
-        for gate in d.gates:
-            gate.set()
-        await asyncio.sleep(0.01)
-        listed = scans.get(DIR, "f1")
-        assert listed is None or listed[0] is None  # never the name this mount removed
+        d.answer.set()
+        await listed(scans)
+        answer = scans.get(DIR, "f1")
+        assert answer is None or answer[0] is None  # never the name this mount removed
 
     asyncio.run(main())

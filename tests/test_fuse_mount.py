@@ -25,6 +25,12 @@ def shoal(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def forget_names() -> None:
+    """The kernel forgets names and attributes: the next stat of each is a lookup."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
 def test_two_mounts_see_each_other(cluster: EmbeddedCluster, mount_factory) -> None:
     cluster.create_volume("shared")
     a = mount_factory(cluster, "shared").path
@@ -77,8 +83,7 @@ def test_a_scanned_directory_stays_within_the_attribute_timeout(cluster: Embedde
         for i in range(200):
             with contextlib.suppress(FileNotFoundError):
                 os.stat(f"{b}/d/f{i}")
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2\n")  # the kernel forgets names and attributes: every stat is a lookup
+    forget_names()
     scan()
     scan()  # the listing answers these
     sizes = [os.stat(f"{b}/d/f{i}").st_size for i in range(200)]
@@ -96,8 +101,7 @@ def test_a_scanned_directory_stays_within_the_attribute_timeout(cluster: Embedde
     scan()
     os.chmod(f"{b}/d/f10", 0o640)
     os.unlink(f"{b}/d/f11")
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2\n")
+    forget_names()
     assert os.stat(f"{b}/d/f10").st_mode & 0o777 == 0o640
     assert not os.path.exists(f"{b}/d/f11")
 
@@ -129,8 +133,7 @@ def test_creates_and_removals_keep_a_listing_current(cluster: EmbeddedCluster, m
     assert sent < 400, f"{sent:.0f} of 600 lookups of new names went to the metanode"
 
     def names_in_a() -> list[bool]:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("2\n")  # the kernel forgets its names: every check is a lookup (from the listing)
+        forget_names()  # every check is a lookup (from the listing)
         return [os.path.exists(f"{a}/d/f{i}") for i in range(600)]
     assert names_in_a() == [True] * 600
     for i in range(0, 600, 2):
@@ -156,16 +159,13 @@ def test_creates_and_removals_keep_a_listing_current(cluster: EmbeddedCluster, m
     assert time.monotonic() - t0 <= 1.5
     # a link removed while the directory is listed: the other link's count is not the listed one
     os.link(f"{a}/d/f3", f"{a}/d/h3")
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2\n")
+    forget_names()
     assert [os.path.exists(f"{a}/d/f{i}") for i in range(5, 101, 2)] == [True] * 48  # listed again
     os.unlink(f"{a}/d/f3")
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2\n")
+    forget_names()
     assert os.stat(f"{a}/d/h3").st_nlink == 1
     # a name another mount replaced shows within 1 s through a listing that named the old file
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2\n")
+    forget_names()
     assert [os.path.exists(f"{a}/d/f{i}") for i in range(5, 101, 2)] == [True] * 48  # listed again
     with open(f"{b}/d/new", "wb") as f:
         f.write(b"replaced")

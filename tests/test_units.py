@@ -202,15 +202,22 @@ def test_extent_locks_order_overlapping_operations_and_let_disjoint_ones_run() -
                  asyncio.create_task(op("d", 2, None)),  # another extent
                  asyncio.create_task(op("e", 1, None)),  # the whole extent: after all of the above
                  asyncio.create_task(op("f", 1, (5 * BLOCK, 6 * BLOCK)))]  # after e, which came first
+        async def until(entry: str) -> None:
+            for _ in range(1000):  # a few loop turns are enough
+                if entry in log:
+                    return
+                await asyncio.sleep(0)
+            raise AssertionError(f"{entry} never came: {log}")
+
         await asyncio.sleep(0)
         assert sorted(log) == ["+a", "+b", "+d"]
         tasks[1].cancel()  # a waiter or holder that goes lets the others on
         release["a"].set()
-        await asyncio.sleep(0.01)
+        await until("+c")
         assert log[-1] == "+c" and "-a" in log
-        for name in "cde":
+        for name, then in (("c", "+e"), ("d", "-d"), ("e", "+f")):
             release[name].set()
-            await asyncio.sleep(0.01)
+            await until(then)
         assert log.index("-c") < log.index("+e") < log.index("-e") < log.index("+f")
         release["f"].set()
         await asyncio.gather(*tasks, return_exceptions=True)
